@@ -1,0 +1,76 @@
+"""Backends: one interface (:class:`Backend`), several implementations.
+
+``get_backend(name)`` with ``name`` one of ``"reference"`` (plain NumPy, the
+oracle), ``"cpu"`` (Numba kernels + BLAS), ``"cuda"`` (CUDA kernels through
+CuPy) or ``"auto"`` (CUDA where usable, else CPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import AdamState, Backend, Gradients
+
+__all__ = ["AdamState", "Backend", "BackendUnavailable", "Gradients", "available_backends",
+           "get_backend", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("reference", "cpu", "cuda")
+
+_MODULES = {"reference": ("reference", "ReferenceBackend"),
+            "cpu": ("cpu", "CPUBackend"),
+            "cuda": ("cuda", "CUDABackend")}
+_instances: dict[str, Backend] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine (the message says why)."""
+
+
+def _load(name):
+    module_name, class_name = _MODULES[name]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as exc:
+        if name == "cuda":
+            raise BackendUnavailable(
+                "the CUDA backend is not available: it needs CuPy and a CUDA GPU "
+                "(pip install 'fastlstm[cuda12]' or 'fastlstm[cuda13]'); "
+                f"import failed with: {exc}. Use device='cpu'.") from exc
+        raise
+    return getattr(module, class_name)()
+
+
+def get_backend(name="auto"):
+    """The backend called ``name`` (instances are shared).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a backend name.
+    BackendUnavailable
+        ``name`` is ``"cuda"`` and no usable CuPy + GPU was found.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name == "auto":
+        try:
+            return get_backend("cuda")
+        except BackendUnavailable:
+            return get_backend("cpu")
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES + ('auto',)}")
+    if name not in _instances:
+        _instances[name] = _load(name)
+    return _instances[name]
+
+
+def available_backends():
+    """Names of the backends that can run here, reference first."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,102 @@
+"""The interface every backend implements (reference, Numba CPU, CUDA).
+
+Arrays live in the backend's own memory (NumPy or CuPy).  Parameters are ONE
+flat buffer laid out by :class:`fastlstm.params.ParamLayout`; gradients come
+back in a buffer of the same layout, so the optimizer is one pass over one
+buffer.  Inputs are batch-first ``(batch, steps, inputs)``; initial states have
+PyTorch's shape ``(num_layers, batch, hidden)``.  Tests and benchmarks call
+these methods on every backend and compare against ``reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Gradients:
+    """What :meth:`Backend.backward` returns.
+
+    ``params`` has the layout of the parameter buffer.  ``x``, ``h0`` and ``c0``
+    (gradients w.r.t. the input and the initial states) are ``None`` unless
+    ``input_grads=True`` was asked for: training does not need them.
+    """
+
+    params: Any
+    x: Any = None
+    h0: Any = None
+    c0: Any = None
+
+
+@dataclass
+class AdamState:
+    """First and second moment buffers (layout of the parameters) and the step count."""
+
+    m: Any
+    v: Any
+    step: int = 0
+
+
+class Backend:
+    """Base class: the methods a backend provides.  See the module docstring."""
+
+    #: short name, as accepted by :func:`fastlstm.backends.get_backend`
+    name = "abstract"
+    #: the array module of this backend's memory (numpy or cupy)
+    xp = np
+
+    def asarray(self, a, dtype=None):
+        """``a`` in this backend's memory (no copy where it already is)."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a):
+        """``a`` as a NumPy array."""
+        return np.asarray(a)
+
+    def forward(self, layout, params, x, h0=None, c0=None, train=False):
+        """Run the LSTM stack and the head on ``x`` of shape (batch, steps, inputs).
+
+        Returns ``(outputs, cache)``: ``outputs`` of shape (batch, output_size);
+        ``cache`` holds what :meth:`backward` needs when ``train`` is true, and
+        is ``None`` otherwise (inference keeps nothing per step).
+        """
+        raise NotImplementedError
+
+    def backward(self, layout, params, cache, doutputs, input_grads=False):
+        """Backpropagate ``doutputs`` through the head and the stack; returns :class:`Gradients`."""
+        raise NotImplementedError
+
+    def loss(self, outputs, y, kind):
+        """``(loss, doutputs)``: mean loss over the batch and its gradient w.r.t. ``outputs``.
+
+        ``kind`` is ``"cross_entropy"`` (``y``: int class indices) or
+        ``"squared_error"`` (``y``: targets of the shape of ``outputs``).
+        The loss is a Python float on the CPU; a backend on a device may
+        return a 0-d device array so that the caller decides when to synchronise.
+        """
+        raise NotImplementedError
+
+    def softmax(self, outputs):
+        """Row-wise softmax of ``outputs`` (class probabilities)."""
+        raise NotImplementedError
+
+    def adam_state(self, params):
+        """Fresh :class:`AdamState` for ``params``."""
+        return AdamState(self.xp.zeros_like(params), self.xp.zeros_like(params), 0)
+
+    def grad_norm(self, grads):
+        """Euclidean norm of the gradient buffer."""
+        return float(self.xp.sqrt(self.xp.dot(grads, grads)))
+
+    def adam_step(self, params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0, grad_scale=1.0):
+        """One Adam update of ``params`` in place, as ``torch.optim.Adam`` does it.
+
+        The gradient used is ``grad_scale * grads + weight_decay * params``
+        (``grad_scale`` serves gradient-norm clipping without another pass).
+        ``state.step`` is incremented.
+        """
+        raise NotImplementedError

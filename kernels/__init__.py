@@ -1,0 +1,11 @@
+"""Hand-written kernels of fastlstm.
+
+``*_cpu.py`` are Numba kernels for the CPU backend; ``*.cu`` are CUDA sources
+compiled at run time by the CUDA backend.  This folder is installed as the
+package ``fastlstm.kernels``.
+"""
+
+from pathlib import Path
+
+#: folder holding the CUDA sources (``*.cu``) at run time
+CUDA_SOURCE_DIR = Path(__file__).resolve().parent

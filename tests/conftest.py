@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from fastlstm import ParamLayout
+from fastlstm.backends import available_backends, get_backend
+
+#: (batch, steps, inputs, hidden, layers, outputs): the edge cases and a few ordinary shapes
+SMALL_SHAPES = [
+    (1, 1, 1, 1, 1, 2),
+    (3, 4, 2, 5, 1, 3),
+    (2, 5, 3, 4, 2, 2),
+    (4, 3, 1, 1, 3, 3),
+    (1, 6, 4, 3, 3, 1),
+    (5, 1, 3, 2, 2, 4),
+]
+
+
+def shape_id(shape):
+    return "B{}-T{}-I{}-H{}-L{}-O{}".format(*shape)
+
+
+def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, scale=1.0):
+    """Random parameters, inputs, targets and initial states for ``shape``."""
+    B, T, I, H, L, O = shape
+    rng = np.random.default_rng(seed)
+    layout = ParamLayout(I, H, L, O)
+    params = (layout.init(rng, np.float64) * 2 * scale).astype(dtype)
+    x = rng.standard_normal((B, T, I)).astype(dtype)
+    if loss == "cross_entropy":
+        y = rng.integers(0, O, size=B)
+    else:
+        y = rng.standard_normal((B, O)).astype(dtype)
+    h0 = c0 = None
+    if initial_states:
+        h0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
+        c0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
+    return layout, params, x, y, h0, c0
+
+
+def rel_err(actual, expected):
+    """Largest absolute difference relative to the largest magnitude of ``expected``."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    diff = np.max(np.abs(actual - expected)) if expected.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+@pytest.fixture(params=[name for name in available_backends() if name != "reference"])
+def backend(request):
+    """Every backend that runs here, except the reference it is compared with."""
+    return get_backend(request.param)

@@ -1,0 +1,69 @@
+"""The oracle itself: reference gradients against central finite differences in float64."""
+
+import numpy as np
+import pytest
+
+from fastlstm import reference
+
+from conftest import SMALL_SHAPES, make_problem, rel_err, shape_id
+
+# Step near the cube root of float64 epsilon: balances truncation and round-off error.
+EPS = 1e-5
+
+
+def numeric_grad(fn, array):
+    """Central differences of the scalar ``fn()`` w.r.t. every entry of ``array`` (in place)."""
+    grad = np.zeros_like(array)
+    flat, gflat = array.reshape(-1), grad.reshape(-1)
+    for n in range(flat.size):
+        saved = flat[n]
+        flat[n] = saved + EPS
+        up = fn()
+        flat[n] = saved - EPS
+        down = fn()
+        flat[n] = saved
+        gflat[n] = (up - down) / (2 * EPS)
+    return grad
+
+
+@pytest.mark.parametrize("loss", reference.LOSSES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=shape_id)
+def test_gradients_match_finite_differences(shape, loss):
+    layout, flat, x, y, h0, c0 = make_problem(shape, loss)
+    params = layout.views(flat)
+
+    def value():
+        return reference.loss(reference.forward(params, x, h0, c0)[0], y, loss)[0]
+
+    _, grads, dx, dh0, dc0, _ = reference.loss_and_grad(params, x, y, loss, h0, c0)
+    checks = {name: (grads[name], params[name]) for name in params}
+    checks.update(x=(dx, x), h0=(dh0, h0), c0=(dc0, c0))
+    for name, (analytic, array) in checks.items():
+        err = rel_err(analytic, numeric_grad(value, array))
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_zero_initial_states_equal_omitted():
+    layout, flat, x, y, _, _ = make_problem((2, 3, 2, 3, 2, 2), "cross_entropy", initial_states=False)
+    params = layout.views(flat)
+    zeros = np.zeros((2, 2, 3))
+    np.testing.assert_array_equal(reference.forward(params, x)[0],
+                                  reference.forward(params, x, zeros, zeros)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_and_forward_stay_finite_for_huge_inputs(dtype):
+    z = np.array([-1e4, -100.0, -1.0, 0.0, 1.0, 100.0, 1e4], dtype=dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        s = reference.sigmoid(z)
+    assert s.dtype == dtype
+    np.testing.assert_allclose(s[[0, 3, 6]], [0.0, 0.5, 1.0])
+    layout, flat, x, y, h0, c0 = make_problem((2, 3, 2, 3, 1, 2), "cross_entropy", dtype)
+    with np.errstate(over="raise", invalid="raise"):
+        out, _ = reference.forward(layout.views(flat), x * 1e4, h0, c0)
+    assert np.isfinite(out).all()
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown loss"):
+        reference.loss(np.zeros((2, 2)), np.zeros(2, int), "hinge")
