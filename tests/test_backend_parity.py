@@ -103,3 +103,29 @@ def test_huge_inputs_give_finite_results(backend, dtype):
     grads = backend.backward(layout, p, cache, doutputs, input_grads=True)
     for array in (outputs, grads.params, grads.x):
         assert np.isfinite(backend.to_host(array)).all()
+
+
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_train_step_matches_reference(backend, clip):
+    layout, params, x, y, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy")
+    ref = get_backend("reference")
+    p_ref, p_dev = params.copy(), backend.asarray(params.copy())
+    s_ref, s_dev = ref.adam_state(p_ref), backend.adam_state(p_dev)
+    for _ in range(3):
+        l_ref = ref.train_step(layout, p_ref, s_ref, x, y, "cross_entropy", 1e-2,
+                               clip_grad_norm=clip)
+        l_dev = backend.train_step(layout, p_dev, s_dev, backend.asarray(x), backend.asarray(y),
+                                   "cross_entropy", 1e-2, clip_grad_norm=clip)
+        assert abs(float(l_dev) - l_ref) < 1e-10
+    assert rel_err(backend.to_host(p_dev), p_ref) < 1e-10
+
+
+def test_train_step_skips_update_on_non_finite_loss(backend):
+    layout, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "squared_error")
+    p = backend.asarray(params.copy())
+    state = backend.adam_state(p)
+    y_bad = np.full_like(y, np.inf)
+    backend.train_step(layout, p, state, backend.asarray(x), backend.asarray(y_bad),
+                       "squared_error", 1e-2)
+    np.testing.assert_array_equal(backend.to_host(p), params)
+    assert state.step == 0

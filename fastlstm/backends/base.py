@@ -10,6 +10,7 @@ these methods on every backend and compare against ``reference``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,3 +101,24 @@ class Backend:
         ``state.step`` is incremented.
         """
         raise NotImplementedError
+
+    def train_step(self, layout, params, state, x, y, loss, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, clip_grad_norm=None):
+        """One minibatch step: forward, loss, backward, optional clipping, Adam, in place.
+
+        If the loss or the gradient is not finite, ``params`` and ``state`` are
+        left untouched, so a diverging run never corrupts the weights.  Returns
+        the loss (a float here; a device backend may return a 0-d device array
+        and keep the whole step on the device, e.g. as a replayed CUDA graph).
+        """
+        outputs, cache = self.forward(layout, params, x, train=True)
+        value, doutputs = self.loss(outputs, y, loss)
+        grads = self.backward(layout, params, cache, doutputs).params
+        norm = self.grad_norm(grads)
+        if not (math.isfinite(value) and math.isfinite(norm)):
+            return value
+        scale = 1.0
+        if clip_grad_norm is not None and norm > clip_grad_norm:
+            scale = clip_grad_norm / norm
+        self.adam_step(params, grads, state, lr, beta1, beta2, eps, weight_decay, scale)
+        return value
