@@ -113,9 +113,11 @@ class Backend:
         """
         outputs, cache = self.forward(layout, params, x, train=True)
         value, doutputs = self.loss(outputs, y, loss)
+        if not math.isfinite(value):
+            return value
         grads = self.backward(layout, params, cache, doutputs).params
         norm = self.grad_norm(grads)
-        if not (math.isfinite(value) and math.isfinite(norm)):
+        if not math.isfinite(norm):
             return value
         scale = 1.0
         if clip_grad_norm is not None and norm > clip_grad_norm:
