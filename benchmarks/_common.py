@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: timing, problem set-up, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def time_call(fn, repeat, warmup=1, min_time=0.0):
+    """Seconds per call of ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones.
+
+    Returns the list of times.  With ``min_time`` > 0, calls are batched so that
+    each timed sample lasts at least that long (for calls of a few microseconds).
+    """
+    for _ in range(warmup):
+        fn()
+    inner = 1
+    if min_time > 0:
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        inner = max(1, int(min_time / max(once, 1e-9)))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return times
+
+
+def summarize(times):
+    """``(median, spread)``: spread is (max - min) / median, the relative range of the samples."""
+    med = statistics.median(times)
+    return med, (max(times) - min(times)) / med if med > 0 else 0.0
+
+
+def machine_description():
+    """One line naming the CPU, the core count, the load, and the library versions."""
+    import numba
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text = (f"{cpu}, {os.cpu_count()} cores, load average {load:.2f} at start; "
+            f"Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}")
+    try:
+        import torch
+        text += f", PyTorch {torch.__version__}"
+    except ImportError:
+        pass
+    return text
+
+
+def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, seed=0):
+    """Layout, parameters (PyTorch's init), random inputs and class labels."""
+    from fastlstm import ParamLayout
+    rng = np.random.default_rng(seed)
+    layout = ParamLayout(inputs, hidden, 1, outputs)
+    params = layout.init(rng, dtype)
+    x = rng.random((batch, steps, inputs), dtype=np.float64).astype(dtype)
+    y = rng.integers(0, outputs, size=batch)
+    return layout, params, x, y
