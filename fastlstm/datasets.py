@@ -176,8 +176,8 @@ _FASHION_MNIST = _Dataset(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_idx(data, source):
-    """Decode the bytes of an IDX file into a native-endian array; ``source`` names it in errors."""
+def _idx_header(data, source):
+    """The element type, shape and header length of the IDX file whose bytes are ``data``."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(
             f"{source} is not an IDX file: it starts with bytes {bytes(data[:4]).hex(' ')!r}, "
@@ -195,8 +195,20 @@ def _parse_idx(data, source):
             f"{source} is truncated: its header declares {ndim} dimensions "
             f"({header} bytes of header) but the file holds only {len(data)} bytes."
         )
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = _IDX_DTYPES[code]
+    return _IDX_DTYPES[code], struct.unpack(f">{ndim}I", data[4:header]), header
+
+
+def _parse_idx(data, source, expected=None):
+    """Decode the bytes of an IDX file into a native-endian array; ``source`` names it in errors.
+
+    With ``expected`` (an ``_IdxFile``), the header must declare its shape and uint8 data.
+    """
+    dtype, shape, header = _idx_header(data, source)
+    if expected is not None and (dtype != np.uint8 or shape != expected.shape):
+        raise ValueError(
+            f"{source} holds a {shape} array of {dtype.name}, but {expected.name} must "
+            f"hold a {expected.shape} array of uint8: it is a different file under that name."
+        )
     count = math.prod(shape)
     expected = header + count * dtype.itemsize
     if len(data) < expected:
@@ -252,14 +264,9 @@ def _read_idx(path, expected=None, source=None):
     """
     source = str(path) if source is None else source
     data = _read_decompressed(path, source, None if expected is None else expected.nbytes)
-    array = _parse_idx(data, source)
+    array = _parse_idx(data, source, expected)
     if expected is None:
         return array
-    if array.dtype != np.uint8 or array.shape != expected.shape:
-        raise ValueError(
-            f"{source} holds a {array.shape} array of {array.dtype}, but {expected.name} must "
-            f"hold a {expected.shape} array of uint8: it is a different file under that name."
-        )
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected.sha256:
         raise ValueError(
@@ -334,6 +341,10 @@ def _fetch_verified(url, idx_file, target, timeout):
                     if received > max_bytes:
                         raise ValueError(f"the server sent more than {max_bytes} bytes")
                     out.write(chunk)
+                # http.client ends a body cut short as if it were complete.
+                promised = response.headers.get("Content-Length")
+                if promised is not None and promised.isdigit() and int(promised) != received:
+                    raise ValueError(f"the transfer was cut: {received} of {promised} bytes came")
             out.flush()
             os.fsync(out.fileno())
         _read_idx(partial, idx_file, source="the file served")
@@ -387,7 +398,8 @@ def _unavailable(dataset, missing, folders, mirrors, reason):
         f"FASTLSTM_DATA=DIR, to use DIR/{dataset.subdir}).",
     ]
     if mirrors:
-        lines.append(f"Download them (as {missing[0].name}.gz etc.) from any of: {', '.join(mirrors)}")
+        example = missing[0].name + ".gz"
+        lines.append(f"Download them (as {example} etc.) from any of: {', '.join(mirrors)}")
     if dataset.offline_hint:
         lines.append(dataset.offline_hint)
     return DatasetUnavailable("\n".join(lines))
