@@ -112,9 +112,11 @@ def _labels(name, n, sha256):
 
 
 # The SHA-256s of MNIST's test files and training labels were computed here from the official
-# files (their gzip MD5s are the ones LeCun et al. publish). The training images were not at hand:
-# their SHA-256 is the one that many independent public download scripts pin for the decompressed
-# official file, each of them next to the other three MNIST SHA-256s below, which we verified.
+# files. The training images were not at hand: their SHA-256 is the one that many independent
+# public download scripts pin for the decompressed official file, each next to the other three
+# below (which we verified), one also next to TensorFlow Datasets' SHA-256 of the official gzip
+# (440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609). Were it wrong, downloads
+# of that file would fail loudly; no other file could pass for it.
 _MNIST = _Dataset(
     title="MNIST",
     subdir="mnist",
@@ -210,16 +212,16 @@ def _parse_idx(data, source, expected=None):
             f"hold a {expected.shape} array of uint8: it is a different file under that name."
         )
     count = math.prod(shape)
-    expected = header + count * dtype.itemsize
-    if len(data) < expected:
+    nbytes = header + count * dtype.itemsize
+    if len(data) < nbytes:
         raise ValueError(
             f"{source} is truncated: its header promises a {shape} array of {dtype.name} "
-            f"({expected} bytes in all) but the file holds only {len(data)} bytes."
+            f"({nbytes} bytes in all) but the file holds only {len(data)} bytes."
         )
-    if len(data) > expected:
+    if len(data) > nbytes:
         raise ValueError(
             f"{source} has trailing bytes: its header promises a {shape} array of {dtype.name} "
-            f"({expected} bytes in all) but the file holds more. It is damaged or not one IDX file."
+            f"({nbytes} bytes in all) but the file holds more. It is damaged or not one IDX file."
         )
     array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="))  # a native-endian, writable copy
@@ -375,8 +377,8 @@ def _download(idx_file, folder, mirrors, timeout=None):
         try:
             _fetch_verified(url, idx_file, target, timeout)
             return target
-        # URLError, timeouts and refused connections are OSErrors; a cut transfer raises
-        # IncompleteRead (an HTTPException); a damaged or foreign file, ValueError.
+        # URLError, timeouts and refused connections are OSErrors; a malformed response is an
+        # HTTPException; a cut transfer, a damaged or a foreign file, ValueError.
         except (OSError, http.client.HTTPException, ValueError) as exc:
             failures.append(f"  {url}: {exc}")
     raise DatasetUnavailable("\n".join(failures))
@@ -387,7 +389,7 @@ def _download(idx_file, folder, mirrors, timeout=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _unavailable(dataset, missing, folders, mirrors, reason):
+def _unavailable(dataset, missing, folders, reason):
     names = ", ".join(f.name for f in missing)
     lines = [
         f"{dataset.title} files not found: {names}.",
@@ -397,9 +399,9 @@ def _unavailable(dataset, missing, folders, mirrors, reason):
         f"To use your own copies, put them into {folders[0]} (or pass data_home=DIR, or set "
         f"FASTLSTM_DATA=DIR, to use DIR/{dataset.subdir}).",
     ]
-    if mirrors:
+    if dataset.mirrors:
         example = missing[0].name + ".gz"
-        lines.append(f"Download them (as {example} etc.) from any of: {', '.join(mirrors)}")
+        lines.append(f"Download them (as {example} etc.) from any of: {', '.join(dataset.mirrors)}")
     if dataset.offline_hint:
         lines.append(dataset.offline_hint)
     return DatasetUnavailable("\n".join(lines))
@@ -415,7 +417,7 @@ def _load(dataset, data_home, download):
             if download is not None
             else "Downloading is off: the environment variable FASTLSTM_OFFLINE is set."
         )
-        raise _unavailable(dataset, missing, folders, dataset.mirrors, reason)
+        raise _unavailable(dataset, missing, folders, reason)
     for position, idx_file in enumerate(missing):
         try:
             paths[idx_file.name] = _download(idx_file, folders[0], dataset.mirrors)
@@ -425,7 +427,6 @@ def _load(dataset, data_home, download):
                 dataset,
                 missing[position:],
                 folders,
-                dataset.mirrors,
                 f"Downloading {idx_file.name} failed:\n{exc}",
             ) from exc
     arrays = {}
