@@ -446,7 +446,9 @@ def _load(dataset, data_home, download):
     )
 
 
-_LOADER_DOC = """Load {title}: {train} training and {test} test images of 28 x 28 pixels.
+_LOADER_DOC = """Load {title}: 60,000 training and 10,000 test images of 28 x 28 pixels.
+
+    {credit}
 
     Files are looked up in ``data_home/{subdir}``, ``$FASTLSTM_DATA/{subdir}`` and the user
     cache (``$XDG_CACHE_HOME/fastlstm/{subdir}``, by default ``~/.cache/fastlstm/{subdir}`` on
@@ -487,16 +489,14 @@ def load_fashion_mnist(data_home=None, *, download=None):
 
 
 load_mnist.__doc__ = _LOADER_DOC.format(
-    title="MNIST (LeCun, Cortes and Burges; CC BY-SA 3.0)",
-    train=60000,
-    test=10000,
+    title="MNIST",
+    credit="Handwritten digits by Y. LeCun, C. Cortes and C. J. C. Burges (CC BY-SA 3.0).",
     subdir=_MNIST.subdir,
     system="",
 )
 load_fashion_mnist.__doc__ = _LOADER_DOC.format(
-    title="Fashion-MNIST (Zalando Research; MIT licence)",
-    train=60000,
-    test=10000,
+    title="Fashion-MNIST",
+    credit="Images of clothing by Zalando Research (MIT licence).",
     subdir=_FASHION_MNIST.subdir,
     system=", then Debian's ``/usr/share/datasets/fashion-mnist``",
 )
