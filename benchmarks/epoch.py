@@ -1,0 +1,179 @@
+"""End-to-end: one training epoch and inference throughput, fastlstm vs PyTorch, same run.
+
+Training: one epoch of Adam (lr 1e-3) over 60,000 x 28 x 28 float32 samples in
+shuffled minibatches of 128, an LSTM with H=128 and a linear head of 10 classes,
+with the loop the estimators use (a permutation per epoch, batches taken by
+indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
+``nn.LSTM`` + ``nn.Linear`` + ``torch.optim.Adam`` and cross-entropy, with
+``torch.set_num_threads`` set to the number of threads fastlstm uses.  Then
+inference throughput (forward of the model, no gradients) over 10,000 samples in
+batches of 1000.  The data are Fashion-MNIST (from ``--data``, when present),
+else random pixels: the timing does not depend on the values.
+
+    python benchmarks/epoch.py [--samples 60000] [--no-torch] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "fashion-mnist"
+
+
+def load_images(folder, samples, rng):
+    """``samples`` x 28 x 28 float32 in [0, 1] and their labels: Fashion-MNIST if found, else random."""
+    images = Path(folder) / "train-images-idx3-ubyte.gz"
+    labels = Path(folder) / "train-labels-idx1-ubyte.gz"
+    if images.exists() and labels.exists():
+        with gzip.open(images) as f:
+            X = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(labels) as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+        reps = -(-samples // len(X))
+        X, y = np.tile(X, (reps, 1, 1))[:samples], np.tile(y, reps)[:samples]
+        source = f"Fashion-MNIST ({images.parent})"
+    else:
+        X = rng.integers(0, 256, size=(samples, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, size=samples)
+        source = "random pixels (no Fashion-MNIST found)"
+    return (X / np.float32(255)).astype(np.float32), y, source
+
+
+def fastlstm_epoch(X, y, batch, hidden, rng, lr):
+    from fastlstm import ParamLayout
+    from fastlstm.backends import get_backend
+    backend = get_backend("cpu")
+    layout = ParamLayout(X.shape[2], hidden, 1, 10)
+    params = layout.init(rng, np.float32)
+    state = backend.adam_state(params)
+    X, y = backend.asarray(X), backend.asarray(y)
+    # one untimed step: compile or load the Numba kernels
+    backend.train_step(layout, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
+                       "cross_entropy", lr)
+    start = time.perf_counter()
+    order = rng.permutation(len(X))
+    total = 0.0
+    for b in range(0, len(X), batch):
+        idx = order[b:b + batch]
+        total = total + backend.train_step(layout, params, state, X[idx], y[idx],
+                                           "cross_entropy", lr)
+    seconds = time.perf_counter() - start
+    return seconds, float(total) / -(-len(X) // batch), (backend, layout, params)
+
+
+def fastlstm_inference(model, X, batch):
+    backend, layout, params = model
+    backend.forward(layout, params, X[:batch])
+    start = time.perf_counter()
+    for b in range(0, len(X), batch):
+        backend.forward(layout, params, X[b:b + batch])
+    return len(X) / (time.perf_counter() - start)
+
+
+def torch_epoch(X, y, batch, hidden, rng, lr):
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(X.shape[2], hidden, batch_first=True)
+            self.head = nn.Linear(hidden, 10)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def step(idx):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(Xt[idx]), yt[idx])
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step(torch.arange(batch))
+    start = time.perf_counter()
+    order = torch.from_numpy(rng.permutation(len(X)))
+    total = 0.0
+    for b in range(0, len(X), batch):
+        total = total + step(order[b:b + batch])
+    seconds = time.perf_counter() - start
+    return seconds, float(total) / -(-len(X) // batch), net
+
+
+def torch_inference(net, X, batch):
+    import torch
+    Xt = torch.from_numpy(X)
+    with torch.inference_mode():
+        net(Xt[:batch])
+        start = time.perf_counter()
+        for b in range(0, len(X), batch):
+            net(Xt[b:b + batch])
+    return len(X) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=60000, help="training samples (60000)")
+    parser.add_argument("--batch", type=int, default=128, help="training minibatch (128)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden units H (128)")
+    parser.add_argument("--infer-samples", type=int, default=10000, help="inference samples (10000)")
+    parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with Fashion-MNIST IDX files")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+
+    from _common import machine_description
+    import numba
+    threads = numba.get_num_threads()
+    print(machine_description())
+    rng = np.random.default_rng(0)
+    X, y, source = load_images(args.data, args.samples, rng)
+    Xi = X[:args.infer_samples]
+    print(f"data: {source}; {len(X)} samples, batch {args.batch}, H={args.hidden}, "
+          f"{threads} threads\n")
+    results = dict(machine=machine_description(), threads=threads, samples=len(X),
+                   batch=args.batch, hidden=args.hidden)
+    secs, loss, model = fastlstm_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+    ips = fastlstm_inference(model, Xi, args.infer_batch)
+    results["fastlstm"] = dict(epoch_s=secs, mean_loss=loss, inference_samples_per_s=ips)
+    print(f"  fastlstm  epoch {secs:7.2f} s  (mean loss {loss:.3f})   "
+          f"inference {ips:9,.0f} samples/s")
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("  PyTorch is not installed: no baseline")
+        else:
+            torch.set_num_threads(threads)
+            secs_t, loss_t, net = torch_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+            ips_t = torch_inference(net, Xi, args.infer_batch)
+            results["torch"] = dict(epoch_s=secs_t, mean_loss=loss_t,
+                                    inference_samples_per_s=ips_t, version=torch.__version__)
+            print(f"  PyTorch   epoch {secs_t:7.2f} s  (mean loss {loss_t:.3f})   "
+                  f"inference {ips_t:9,.0f} samples/s")
+            print(f"\n  fastlstm / PyTorch: epoch time {secs / secs_t:.2f}x, "
+                  f"inference throughput {ips / ips_t:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
