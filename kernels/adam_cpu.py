@@ -2,10 +2,10 @@
 
 import math
 
-from numba import njit, prange
+from numba import njit
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def adam_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, grad_scale, step):
     """One fused pass of ``torch.optim.Adam`` (L2 ``weight_decay``, bias-corrected).
 
@@ -14,7 +14,7 @@ def adam_update(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, grad_s
     """
     step_size = lr / (1.0 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    for n in prange(params.shape[0]):
+    for n in range(params.shape[0]):
         g = grad_scale * grads[n] + weight_decay * params[n]
         m_n = beta1 * m[n] + (1.0 - beta1) * g
         v_n = beta2 * v[n] + (1.0 - beta2) * g * g

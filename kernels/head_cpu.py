@@ -6,7 +6,7 @@ The head's GEMMs (``h_T @ W^T`` forwards, two small ones backwards) go to BLAS.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True)
@@ -17,10 +17,10 @@ def add_bias(outputs, bias):
             outputs[r, k] += bias[k]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax(logits, probs):
     """Row-wise softmax of ``logits`` into ``probs`` (max-shifted: no overflow)."""
-    for r in prange(logits.shape[0]):
+    for r in range(logits.shape[0]):
         top = logits[r, 0]
         for k in range(1, logits.shape[1]):
             top = max(top, logits[r, k])

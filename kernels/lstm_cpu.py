@@ -1,113 +1,147 @@
-"""Numba kernels of the LSTM recurrence: the fused forward step and the backward step.
+"""Numba kernels of the LSTM recurrence of one layer over one chunk of batch rows.
 
-The input projection of all time steps and the weight gradients are single BLAS
-GEMMs done by the caller (:mod:`fastlstm.backends.cpu`); these kernels run the
-sequential part.  Per time step: one BLAS GEMM ``h_{t-1} @ W_hh^T`` (or
-``dz_t @ W_hh`` backwards), then one fused pass over the batch (``prange``) for
-all the pointwise math, so each element is read and written once.
+The CPU backend splits a batch into chunks of rows and runs the chunks on
+separate threads, each with single-threaded BLAS: the rows of an LSTM never
+interact, so no thread waits for another inside the time loop.
 
-Arrays are time-major: ``(steps, batch, features)``.
+Per time step the input and the previous hidden state sit side by side in one
+row ``xh[t] = [x_t, h_{t-1}]``, so one GEMM against ``[W_ih, W_hh]^T`` gives all
+four gate pre-activations (no separate input projection is written to memory
+and read back); then one fused pass computes the gates, the cell and the
+hidden state, with the float32 non-linearities of :mod:`.activations_cpu`,
+which vectorise.  Backwards, one fused pass per step gives the gradient of the
+pre-activations and accumulates the bias gradient; the weight gradients are
+then ONE GEMM over all steps, ``dz^T @ xh``, by the caller.
+
+Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
+``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
 """
 
-import math
-
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .activations_cpu import sigmoid, tanh
+
+#: LLVM may reassociate and contract (FMA); NaN and infinities keep their meaning,
+#: so a diverging step is still seen as non-finite.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_ONE = np.float32(1.0)
 
 
-@njit(cache=True, inline="always")
-def sigmoid(z):
-    """Logistic function that never overflows: exp is only taken of -|z|."""
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
-
-
-@njit(cache=True, parallel=True)
-def forward_recurrence(xg, w_hh_t, bias, h, c, z):
-    """Run the recurrence of one layer over all time steps.
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z):
+    """Run one layer over all steps for one chunk of rows.
 
     Parameters
     ----------
-    xg : (T, B, 4H) array
-        On entry the input projection ``x_t @ W_ih^T`` (no bias); on return the
-        gate activations ``i, f, g, o`` of every step, which backward needs.
-    w_hh_t : (H, 4H) array
-        ``W_hh`` transposed.
-    bias : (4H,) array
+    x : (R, T, I) array
+        Input of the layer, batch-major.
+    w_cat_t : (K, G) array
+        ``[W_ih, W_hh]`` transposed.
+    bias : (G,) array
         ``b_ih + b_hh``.
-    h, c : (S, B, H) arrays
-        ``h[0]``, ``c[0]`` hold the initial states.  With ``S = T + 1`` every
-        step's states are kept (training, or a layer feeding another); with
-        ``S = 2`` the two slots are used in turn and the last state ends up in
-        slot ``T % 2`` (inference keeps nothing per step).
-    z : (B, 4H) array
-        Scratch for the recurrent GEMM.
+    xh : (S, R, K) array
+        ``xh[0, :, I:]`` holds ``h0`` on entry.  Row ``xh[t]`` receives
+        ``[x_t, h_{t-1}]``.  With ``S = T + 1`` every step is kept (training:
+        the weight gradients need them all); with ``S = 2`` the slots are used
+        in turn and ``h_T`` ends in ``xh[T % 2, :, I:]``.
+    c : (S, R, H) array
+        Cell states, ``c[0]`` holds ``c0`` on entry; slots as ``xh``.
+    gates : (T, R, G) or (0, R, G) array
+        Output: gate activations of every step (training), or nothing.
+    hseq : (R, T, H) or (R, 0, H) array
+        Output: the hidden state of every step, batch-major (the input of the
+        layer above), or nothing.
+    z : (R, G) array
+        Scratch.
     """
-    T, B, G = xg.shape
-    H = G // 4
-    S = h.shape[0]
+    R, T, I = x.shape
+    S, _, K = xh.shape
+    H = K - I
+    keep_gates = gates.shape[0] > 0
+    keep_h = hseq.shape[1] > 0
     for t in range(T):
-        h_prev = h[t % S]
+        cur = xh[t % S]
+        nxt = xh[(t + 1) % S]
         c_prev = c[t % S]
-        h_new = h[(t + 1) % S]
         c_new = c[(t + 1) % S]
-        np.dot(h_prev, w_hh_t, z)
-        for b in prange(B):
+        for r in range(R):
+            for i in range(I):
+                cur[r, i] = x[r, t, i]
+        np.dot(cur, w_cat_t, z)
+        for r in range(R):
+            zr = z[r]
             for j in range(H):
-                i = sigmoid(z[b, j] + xg[t, b, j] + bias[j])
-                f = sigmoid(z[b, H + j] + xg[t, b, H + j] + bias[H + j])
-                g = math.tanh(z[b, 2 * H + j] + xg[t, b, 2 * H + j] + bias[2 * H + j])
-                o = sigmoid(z[b, 3 * H + j] + xg[t, b, 3 * H + j] + bias[3 * H + j])
-                cell = f * c_prev[b, j] + i * g
-                c_new[b, j] = cell
-                h_new[b, j] = o * math.tanh(cell)
-                xg[t, b, j] = i
-                xg[t, b, H + j] = f
-                xg[t, b, 2 * H + j] = g
-                xg[t, b, 3 * H + j] = o
+                gi = sigmoid(zr[j] + bias[j])
+                gf = sigmoid(zr[H + j] + bias[H + j])
+                gg = tanh(zr[2 * H + j] + bias[2 * H + j])
+                go = sigmoid(zr[3 * H + j] + bias[3 * H + j])
+                cell = gf * c_prev[r, j] + gi * gg
+                hv = go * tanh(cell)
+                c_new[r, j] = cell
+                nxt[r, I + j] = hv
+                if keep_gates:
+                    gates[t, r, j] = gi
+                    gates[t, r, H + j] = gf
+                    gates[t, r, 2 * H + j] = gg
+                    gates[t, r, 3 * H + j] = go
+                if keep_h:
+                    hseq[r, t, j] = hv
 
 
-@njit(cache=True, parallel=True)
-def backward_recurrence(dh_seq, gates, c, w_hh, dz, dh, dc):
-    """Backpropagate through the recurrence of one layer.
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
+    """Backpropagate through one layer over all steps for one chunk of rows.
 
     Parameters
     ----------
-    dh_seq : (T, B, H) or (0, B, H) array
-        Gradient w.r.t. each step's output from the layer above; an empty array
-        for the top layer, whose only gradient (from the head) is passed in ``dh``.
-    gates : (T, B, 4H) array
-        Gate activations saved by :func:`forward_recurrence`.
-    c : (T + 1, B, H) array
-        Cell states saved by :func:`forward_recurrence` (``c[0]`` initial).
-    w_hh : (4H, H) array
-    dz : (T, B, 4H) array
-        Output: gradient w.r.t. the gate pre-activations of every step; the
-        caller turns it into weight gradients with one GEMM over all steps.
-    dh, dc : (B, H) arrays
-        On entry the gradients w.r.t. the last hidden and cell state; on return
-        the gradients w.r.t. the initial states ``h0`` and ``c0``.
+    gates : (T, R, G) array
+        Gate activations saved by :func:`forward_layer`.
+    c : (T + 1, R, H) array
+        Cell states saved by :func:`forward_layer` (``c[0]`` initial).
+    w_hh : (G, H) array
+    dh_seq : (T, R, H) or (0, R, H) array
+        Gradient w.r.t. each step's hidden state from the layer above (time-
+        major), or nothing for the top layer, whose gradient comes in ``dh``.
+    dz : (T, R, G) array
+        Output: gradient w.r.t. the gate pre-activations of every step.
+    dh, dc : (R, H) arrays
+        On entry the gradients w.r.t. the last hidden and cell state.  On
+        return ``dc`` holds the gradient w.r.t. ``c0``, and ``dh`` the one
+        w.r.t. ``h0`` if ``need_dh0`` (else the last GEMM is skipped).
+    db : (G,) array
+        The bias gradient of these rows is ADDED to it.
+    need_dh0 : bool
     """
-    T, B, G = gates.shape
+    T, R, G = gates.shape
     H = G // 4
     has_seq = dh_seq.shape[0] > 0
     for t in range(T - 1, -1, -1):
-        for b in prange(B):
+        for r in range(R):
+            gr = gates[t, r]
+            dzr = dz[t, r]
             for j in range(H):
-                grad_h = dh[b, j]
+                grad_h = dh[r, j]
                 if has_seq:
-                    grad_h += dh_seq[t, b, j]
-                i = gates[t, b, j]
-                f = gates[t, b, H + j]
-                g = gates[t, b, 2 * H + j]
-                o = gates[t, b, 3 * H + j]
-                tc = math.tanh(c[t + 1, b, j])
-                grad_c = dc[b, j] + grad_h * o * (1.0 - tc * tc)
-                dz[t, b, j] = grad_c * g * i * (1.0 - i)
-                dz[t, b, H + j] = grad_c * c[t, b, j] * f * (1.0 - f)
-                dz[t, b, 2 * H + j] = grad_c * i * (1.0 - g * g)
-                dz[t, b, 3 * H + j] = grad_h * tc * o * (1.0 - o)
-                dc[b, j] = grad_c * f
-        np.dot(dz[t], w_hh, dh)
+                    grad_h += dh_seq[t, r, j]
+                gi = gr[j]
+                gf = gr[H + j]
+                gg = gr[2 * H + j]
+                go = gr[3 * H + j]
+                tc = tanh(c[t + 1, r, j])
+                grad_c = dc[r, j] + grad_h * go * (_ONE - tc * tc)
+                d_i = grad_c * gg * gi * (_ONE - gi)
+                d_f = grad_c * c[t, r, j] * gf * (_ONE - gf)
+                d_g = grad_c * gi * (_ONE - gg * gg)
+                d_o = grad_h * tc * go * (_ONE - go)
+                dzr[j] = d_i
+                dzr[H + j] = d_f
+                dzr[2 * H + j] = d_g
+                dzr[3 * H + j] = d_o
+                db[j] += d_i
+                db[H + j] += d_f
+                db[2 * H + j] += d_g
+                db[3 * H + j] += d_o
+                dc[r, j] = grad_c * gf
+        if t > 0 or need_dh0:
+            np.dot(dz[t], w_hh, dh)

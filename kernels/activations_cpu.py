@@ -1,0 +1,115 @@
+"""Gate non-linearities for the Numba kernels: exact in float64, vectorisable in float32.
+
+``sigmoid`` and ``tanh`` are typed by their argument.  For float64 they are the
+exact library functions (``math.exp``, ``math.tanh``), so float64 results match
+the NumPy reference to rounding.  For float32 they are our own branch-free
+polynomial approximations, accurate to a few ulp, written only with float32
+arithmetic so that LLVM turns a loop of them into SIMD code: the library calls
+do not vectorise (pip's llvmlite has no vector math library), and they cost
+more than the GEMMs around them.
+
+float32 ``exp`` (of arguments <= 0 only, all the gates need): ``exp(x) =
+2**n * exp(r)`` with ``n = round(x / ln 2)``, ``|r| <= ln(2)/2`` (Cody-Waite
+reduction with ``ln 2`` split in two), ``exp(r) = 1 + r + r**2 q(r)`` with a
+degree-4 ``q`` fitted by least squares on Chebyshev nodes (relative error of
+the polynomial 4e-9, below float32's ulp); ``2**n`` is built in the exponent
+bits, as two factors so that subnormal results come out right.  float32 ``tanh``: ``x + x**3 p(x**2)`` for ``|x| < 0.625`` (degree-4
+``p``, fitted the same way), else ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``,
+where no cancellation occurs.  ``tests/test_activations.py`` checks both
+against float64 over a dense grid.
+"""
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+F32 = np.float32
+_LOG2E = F32(1.4426950408889634)
+_LN2_HI = F32(0.693359375)           # few mantissa bits: n * _LN2_HI is exact
+_LN2_LO = F32(-2.12194440e-4)
+_EXP_Q = (F32(0.49999988079071045), F32(0.166665181517601), F32(0.04166953265666962),
+          F32(0.008368915878236294), F32(0.0013751407386735082))
+_EXP_MIN = F32(-104.0)              # exp(-104) rounds to 0 in float32
+_TANH_SMALL = F32(0.625)
+_TANH_P = (F32(-0.3333328664302826), F32(0.13331513106822968), F32(-0.05374465882778168),
+           F32(0.020653124898672104), F32(-0.0057189627550542355))
+_ZERO, _HALF, _ONE, _TWO = F32(0.0), F32(0.5), F32(1.0), F32(2.0)
+
+
+@intrinsic
+def _bits_as_float32(typingctx, bits):
+    """Reinterpret the bits of an int32 as a float32 (an LLVM bitcast: vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always")
+def exp_nonpositive_f32(x):
+    """``exp(x)`` in float32 for ``x <= 0``, few ulp, subnormal results included; NaN stays NaN."""
+    xc = _EXP_MIN if x < _EXP_MIN else x
+    n = np.floor(xc * _LOG2E + _HALF)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    q = _EXP_Q[4]
+    q = q * r + _EXP_Q[3]
+    q = q * r + _EXP_Q[2]
+    q = q * r + _EXP_Q[1]
+    q = q * r + _EXP_Q[0]
+    p = _ONE + r + r * r * q
+    # 2**n as two normal powers of two, so that a subnormal result is rounded once, at the end
+    k = np.int32(n)
+    k1 = k >> np.int32(1)
+    s1 = _bits_as_float32(np.int32((k1 + np.int32(127)) << np.int32(23)))
+    s2 = _bits_as_float32(np.int32((k - k1 + np.int32(127)) << np.int32(23)))
+    return p * s1 * s2
+
+
+@njit(inline="always")
+def sigmoid_f32(z):
+    e = exp_nonpositive_f32(-abs(z))
+    r = _ONE / (_ONE + e)
+    return r if z >= _ZERO else e * r
+
+
+@njit(inline="always")
+def tanh_f32(z):
+    a = abs(z)
+    s = z * z
+    p = _TANH_P[4]
+    p = p * s + _TANH_P[3]
+    p = p * s + _TANH_P[2]
+    p = p * s + _TANH_P[1]
+    p = p * s + _TANH_P[0]
+    small = z + z * s * p
+    e = exp_nonpositive_f32(-_TWO * a)
+    large = (_ONE - e) / (_ONE + e)
+    large = large if z >= _ZERO else -large
+    return small if a < _TANH_SMALL else large
+
+
+def sigmoid(z):
+    """Logistic function that never overflows (exp is only taken of -|z|)."""
+    e = math.exp(-abs(z))
+    return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
+
+
+def tanh(z):
+    """Hyperbolic tangent."""
+    return math.tanh(z)
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid_overload(z):
+    if z == types.float32:
+        return lambda z: sigmoid_f32(z)
+    return sigmoid
+
+
+@overload(tanh, inline="always")
+def _tanh_overload(z):
+    if z == types.float32:
+        return lambda z: tanh_f32(z)
+    return tanh
