@@ -47,46 +47,47 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z):
         in turn and ``h_T`` ends in ``xh[T % 2, :, I:]``.
     c : (S, R, H) array
         Cell states, ``c[0]`` holds ``c0`` on entry; slots as ``xh``.
-    gates : (T, R, G) or (0, R, G) array
-        Output: gate activations of every step (training), or nothing.
+    gates : (T, R, G) or (1, R, G) array
+        Output: the gate activations of every step (training), or of the
+        last one only (inference).
     hseq : (R, T, H) or (R, 0, H) array
         Output: the hidden state of every step, batch-major (the input of the
         layer above), or nothing.
     z : (R, G) array
-        Scratch.
+        Scratch: the GEMM's output.
     """
     R, T, I = x.shape
     S, _, K = xh.shape
     H = K - I
-    keep_gates = gates.shape[0] > 0
     keep_h = hseq.shape[1] > 0
+    bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
     for t in range(T):
         cur = xh[t % S]
         nxt = xh[(t + 1) % S]
-        c_prev = c[t % S]
-        c_new = c[(t + 1) % S]
         for r in range(R):
-            for i in range(I):
-                cur[r, i] = x[r, t, i]
+            cur[r, :I] = x[r, t]
         np.dot(cur, w_cat_t, z)
+        gt = gates[t % gates.shape[0]]
         for r in range(R):
-            zr = z[r]
+            # 1-D views per row: indexing them vectorises, 2-D indexing does not
+            zr, gr = z[r], gt[r]
+            zi, zf, zg, zo = zr[:H], zr[H:2 * H], zr[2 * H:3 * H], zr[3 * H:]
+            gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
+            c_prev, c_new, h_new = c[t % S, r], c[(t + 1) % S, r], nxt[r, I:]
             for j in range(H):
-                gi = sigmoid(zr[j] + bias[j])
-                gf = sigmoid(zr[H + j] + bias[H + j])
-                gg = tanh(zr[2 * H + j] + bias[2 * H + j])
-                go = sigmoid(zr[3 * H + j] + bias[3 * H + j])
-                cell = gf * c_prev[r, j] + gi * gg
-                hv = go * tanh(cell)
-                c_new[r, j] = cell
-                nxt[r, I + j] = hv
-                if keep_gates:
-                    gates[t, r, j] = gi
-                    gates[t, r, H + j] = gf
-                    gates[t, r, 2 * H + j] = gg
-                    gates[t, r, 3 * H + j] = go
-                if keep_h:
-                    hseq[r, t, j] = hv
+                a_i = sigmoid(zi[j] + bi[j])
+                a_f = sigmoid(zf[j] + bf[j])
+                a_g = tanh(zg[j] + bg[j])
+                a_o = sigmoid(zo[j] + bo[j])
+                gi[j] = a_i
+                gf[j] = a_f
+                gg[j] = a_g
+                go[j] = a_o
+                cell = a_f * c_prev[j] + a_i * a_g
+                c_new[j] = cell
+                h_new[j] = a_o * tanh(cell)
+            if keep_h:
+                hseq[r, t] = h_new
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
@@ -118,30 +119,21 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
     has_seq = dh_seq.shape[0] > 0
     for t in range(T - 1, -1, -1):
         for r in range(R):
-            gr = gates[t, r]
-            dzr = dz[t, r]
+            gr, dzr = gates[t, r], dz[t, r]
+            gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
+            d_i, d_f, d_g, d_o = dzr[:H], dzr[H:2 * H], dzr[2 * H:3 * H], dzr[3 * H:]
+            c_new, c_prev, dh_r, dc_r = c[t + 1, r], c[t, r], dh[r], dc[r]
+            if has_seq:
+                dh_r += dh_seq[t, r]
             for j in range(H):
-                grad_h = dh[r, j]
-                if has_seq:
-                    grad_h += dh_seq[t, r, j]
-                gi = gr[j]
-                gf = gr[H + j]
-                gg = gr[2 * H + j]
-                go = gr[3 * H + j]
-                tc = tanh(c[t + 1, r, j])
-                grad_c = dc[r, j] + grad_h * go * (_ONE - tc * tc)
-                d_i = grad_c * gg * gi * (_ONE - gi)
-                d_f = grad_c * c[t, r, j] * gf * (_ONE - gf)
-                d_g = grad_c * gi * (_ONE - gg * gg)
-                d_o = grad_h * tc * go * (_ONE - go)
-                dzr[j] = d_i
-                dzr[H + j] = d_f
-                dzr[2 * H + j] = d_g
-                dzr[3 * H + j] = d_o
-                db[j] += d_i
-                db[H + j] += d_f
-                db[2 * H + j] += d_g
-                db[3 * H + j] += d_o
-                dc[r, j] = grad_c * gf
+                tc = tanh(c_new[j])
+                grad_h = dh_r[j]
+                grad_c = dc_r[j] + grad_h * go[j] * (_ONE - tc * tc)
+                d_i[j] = grad_c * gg[j] * gi[j] * (_ONE - gi[j])
+                d_f[j] = grad_c * c_prev[j] * gf[j] * (_ONE - gf[j])
+                d_g[j] = grad_c * gi[j] * (_ONE - gg[j] * gg[j])
+                d_o[j] = grad_h * tc * go[j] * (_ONE - go[j])
+                dc_r[j] = grad_c * gf[j]
+            db += dzr
         if t > 0 or need_dh0:
             np.dot(dz[t], w_hh, dh)

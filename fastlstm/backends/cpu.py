@@ -69,7 +69,7 @@ class _Workspace:
                 K = (layout.input_size if k == 0 else H) + H
                 layers.append(dict(
                     xh=np.empty((S, R, K), dtype), c=np.empty((S, R, H), dtype),
-                    gates=np.empty((steps if train else 0, R, G), dtype),
+                    gates=np.empty((steps if train else 1, R, G), dtype),
                     hseq=np.empty((R, steps if k < L - 1 else 0, H), dtype),
                     z=np.empty((R, G), dtype)))
             chunk = dict(rows=(lo, hi), layers=layers)
