@@ -1,0 +1,51 @@
+"""The CPU backend's own machinery: batches cut into chunks over threads, reused buffers."""
+
+import numpy as np
+import pytest
+
+from fastlstm.backends import get_backend
+from fastlstm.backends.cpu import MAX_CHUNK_ROWS, CPUBackend
+
+from conftest import make_problem, rel_err
+from test_backend_parity import TOLERANCE, run
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count_and_many_chunks_match_reference(threads):
+    # more rows than one chunk holds, an uneven split, several chunks per thread, 2 layers
+    shape = (2 * MAX_CHUNK_ROWS + 7, 4, 3, 5, 2, 3)
+    problem = make_problem(shape, "cross_entropy", np.float64)
+    got = run(CPUBackend(threads), *problem, "cross_entropy")
+    want = run(get_backend("reference"), *problem, "cross_entropy")
+    for name in ("outputs", "inference", "x", "h0", "c0"):
+        assert rel_err(got[name], want[name]) < TOLERANCE[np.float64], name
+    for name in want["grads"]:
+        assert rel_err(got["grads"][name], want["grads"][name]) < TOLERANCE[np.float64], name
+
+
+def test_a_training_cache_survives_later_calls():
+    backend = get_backend("cpu")
+    layout, params, x, y, h0, c0 = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
+    outputs, cache = backend.forward(layout, params, x, train=True)
+    _, doutputs = backend.loss(outputs, y, "cross_entropy")
+    before = backend.backward(layout, params, cache, doutputs).params.copy()
+    backend.forward(layout, params, 2 * x, train=True)
+    backend.forward(layout, params, 3 * x)
+    state = backend.adam_state(params.copy())
+    backend.train_step(layout, params.copy(), state, 4 * x, y, "cross_entropy", 1e-2)
+    np.testing.assert_array_equal(backend.backward(layout, params, cache, doutputs).params, before)
+
+
+def test_train_step_reuses_its_buffers_and_matches_forward_backward():
+    backend = get_backend("cpu")
+    layout, params, x, y, _, _ = make_problem((9, 5, 3, 4, 1, 3), "cross_entropy", np.float64)
+    p_step, p_ref = params.copy(), params.copy()
+    s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
+    for _ in range(3):
+        loss = backend.train_step(layout, p_step, s_step, x, y, "cross_entropy", 1e-2)
+        outputs, cache = backend.forward(layout, p_ref, x, train=True)
+        value, doutputs = backend.loss(outputs, y, "cross_entropy")
+        grads = backend.backward(layout, p_ref, cache, doutputs).params
+        backend.adam_step(p_ref, grads, s_ref, 1e-2)
+        assert loss == value
+    np.testing.assert_array_equal(p_step, p_ref)
