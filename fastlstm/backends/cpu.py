@@ -104,25 +104,29 @@ class CPUBackend(Backend):
     # -- threads and buffers -------------------------------------------------------------
 
     def _run(self, work, n_items):
-        """Call ``work(worker, items)`` for contiguous groups of ``range(n_items)``, one per thread."""
+        """Call ``work(worker, items)`` for contiguous groups of ``range(n_items)``, one per thread.
+
+        Callers hold :meth:`_single_threaded_blas`.
+        """
         workers = min(self.num_threads, n_items)
         groups = [range(n_items * w // workers, n_items * (w + 1) // workers) for w in range(workers)]
-        with self._single_threaded_blas():
-            if workers == 1:
-                work(0, groups[0])
-                return
-            with self._pool_lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.num_threads - 1,
-                                                    thread_name_prefix="fastlstm")
-            futures = [self._pool.submit(work, w, groups[w]) for w in range(1, workers)]
+        if workers == 1:
             work(0, groups[0])
-            for f in futures:
-                f.result()
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="fastlstm")
+        futures = [self._pool.submit(work, w, groups[w]) for w in range(1, workers)]
+        work(0, groups[0])
+        for f in futures:
+            f.result()
 
     @contextmanager
     def _single_threaded_blas(self):
-        """BLAS on one thread while our threads run (re-entrant; per thread of the caller)."""
+        """BLAS on one thread while our threads run (re-entrant; per thread of the caller).
+
+        The limit is process-wide (BLAS has one setting), for the duration of one call.
+        """
         depth = getattr(self._local, "blas_depth", 0)
         self._local.blas_depth = depth + 1
         try:
@@ -152,6 +156,14 @@ class CPUBackend(Backend):
     # -- the interface -------------------------------------------------------------------
 
     def forward(self, layout, params, x, h0=None, c0=None, train=False):
+        with self._single_threaded_blas():
+            return self._forward(layout, params, x, h0, c0, train)
+
+    def backward(self, layout, params, cache, doutputs, input_grads=False):
+        with self._single_threaded_blas():
+            return self._backward(layout, params, cache, doutputs, input_grads)
+
+    def _forward(self, layout, params, x, h0, c0, train):
         views = layout.views(params)
         dtype = params.dtype
         x = np.ascontiguousarray(x, dtype=dtype)
@@ -185,7 +197,7 @@ class CPUBackend(Backend):
         cache = dict(ws=ws, steps=T) if train else None
         return outputs, cache
 
-    def backward(self, layout, params, cache, doutputs, input_grads=False):
+    def _backward(self, layout, params, cache, doutputs, input_grads):
         views = layout.views(params)
         ws, T = cache["ws"], cache["steps"]
         L = layout.num_layers
