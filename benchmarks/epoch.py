@@ -7,7 +7,9 @@ indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
 ``nn.LSTM`` + ``nn.Linear`` + ``torch.optim.Adam`` and cross-entropy, with
 ``torch.set_num_threads`` set to the number of threads fastlstm uses.  Then
 inference throughput (forward of the model, no gradients) over 10,000 samples in
-batches of 1000.  The data are Fashion-MNIST (from ``--data``, when present),
+batches of 1000.  Last, in a fresh process (warm Numba cache): one epoch of
+``LSTMClassifier.fit``, the time until its first minibatch is done, and the
+peak resident memory of the fit next to the size of the training data.  The data are Fashion-MNIST (from ``--data``, when present),
 else random pixels: the timing does not depend on the values.
 
     python benchmarks/epoch.py [--samples 60000] [--no-torch] [--json out.json]
@@ -15,14 +17,21 @@ else random pixels: the timing does not depend on the values.
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import json
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
+PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,7 +54,84 @@ def load_images(folder, samples, rng):
         X = rng.integers(0, 256, size=(samples, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, size=samples)
         source = "random pixels (no Fashion-MNIST found)"
-    return (X / np.float32(255)).astype(np.float32), y, source
+    X = X.astype(np.float32)
+    X *= np.float32(1 / 255)
+    return X, y, source
+
+
+def rss_mb():
+    """Resident memory of this process now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def estimator_child(args):
+    """In a fresh process: one epoch of ``LSTMClassifier.fit``; start-up, peak memory; JSON out."""
+    import_start = time.perf_counter()
+    from fastlstm import LSTMClassifier
+    from fastlstm.backends import get_backend
+    backend = get_backend("cpu")
+    imported = time.perf_counter()
+    X, y, _ = load_images(args.data, args.samples, np.random.default_rng(0))
+    marks = {}
+    step = type(backend).train_step
+
+    def timed_step(self, *a, **k):
+        marks.setdefault("first_step_start", time.perf_counter())
+        out = step(self, *a, **k)
+        marks.setdefault("first_step_end", time.perf_counter())
+        return out
+
+    type(backend).train_step = timed_step
+    clf = LSTMClassifier(hidden_size=args.hidden, batch_size=args.batch, max_iter=1,
+                         random_state=0, device="cpu")
+    rss_before = rss_mb()
+    # ru_maxrss cannot be reset after loading the data: sample the fit's own peak instead
+    samples, done = [rss_before], threading.Event()
+
+    def watch():
+        while not done.wait(0.005):
+            samples.append(rss_mb())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    fit_start = time.perf_counter()
+    clf.fit(X, y)
+    fit_end = time.perf_counter()
+    done.set()
+    watcher.join()
+    peak = max(samples)
+    print(json.dumps(dict(
+        import_s=imported - import_start, process_to_import_s=import_start - PROCESS_START,
+        fit_to_first_step_s=marks["first_step_start"] - fit_start,
+        fit_to_first_step_done_s=marks["first_step_end"] - fit_start,
+        process_to_first_step_done_s=marks["first_step_end"] - PROCESS_START
+        - (fit_start - imported),
+        fit_s=fit_end - fit_start, data_mb=X.nbytes / 1e6, rss_before_fit_mb=rss_before,
+        peak_mb=peak, process_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        fit_overhead_mb=peak - rss_before)))
+
+
+def estimator_report(args):
+    """Run :func:`estimator_child` in a fresh process (the Numba cache is warm by now)."""
+    cmd = [sys.executable, __file__, "--estimator-child", "--samples", str(args.samples),
+           "--batch", str(args.batch), "--hidden", str(args.hidden), "--data", args.data]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        if "cannot import name 'LSTMClassifier'" in done.stderr:
+            print("  LSTMClassifier is not in this fastlstm: no estimator figures")
+            return None
+        raise RuntimeError(done.stderr)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  LSTMClassifier.fit, 1 epoch, fresh process: {r['fit_s']:.2f} s; first batch done "
+          f"{r['fit_to_first_step_done_s']:.2f} s after fit() was called "
+          f"({r['process_to_first_step_done_s']:.2f} s after the process started, "
+          f"data loading excluded)")
+    print(f"  resident memory: {r['rss_before_fit_mb']:.0f} MB before fit (training data "
+          f"{r['data_mb']:.0f} MB, interpreter, libraries), peak during fit "
+          f"{r['peak_mb']:.0f} MB: the fit added {r['fit_overhead_mb']:.0f} MB "
+          f"(sampled every 5 ms)")
+    return r
 
 
 def fastlstm_epoch(X, y, batch, hidden, rng, lr):
@@ -137,8 +223,13 @@ def main():
     parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with Fashion-MNIST IDX files")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--no-estimator", action="store_true",
+                        help="skip the LSTMClassifier.fit run (fresh process, peak memory)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--estimator-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.estimator_child:
+        return estimator_child(args)
 
     from _common import machine_description
     import numba
@@ -171,6 +262,8 @@ def main():
                   f"inference {ips_t:9,.0f} samples/s")
             print(f"\n  fastlstm / PyTorch: epoch time {secs / secs_t:.2f}x, "
                   f"inference throughput {ips / ips_t:.2f}x")
+    if not args.no_estimator:
+        results["estimator"] = estimator_report(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
