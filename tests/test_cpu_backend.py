@@ -13,7 +13,7 @@ from test_backend_parity import TOLERANCE, run
 @pytest.mark.parametrize("threads", [1, 3])
 def test_any_thread_count_and_many_chunks_match_reference(threads):
     # more rows than one chunk holds, an uneven split, several chunks per thread, 2 layers
-    shape = (2 * MAX_CHUNK_ROWS + 7, 4, 3, 5, 2, 3)
+    shape = (3 * MAX_CHUNK_ROWS + 7, 4, 3, 5, 2, 3)
     problem = make_problem(shape, "cross_entropy", np.float64)
     got = run(CPUBackend(threads), *problem, "cross_entropy")
     want = run(get_backend("reference"), *problem, "cross_entropy")

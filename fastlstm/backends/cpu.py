@@ -49,8 +49,9 @@ def default_num_threads():
 
 
 def _chunk_bounds(rows, threads):
-    """Row bounds of the chunks of a batch: at least one per thread, at most ``MAX_CHUNK_ROWS`` rows."""
-    n = min(rows, max(threads, -(-rows // MAX_CHUNK_ROWS)))
+    """Row bounds of the chunks of a batch: as many per thread, at most ``MAX_CHUNK_ROWS`` rows each."""
+    per_thread = -(-rows // (MAX_CHUNK_ROWS * threads))
+    n = min(rows, threads * per_thread)
     return [rows * i // n for i in range(n + 1)]
 
 
