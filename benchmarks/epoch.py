@@ -9,8 +9,9 @@ indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
 inference throughput (forward of the model, no gradients) over 10,000 samples in
 batches of 1000.  Last, in a fresh process (warm Numba cache): one epoch of
 ``LSTMClassifier.fit``, the time until its first minibatch is done, and the
-peak resident memory of the fit next to the size of the training data.  The data are Fashion-MNIST (from ``--data``, when present),
-else random pixels: the timing does not depend on the values.
+peak resident memory of the fit next to the size of the training data.  The
+data are Fashion-MNIST (``fastlstm.datasets``, never downloaded here), else
+random pixels: the timing does not depend on the values.
 
     python benchmarks/epoch.py [--samples 60000] [--no-torch] [--json out.json]
 """
@@ -22,7 +23,6 @@ import time
 PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -35,25 +35,23 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "fashion-mnist"
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 
 
-def load_images(folder, samples, rng):
+def load_images(data_home, samples, rng):
     """``samples`` x 28 x 28 float32 in [0, 1] and their labels: Fashion-MNIST if found, else random."""
-    images = Path(folder) / "train-images-idx3-ubyte.gz"
-    labels = Path(folder) / "train-labels-idx1-ubyte.gz"
-    if images.exists() and labels.exists():
-        with gzip.open(images) as f:
-            X = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(labels) as f:
-            y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-        reps = -(-samples // len(X))
-        X, y = np.tile(X, (reps, 1, 1))[:samples], np.tile(y, reps)[:samples]
-        source = f"Fashion-MNIST ({images.parent})"
-    else:
+    from fastlstm.datasets import DatasetUnavailable, load_fashion_mnist
+    try:
+        data = load_fashion_mnist(data_home, download=False)
+    except DatasetUnavailable:
         X = rng.integers(0, 256, size=(samples, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, size=samples)
-        source = "random pixels (no Fashion-MNIST found)"
+        source = "random pixels (Fashion-MNIST not found)"
+    else:
+        reps = -(-samples // len(data.X_train))
+        X = np.tile(data.X_train, (reps, 1, 1))[:samples]
+        y = np.tile(data.y_train, reps)[:samples]
+        source = "Fashion-MNIST training set"
     X = X.astype(np.float32)
     X *= np.float32(1 / 255)
     return X, y, source
@@ -221,7 +219,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=128, help="hidden units H (128)")
     parser.add_argument("--infer-samples", type=int, default=10000, help="inference samples (10000)")
     parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with Fashion-MNIST IDX files")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="data_home of fastlstm.datasets "
+                        "(holding fashion-mnist/; default %(default)s, then the usual places)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--no-estimator", action="store_true",
                         help="skip the LSTMClassifier.fit run (fresh process, peak memory)")
