@@ -19,6 +19,11 @@
 // memory for the whole kernel (persistent) or staged KC rows at a time (per-step).
 #pragma once
 
+// The block's dynamic shared memory (a hook, so that tests can run these kernels on the CPU).
+#ifndef FASTLSTM_DYNAMIC_SHARED
+#define FASTLSTM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace fastlstm {
 
 template <typename T> __device__ __forceinline__ T dev_exp(T x);

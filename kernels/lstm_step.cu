@@ -10,7 +10,7 @@ template <typename T>
 __device__ void forward_step(const T* w_hh, const T* b_ih, const T* b_hh, T* xg, T* h, T* c,
                              int H, int B, int steps, int slots, int t, int store_gates, int JS,
                              int BC, int KC) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    FASTLSTM_DYNAMIC_SHARED(smem);
     const Tile tile{H, 4 * JS, BC, KC};
     const int j0 = blockIdx.x * JS;
     const SharedLayout<T> sh(smem, KC, tile);
@@ -24,7 +24,7 @@ template <typename T, int V>
 __device__ void backward_step(const T* w_hh, const T* gates, const T* c, const T* dh_last,
                               const T* dh_seq, T* dz, T* dc, int H, int B, int steps, int t,
                               int JS, int BC, int KC) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    FASTLSTM_DYNAMIC_SHARED(smem);
     const Tile tile{4 * H, JS, BC, KC};
     const int j0 = blockIdx.x * JS;
     const SharedLayout<T> sh(smem, KC, tile);

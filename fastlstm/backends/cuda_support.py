@@ -18,6 +18,7 @@ __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "pla
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^#pragma once\s*$", re.MULTILINE)
 
 
 def cuda_source(name):
@@ -25,7 +26,7 @@ def cuda_source(name):
 
     Inlining (rather than ``-I``) makes the text CuPy hashes for its kernel cache the whole
     program, so an edited header is never served from a stale cache.  Each header is
-    inlined once (they all use ``#pragma once``).
+    inlined once, without its ``#pragma once``.
     """
     seen = set()
 
@@ -35,7 +36,7 @@ def cuda_source(name):
             if header in seen:
                 return ""
             seen.add(header)
-            return expand((CUDA_SOURCE_DIR / header).read_text())
+            return expand(_PRAGMA_ONCE.sub("", (CUDA_SOURCE_DIR / header).read_text()))
         return _LOCAL_INCLUDE.sub(include, text)
 
     return expand((CUDA_SOURCE_DIR / f"{name}.cu").read_text())
