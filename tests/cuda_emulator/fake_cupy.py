@@ -143,7 +143,8 @@ def _gemm(dtype):
         op_a = _column_major(a, k, m, lda, dtype).T if transa else _column_major(a, m, k, lda, dtype)
         op_b = _column_major(b, n, k, ldb, dtype).T if transb else _column_major(b, k, n, ldb, dtype)
         out = _column_major(c, m, n, ldc, dtype)
-        product = alpha * (op_a.astype(np.float64) @ op_b.astype(np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are tested
+            product = alpha * (op_a.astype(np.float64) @ op_b.astype(np.float64))
         out[...] = product if beta == 0 else product + beta * out
     return gemm
 
