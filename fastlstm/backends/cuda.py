@@ -206,7 +206,6 @@ class _TrainSlot:
     def __init__(self, layout, batch, steps, dtype, loss_kind):
         self.work = _Workspace(layout, batch, steps, dtype, train=True)
         self.work.backward_buffers()
-        self.x = cupy.empty((batch, steps, layout.input_size), dtype)
         if loss_kind == "cross_entropy":
             self.y = cupy.empty((batch,), cupy.int64)
         else:
@@ -518,7 +517,6 @@ class CUDABackend(Backend):
     def _step_body(self, slot, params, state, loss_kind, hyper, recurrence):
         """Everything of one training step after the inputs are in ``slot``: device work only."""
         work = slot.work
-        work.x_tb[...] = slot.x.transpose(1, 0, 2)
         self._run_forward(work, params, None, None, recurrence)
         self._launch_loss(work.logits, slot.y, loss_kind, slot.dlogits, slot.loss)
         self._run_backward(work, params, slot.dlogits, slot.grads, recurrence=recurrence)
@@ -565,7 +563,7 @@ class CUDABackend(Backend):
         x = cupy.asarray(x)
         B, T, _ = x.shape
         slot = self._train_slot(layout, B, T, params.dtype, loss)
-        slot.x[...] = x
+        slot.work.x_tb[...] = x.transpose(1, 0, 2)  # the graph reads its inputs from the slot
         slot.y[...] = cupy.asarray(y)
         clip = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
         if clip_grad_norm is not None and not clip > 0:
