@@ -50,7 +50,7 @@ def gradients(backend, problem, loss):
     inference, _ = backend.forward(layout, p, a(x), a(h0), a(c0))
     host = backend.to_host
     named = layout.views(host(grads.params))
-    named.update(outputs=host(outputs), inference=host(inference), loss=np.float64(value),
+    named.update(outputs=host(outputs), inference=host(inference), loss=float(value),
                  dx=host(grads.x), dh0=host(grads.h0), dc0=host(grads.c0))
     return named
 
