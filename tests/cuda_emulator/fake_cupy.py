@@ -43,7 +43,10 @@ def _wrap(a):
 
 
 def asarray(a, dtype=None):
-    return _wrap(np.asarray(a, dtype=dtype))
+    """Like CuPy: a host array is copied to the "device", a device array is kept."""
+    if isinstance(a, ndarray):
+        return _wrap(np.asarray(a, dtype=dtype))
+    return _wrap(np.array(a, dtype=dtype))
 
 
 def ascontiguousarray(a, dtype=None):
