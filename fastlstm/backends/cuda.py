@@ -21,16 +21,21 @@ from collections import OrderedDict
 
 import numpy as np
 
+
+def _first_line(exc):
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 try:
     import cupy
     from cupy_backends.cuda.libs import cublas
 except ImportError as exc:  # CuPy, or its cuBLAS library, is missing
-    raise ImportError(f"CuPy with cuBLAS is not importable ({exc})") from exc
+    raise ImportError(f"CuPy with cuBLAS is not importable ({_first_line(exc)})") from exc
 
 try:
     _DEVICE_COUNT = cupy.cuda.runtime.getDeviceCount()
 except Exception as exc:  # no driver, driver too old, no device: CuPy raises CUDARuntimeError
-    raise ImportError(f"CuPy finds no usable CUDA GPU ({exc})") from exc
+    raise ImportError(f"CuPy finds no usable CUDA GPU ({_first_line(exc)})") from exc
 if _DEVICE_COUNT < 1:
     raise ImportError("CuPy finds no CUDA GPU")
 
