@@ -179,29 +179,27 @@ class _Workspace:
     """Device buffers of one forward/backward pass for a batch of ``(B, T)`` (see module doc)."""
 
     def __init__(self, layout, batch, steps, dtype, train):
-        xp = cupy
         B, T, H, L = batch, steps, layout.hidden_size, layout.num_layers
         self.layout, self.batch, self.steps, self.dtype, self.train = layout, B, T, dtype, train
-        self.x_tb = xp.empty((T, B, layout.input_size), dtype)
-        self.xg = [xp.empty((4 * H, T * B), dtype) for _ in range(L)]
+        self.x_tb = cupy.empty((T, B, layout.input_size), dtype)
+        self.xg = [cupy.empty((4 * H, T * B), dtype) for _ in range(L)]
         # Every step's states are kept when training, and for a layer that feeds another.
         self.slots = [T + 1 if train or k < L - 1 else 2 for k in range(L)]
-        self.h = [xp.empty((H, s * B), dtype) for s in self.slots]
-        self.c = [xp.empty((H, s * B), dtype) for s in self.slots]
-        self.logits = xp.empty((B, layout.output_size), dtype)
+        self.h = [cupy.empty((H, s * B), dtype) for s in self.slots]
+        self.c = [cupy.empty((H, s * B), dtype) for s in self.slots]
+        self.logits = cupy.empty((B, layout.output_size), dtype)
         self.grad_buffers = None
 
     def backward_buffers(self):
         """Buffers of the backward pass, allocated on first use."""
         if self.grad_buffers is None:
             B, T, H = self.batch, self.steps, self.layout.hidden_size
-            rows = max(T * B, B)
             self.grad_buffers = dict(
                 dz=cupy.empty((4 * H, T * B), self.dtype),
                 dc=cupy.empty((H, B), self.dtype),
                 dh_last=cupy.empty((H, B), self.dtype),
                 dh_seq=cupy.empty((H, T * B), self.dtype),
-                ones=cupy.ones((rows, 2), self.dtype))
+                ones=cupy.ones((T * B, 2), self.dtype))  # sums over columns by GEMM
         return self.grad_buffers
 
 
