@@ -85,7 +85,30 @@ def run_fastlstm(data, hidden, batch, recurrence, graphs):
     return dict(train_epoch_s=seconds, inference_s=inference,
                 mean_loss=float(total) / -(-n // batch),
                 recurrence_forward=backend.recurrence_kind("forward", hidden, batch, np.float32),
-                recurrence_backward=backend.recurrence_kind("backward", hidden, batch, np.float32))
+                recurrence_backward=backend.recurrence_kind("backward", hidden, batch, np.float32),
+                **recurrence_times(backend, layout, params, batch))
+
+
+def recurrence_times(backend, layout, params, batch, repeats=20):
+    """Microseconds of one layer's forward and backward recurrence alone (CUDA events), to
+    tell the kernels' time from the rest of a step.  Uses the training slot the epoch made."""
+    import cupy
+
+    slot = next(s for key, s in backend._slots.items() if key[1] == batch)
+    work = slot.work
+    out = {}
+    for name, run in (("forward", lambda: backend._forward_recurrence(work, params, 0, 1, None)),
+                      ("backward", lambda: backend._backward_recurrence(
+                          work, params, 0, work.backward_buffers()["dh_last"], None, None))):
+        run()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(repeats):
+            run()
+        stop.record()
+        stop.synchronize()
+        out[f"{name}_recurrence_us"] = 1e3 * cupy.cuda.get_elapsed_time(start, stop) / repeats
+    return out
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -185,10 +208,14 @@ def main(argv=None):
             if "error" in r:
                 print(f"{hidden:>4} {batch:>5} {label:<26} ERROR {r['error']}")
                 continue
+            kernels = ""
+            if "forward_recurrence_us" in r:
+                kernels = (f"  (recurrence alone: forward {r['forward_recurrence_us']:.0f} us, "
+                           f"backward {r['backward_recurrence_us']:.0f} us)")
             print(f"{hidden:>4} {batch:>5} {label:<26} {r['train_epoch_s']:>9.4f} "
                   f"{base['train_epoch_s'] / r['train_epoch_s']:>8.2f} "
                   f"{1e3 * r['inference_s']:>9.2f} {base['inference_s'] / r['inference_s']:>8.2f} "
-                  f"{r['mean_loss']:>9.4f}")
+                  f"{r['mean_loss']:>9.4f}{kernels}")
             if label != "torch cuDNN":
                 r["speedup_train"] = base["train_epoch_s"] / r["train_epoch_s"]
                 r["speedup_inference"] = base["inference_s"] / r["inference_s"]
