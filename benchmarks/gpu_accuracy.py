@@ -64,7 +64,8 @@ def main(argv=None):
               f"({r['train_s']:.1f} s), epoch losses {[round(v, 4) for v in r['epoch_losses']]}")
     if len(results) > 1:
         accuracies = [r["accuracy"] for r in results.values()]
-        print(f"largest accuracy difference: {100 * (max(accuracies) - min(accuracies)):.2f} points")
+        spread = 100 * (max(accuracies) - min(accuracies))
+        print(f"largest accuracy difference: {spread:.2f} points")
     with open(args.json, "w") as f:
         json.dump(dict(epochs=args.epochs, hidden=HIDDEN, batch=BATCH, results=results), f,
                   indent=2)

@@ -76,7 +76,8 @@ def test_persistent_and_per_step_agree(shape):
         assert persistent.recurrence_kind(direction, H, B, np.float32) == "persistent"
         assert step.recurrence_kind(direction, H, B, np.float32) == "step"
     problem = make_problem(shape, "squared_error", np.float32)
-    a, b = gradients(persistent, problem, "squared_error"), gradients(step, problem, "squared_error")
+    a = gradients(persistent, problem, "squared_error")
+    b = gradients(step, problem, "squared_error")
     for name in a:
         # The two may split the dot products differently (order of float32 sums only).
         err = rel_err(a[name], b[name])

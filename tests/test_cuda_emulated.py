@@ -64,7 +64,7 @@ CASES = ([(shape, "cross_entropy", np.float64) for shape in SMALL_SHAPES + [ODD_
 
 
 @pytest.mark.parametrize("shape, loss, dtype", CASES,
-                         ids=[f"{shape_id(s)}-{l}-{np.dtype(d).name}" for s, l, d in CASES])
+                         ids=[f"{shape_id(s)}-{kind}-{np.dtype(d).name}" for s, kind, d in CASES])
 def test_backend_matches_reference(backend, shape, loss, dtype):
     parity.test_backend_matches_reference(backend, shape, loss, dtype)
 

@@ -204,7 +204,7 @@ class _Workspace:
 
 
 class _TrainSlot:
-    """Static buffers of ``train_step`` for one shape: inputs are copied in, the graph reuses them."""
+    """Static buffers of ``train_step`` for one shape: inputs copied in, graphs reuse them."""
 
     def __init__(self, layout, batch, steps, dtype, loss_kind):
         self.work = _Workspace(layout, batch, steps, dtype, train=True)
@@ -318,9 +318,9 @@ class CUDABackend(Backend):
         plan = self._persistent_plan("forward", H, B, dtype, recurrence)
         if plan is not None:
             kernel = _kernel("lstm_persistent", "forward_persistent", dtype)
-            kernel(plan.grid, (plan.threads,), args + (_i32(store_gates), _i32(plan.slice_units),
-                                                       _i32(plan.chunk_rows), _i32(plan.stage_rows)),
-                   shared_mem=plan.shared_bytes)
+            tail = (_i32(store_gates), _i32(plan.slice_units), _i32(plan.chunk_rows),
+                    _i32(plan.stage_rows))
+            kernel(plan.grid, (plan.threads,), args + tail, shared_mem=plan.shared_bytes)
             return
         plan = plan_recurrence("forward", H, B, dtype.itemsize, _limits(), persistent=False)
         kernel = _kernel("lstm_step", "forward_step", dtype)
@@ -339,10 +339,10 @@ class CUDABackend(Backend):
                 buffers["dc"], _i32(H), _i32(B), _i32(T))
         plan = self._persistent_plan("backward", H, B, dtype, recurrence)
         if plan is not None:
-            kernel = _kernel("lstm_persistent", self._recurrence_name("backward", plan, True), dtype)
-            kernel(plan.grid, (plan.threads,), args + (_i32(plan.slice_units),
-                                                       _i32(plan.chunk_rows), _i32(plan.stage_rows)),
-                   shared_mem=plan.shared_bytes)
+            name = self._recurrence_name("backward", plan, True)
+            tail = (_i32(plan.slice_units), _i32(plan.chunk_rows), _i32(plan.stage_rows))
+            _kernel("lstm_persistent", name, dtype)(plan.grid, (plan.threads,), args + tail,
+                                                   shared_mem=plan.shared_bytes)
             return
         plan = plan_recurrence("backward", H, B, dtype.itemsize, _limits(), persistent=False)
         kernel = _kernel("lstm_step", self._recurrence_name("backward", plan, False), dtype)

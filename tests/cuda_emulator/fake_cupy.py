@@ -143,8 +143,10 @@ def _gemm(dtype):
     def gemm(handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         alpha = np.frombuffer((ctypes.c_char * 8).from_address(alpha), dtype=dtype, count=1)[0]
         beta = np.frombuffer((ctypes.c_char * 8).from_address(beta), dtype=dtype, count=1)[0]
-        op_a = _column_major(a, k, m, lda, dtype).T if transa else _column_major(a, m, k, lda, dtype)
-        op_b = _column_major(b, n, k, ldb, dtype).T if transb else _column_major(b, k, n, ldb, dtype)
+        op_a = _column_major(a, k, m, lda, dtype).T if transa else \
+            _column_major(a, m, k, lda, dtype)
+        op_b = _column_major(b, n, k, ldb, dtype).T if transb else \
+            _column_major(b, k, n, ldb, dtype)
         out = _column_major(c, m, n, ldc, dtype)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are tested
             product = alpha * (op_a.astype(np.float64) @ op_b.astype(np.float64))
