@@ -13,8 +13,8 @@ table shows the median time, the spread ((max - min) / median) and the GFLOP/s
 achieved at the median (GEMM flops counted as 2*m*n*k; Adam as 12 flops per
 parameter).  Backends: "reference" (NumPy, the oracle), "cpu" (Numba kernels)
 and "cuda" where a GPU is usable; "torch" is PyTorch's nn.LSTM / nn.Linear /
-cross_entropy / optim.Adam with torch.set_num_threads equal to the threads
-fastlstm's CPU backend uses.
+cross_entropy / optim.Adam on the CPU with torch.set_num_threads equal to the
+threads fastlstm's CPU backend uses (benchmarks/gpu_epoch.py compares GPUs).
 
 Sizes: one configuration (--batch, --steps, --inputs, --hidden; default
 B=128, T=28, I=28, H=128, float32), and optional sweeps over the hidden size
@@ -71,7 +71,10 @@ def fastlstm_ops(name, B, T, I, H, dtype):
     views = layout.views(params)
     w, b = views["head.weight"], views["head.bias"]
     h = xp.asarray(np.random.default_rng(1).standard_normal((B, H)).astype(dtype))
-    sync = getattr(backend, "synchronize", lambda: None)
+    sync = lambda: None  # noqa: E731
+    if name == "cuda":  # GPU work is asynchronous: time it to completion
+        import cupy
+        sync = cupy.cuda.get_current_stream().synchronize
 
     def head_loss():
         out = h @ w.T + b
