@@ -7,7 +7,9 @@ indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
 ``nn.LSTM`` + ``nn.Linear`` + ``torch.optim.Adam`` and cross-entropy, with
 ``torch.set_num_threads`` set to the number of threads fastlstm uses.  Then
 inference throughput (forward of the model, no gradients) over 10,000 samples in
-batches of 1000.  Last, in a fresh process (warm Numba cache): one epoch of
+batches of 1000.  CPU time (all threads) is shown beside the wall time: on a
+busy machine the wall time also counts the time other processes held the cores.
+Last, in a fresh process (warm Numba cache): one epoch of
 ``LSTMClassifier.fit``, the time until its first minibatch is done, and the
 peak resident memory of the fit next to the size of the training data.  The
 data are Fashion-MNIST (``fastlstm.datasets``, never downloaded here), else
@@ -143,15 +145,15 @@ def fastlstm_epoch(X, y, batch, hidden, rng, lr):
     # one untimed step: compile or load the Numba kernels
     backend.train_step(layout, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
                        "cross_entropy", lr)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     order = rng.permutation(len(X))
     total = 0.0
     for b in range(0, len(X), batch):
         idx = order[b:b + batch]
         total = total + backend.train_step(layout, params, state, X[idx], y[idx],
                                            "cross_entropy", lr)
-    seconds = time.perf_counter() - start
-    return seconds, float(total) / -(-len(X) // batch), (backend, layout, params)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu, float(total) / -(-len(X) // batch), (backend, layout, params)
 
 
 def fastlstm_inference(model, X, batch):
@@ -191,13 +193,13 @@ def torch_epoch(X, y, batch, hidden, rng, lr):
         return loss.detach()
 
     step(torch.arange(batch))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     order = torch.from_numpy(rng.permutation(len(X)))
     total = 0.0
     for b in range(0, len(X), batch):
         total = total + step(order[b:b + batch])
-    seconds = time.perf_counter() - start
-    return seconds, float(total) / -(-len(X) // batch), net
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu, float(total) / -(-len(X) // batch), net
 
 
 def torch_inference(net, X, batch):
@@ -221,6 +223,8 @@ def main():
     parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="data_home of fastlstm.datasets "
                         "(holding fashion-mnist/; default %(default)s, then the usual places)")
+    parser.add_argument("--threads", type=int, help="threads for both fastlstm and PyTorch "
+                        "(default: the cores fastlstm would use)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--no-estimator", action="store_true",
                         help="skip the LSTMClassifier.fit run (fresh process, peak memory)")
@@ -231,8 +235,10 @@ def main():
         return estimator_child(args)
 
     from _common import machine_description
-    import numba
-    threads = numba.get_num_threads()
+    if args.threads:
+        os.environ["FASTLSTM_NUM_THREADS"] = str(args.threads)
+    from fastlstm.backends import get_backend
+    threads = get_backend("cpu").num_threads
     print(machine_description())
     rng = np.random.default_rng(0)
     X, y, source = load_images(args.data, args.samples, rng)
@@ -241,10 +247,11 @@ def main():
           f"{threads} threads\n")
     results = dict(machine=machine_description(), threads=threads, samples=len(X),
                    batch=args.batch, hidden=args.hidden)
-    secs, loss, model = fastlstm_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+    secs, cpu, loss, model = fastlstm_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
     ips = fastlstm_inference(model, Xi, args.infer_batch)
-    results["fastlstm"] = dict(epoch_s=secs, mean_loss=loss, inference_samples_per_s=ips)
-    print(f"  fastlstm  epoch {secs:7.2f} s  (mean loss {loss:.3f})   "
+    results["fastlstm"] = dict(epoch_s=secs, epoch_cpu_s=cpu, mean_loss=loss,
+                               inference_samples_per_s=ips)
+    print(f"  fastlstm  epoch {secs:7.2f} s  (CPU time {cpu:7.2f} s, mean loss {loss:.3f})   "
           f"inference {ips:9,.0f} samples/s")
     if not args.no_torch:
         try:
@@ -253,12 +260,12 @@ def main():
             print("  PyTorch is not installed: no baseline")
         else:
             torch.set_num_threads(threads)
-            secs_t, loss_t, net = torch_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+            secs_t, cpu_t, loss_t, net = torch_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
             ips_t = torch_inference(net, Xi, args.infer_batch)
-            results["torch"] = dict(epoch_s=secs_t, mean_loss=loss_t,
+            results["torch"] = dict(epoch_s=secs_t, epoch_cpu_s=cpu_t, mean_loss=loss_t,
                                     inference_samples_per_s=ips_t, version=torch.__version__)
-            print(f"  PyTorch   epoch {secs_t:7.2f} s  (mean loss {loss_t:.3f})   "
-                  f"inference {ips_t:9,.0f} samples/s")
+            print(f"  PyTorch   epoch {secs_t:7.2f} s  (CPU time {cpu_t:7.2f} s, mean loss "
+                  f"{loss_t:.3f})   inference {ips_t:9,.0f} samples/s")
             print(f"\n  fastlstm / PyTorch: epoch time {secs / secs_t:.2f}x, "
                   f"inference throughput {ips / ips_t:.2f}x")
     if not args.no_estimator:
