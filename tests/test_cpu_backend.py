@@ -1,5 +1,7 @@
 """The CPU backend's own machinery: batches cut into chunks over threads, reused buffers."""
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -49,3 +51,15 @@ def test_train_step_reuses_its_buffers_and_matches_forward_backward():
         backend.adam_step(p_ref, grads, s_ref, 1e-2)
         assert loss == value
     np.testing.assert_array_equal(p_step, p_ref)
+
+
+def test_a_dropped_training_cache_gives_its_buffers_to_the_next_forward():
+    backend = get_backend("cpu")
+    layout, params, x, _, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
+    _, cache = backend.forward(layout, params, x, train=True)
+    first = weakref.ref(cache["ws"])
+    del cache
+    _, cache = backend.forward(layout, params, x, train=True)
+    assert cache["ws"] is first()
+    _, held = backend.forward(layout, params, x, train=True)
+    assert held["ws"] is not cache["ws"]

@@ -13,13 +13,15 @@ W_hh]^T`` and one fused pass for the gates (:func:`lstm_cpu.forward_layer`);
 backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
 gradients as ONE GEMM over all steps, ``dz^T @ [x, h_prev]``.
 
-Buffers are reused across calls (per thread and shape) wherever no result
-refers to them: inference, and the whole of :meth:`CPUBackend.train_step`.
+Buffers are reused across calls (per thread and shape) once no result refers
+to them any more: inference, training steps, and a forward + backward whose
+cache has been dropped.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -140,14 +142,16 @@ class CPUBackend(Backend):
             self._local.blas_depth = depth
 
     def _workspace(self, layout, batch, steps, dtype, train):
-        """A workspace for this shape: reused if nothing escapes this call, else fresh."""
-        reuse = not train or getattr(self._local, "in_train_step", False)
-        if not reuse:
-            return _Workspace(layout, batch, steps, dtype, train, self.num_threads)
+        """A workspace for this shape: the last one, unless a forward cache still holds it.
+
+        A training forward returns its workspace inside the cache that backward needs;
+        it is reused once the caller has dropped that cache (no reference left but ours),
+        so a training loop or a benchmark does not pay for fresh memory on every step.
+        """
         cache = self._local.__dict__.setdefault("workspaces", {})
         key = (layout.key(), batch, steps, np.dtype(dtype).str, train, self.num_threads)
         ws = cache.pop(key, None)
-        if ws is None:
+        if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
             ws = _Workspace(layout, batch, steps, dtype, train, self.num_threads)
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
