@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("build", reason="the 'build' package (pip install 'fastlstm[test]') builds the wheel")
 
 
-def test_wheel_ships_the_kernels(tmp_path):
+def test_wheel_ships_the_kernels_and_the_mnist_sample(tmp_path):
     # Build from a copy so the test leaves no build/ or egg-info in the checkout.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
@@ -29,6 +29,8 @@ def test_wheel_ships_the_kernels(tmp_path):
     for name in kernel_sources:
         assert f"fastlstm/kernels/{name}" in names, f"{name} missing from {wheel.name}"
     assert "fastlstm/backends/cpu.py" in names
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "ATTRIBUTION.md"):
+        assert f"fastlstm/data/{name}" in names, f"{name} missing from {wheel.name}"
 
 
 def test_installed_kernels_import_as_fastlstm_kernels():
