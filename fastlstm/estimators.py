@@ -116,7 +116,9 @@ class BaseLSTM(BaseEstimator):
         already sequences: only its number of inputs per step must match, so a
         model can read sequences of another length than it was trained on.
         """
-        if np.ndim(X) == 3:
+        if not hasattr(X, "ndim"):  # lists and other array-likes
+            X = np.asarray(X)
+        if X.ndim == 3:
             X = check_array(X, dtype=DTYPE, allow_nd=True, estimator=self, input_name="X")
             if reset:
                 for name in ("n_features_in_", "feature_names_in_"):
@@ -251,6 +253,9 @@ class BaseLSTM(BaseEstimator):
         return self._fit(X, y, incremental=False)
 
     def _fit(self, X, y, incremental, classes=None):
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
+                             "is None.")
         first = not hasattr(self, "_params") or not (incremental or self.warm_start)
         X = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
@@ -300,9 +305,11 @@ class BaseLSTM(BaseEstimator):
                 for lo in range(0, n_samples, batch_size):
                     batch = order[lo:lo + batch_size] if self.shuffle else slice(lo, lo + batch_size)
                     xb, yb = X_dev[batch], y_dev[batch]
+                    # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
                     loss = backend.train_step(
                         layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                        self.beta_1, self.beta_2, self.epsilon, self.alpha, self.clip_grad_norm)
+                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
+                        self.clip_grad_norm)
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -361,12 +368,13 @@ class BaseLSTM(BaseEstimator):
             np.empty((0, self._layout.output_size), DTYPE)
 
     def _predict_outputs(self, X, activation=None):
-        """Validated ``X`` through the fitted network (host in, host out)."""
+        """Validated ``X`` through the fitted network: float64 on the host (computed in float32)."""
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
         backend = get_backend(self.device)
         act = None if activation is None else getattr(backend, activation)
-        return self._forward(backend, backend.asarray(self._params), backend.asarray(X), act)
+        outputs = self._forward(backend, backend.asarray(self._params), backend.asarray(X), act)
+        return outputs.astype(np.float64)
 
 
 class LSTMClassifier(ClassifierMixin, BaseLSTM):
@@ -396,8 +404,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     max_iter : int, default=15
         Maximum number of epochs (passes over the data).
     alpha : float, default=0.0
-        L2 penalty on every parameter, added to the gradient as
-        ``torch.optim.Adam``'s ``weight_decay``.
+        L2 penalty, scaled as :class:`~sklearn.neural_network.MLPClassifier`'s:
+        ``alpha / batch length`` times the parameters is added to the gradient
+        (``torch.optim.Adam``'s ``weight_decay``), here for every parameter.
     beta_1, beta_2, epsilon : float, default=0.9, 0.999, 1e-8
         Adam's moment decay rates and denominator term.
     clip_grad_norm : float, default=None
@@ -547,7 +556,8 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
 
 class LSTMRegressor(RegressorMixin, BaseLSTM):
