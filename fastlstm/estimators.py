@@ -168,10 +168,17 @@ class BaseLSTM(BaseEstimator):
         raise NotImplementedError
 
     # ------------------------------------------------------------ fitted state
-    def _initialize(self, layout, params):
-        """Start a new training history with ``params`` (a flat host buffer of ``layout``)."""
+    def _initialize(self, layout, params=None):
+        """Start a new training history from ``params`` (a flat host buffer of ``layout``).
+
+        Without ``params``, the weights are drawn by ``layout.init``.  Either way
+        the estimator's generator (weights, shuffling, validation split) is
+        seeded afresh from ``random_state``.
+        """
+        self._rng = np.random.default_rng(
+            check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self._layout = layout
-        self._params = params
+        self._params = layout.init(self._rng, DTYPE) if params is None else params
         self._adam = None
         self.input_size_ = layout.input_size
         self.n_iter_ = 0
@@ -262,9 +269,7 @@ class BaseLSTM(BaseEstimator):
         check_consistent_length(X, y)
         layout = ParamLayout(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
         if first:
-            self._rng = np.random.default_rng(
-                check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-            self._initialize(layout, layout.init(self._rng, DTYPE))
+            self._initialize(layout)
         elif layout != self._layout:
             raise ValueError(
                 f"cannot continue training a {self._layout!r} as a {layout!r}: the data or "
@@ -484,16 +489,17 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
             if len(labels) < 2:
                 raise ValueError(
                     f"{type(self).__name__} needs at least 2 classes to learn, got 1 class "
-                    f"({labels[0]!r}); check y.")
+                    f"({labels.tolist()}); check y.")
             self.classes_ = labels
         elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
-            raise ValueError(f"classes={list(classes)} differ from classes_={list(self.classes_)} "
+            raise ValueError(f"classes={np.unique(classes).tolist()} differ from classes_="
+                             f"{self.classes_.tolist()} "
                              "of the earlier partial_fit calls; pass the same classes each time.")
         known = np.isin(y, self.classes_)
         if not known.all():
             raise ValueError(
-                f"y has labels {list(np.unique(np.asarray(y)[~known]))} that are not in "
-                f"classes_={list(self.classes_)}; pass every label in `classes` (partial_fit) "
+                f"y has labels {np.unique(y[~known]).tolist()} that are not in "
+                f"classes_={self.classes_.tolist()}; pass every label in `classes` (partial_fit) "
                 "or set warm_start=False.")
         return np.searchsorted(self.classes_, y).astype(np.int64)
 
