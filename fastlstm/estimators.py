@@ -300,6 +300,9 @@ class BaseLSTM(BaseEstimator):
         batch_size = min(self.batch_size, n_samples)
         best_params = None
         no_improvement = 0
+        if X_val is not None:  # each fit picks its best epoch on its own validation split
+            self.validation_scores_ = self.validation_scores_ or []
+            self.best_validation_score_ = -math.inf
         try:
             for _ in range(n_epochs):
                 start = time.perf_counter()

@@ -130,6 +130,13 @@ def test_early_stopping_keeps_the_best_epoch():
     assert_same_weights(clf, at_best)
 
 
+def test_warm_start_may_switch_early_stopping_on():
+    X, y = sequences(n=60)
+    clf = LSTMClassifier(**TINY, warm_start=True).fit(X, y)
+    clf.set_params(early_stopping=True, validation_fraction=0.25).fit(X, y)
+    assert clf.n_iter_ == 2 * TINY["max_iter"] and len(clf.validation_scores_) == TINY["max_iter"]
+
+
 def test_without_early_stopping_the_training_loss_decides():
     X, y = sequences()
     clf = LSTMClassifier(**{**TINY, "max_iter": 10}, n_iter_no_change=1, tol=10.0).fit(X, y)
