@@ -30,7 +30,7 @@ def parse_args(argv=None):
                              "then the user cache)")
     parser.add_argument("--offline", action="store_true",
                         help="never download; MNIST falls back to the bundled sample")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
