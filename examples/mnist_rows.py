@@ -32,6 +32,7 @@ def parse_args(argv=None):
                         help="never download; MNIST falls back to the bundled sample")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--hidden-size", type=int, default=128)
+    # batch size and learning rate default to LSTMClassifier's own defaults
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
