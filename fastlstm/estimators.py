@@ -148,7 +148,7 @@ class BaseLSTM(BaseEstimator):
 
     # ---------------------------------------------------------- subclass hooks
     def _encode_targets(self, y, first, classes=None):
-        """Validated targets in the form the loss takes; sets the target attributes when ``first``."""
+        """Validated targets in the form the loss takes (target attributes set when ``first``)."""
         raise NotImplementedError
 
     def _targets_from_state_dict(self, n_outputs):
@@ -311,7 +311,8 @@ class BaseLSTM(BaseEstimator):
                     if self.verbose >= 2 else None
                 total = 0.0
                 for lo in range(0, n_samples, batch_size):
-                    batch = order[lo:lo + batch_size] if self.shuffle else slice(lo, lo + batch_size)
+                    hi = lo + batch_size
+                    batch = order[lo:hi] if self.shuffle else slice(lo, hi)
                     xb, yb = X_dev[batch], y_dev[batch]
                     # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
                     loss = backend.train_step(

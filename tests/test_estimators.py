@@ -165,7 +165,8 @@ def test_same_random_state_gives_bit_identical_weights():
     b = LSTMClassifier(**TINY).fit(X, y)
     assert_same_weights(a, b)
     c = LSTMClassifier(**{**TINY, "random_state": 1}).fit(X, y)
-    assert not np.array_equal(a.state_dict()["lstm.weight_hh_l0"], c.state_dict()["lstm.weight_hh_l0"])
+    assert not np.array_equal(a.state_dict()["lstm.weight_hh_l0"],
+                              c.state_dict()["lstm.weight_hh_l0"])
 
 
 def test_initial_weights_are_param_layout_init_seeded_by_random_state():
@@ -246,12 +247,12 @@ def test_2d_rows_without_input_size_are_one_value_per_step():
 
 def test_input_size_errors_say_what_to_do():
     X, y = sequences(steps=5, inputs=2)
-    with pytest.raises(ValueError, match="not a multiple of input_size=3; set input_size to a divisor"):
+    with pytest.raises(ValueError, match="not a multiple of input_size=3; set input_size to"):
         LSTMClassifier(**TINY, input_size=3).fit(X.reshape(len(X), 10), y)
     with pytest.raises(ValueError, match="X has 2 inputs per step but input_size=3"):
         LSTMClassifier(**TINY, input_size=3).fit(X, y)
     clf = LSTMClassifier(**TINY).fit(X, y)
-    with pytest.raises(ValueError, match="X has 1 inputs per step, but LSTMClassifier was fitted with 2"):
+    with pytest.raises(ValueError, match="1 inputs per step, but LSTMClassifier was fitted with 2"):
         clf.predict(X[:, :, :1])
 
 
@@ -302,7 +303,8 @@ def test_warm_start_from_loaded_weights():
 def test_regressor_single_and_multiple_targets():
     X, _ = sequences(n=64)
     target = X[:, :, 0].sum(axis=1) / 3
-    reg = LSTMRegressor(**{**TINY, "hidden_size": 8, "batch_size": 64, "max_iter": 60}).fit(X, target)
+    reg = LSTMRegressor(**{**TINY, "hidden_size": 8, "batch_size": 64, "max_iter": 60})
+    reg.fit(X, target)
     assert reg.predict(X).shape == (64,) and reg.score(X, target) > 0.8
     both = np.column_stack([target, -target])
     multi = LSTMRegressor(**TINY).fit(X, both)
@@ -336,7 +338,8 @@ def test_cuda_device_without_a_gpu_says_what_to_do():
         LSTMClassifier(**{**TINY, "device": "cuda"}).fit(X, y)
 
 
-def test_keyboard_interrupt_stops_after_the_batch_and_keeps_a_usable_model(count_steps, monkeypatch):
+def test_keyboard_interrupt_stops_after_the_batch_and_keeps_a_usable_model(count_steps,
+                                                                           monkeypatch):
     backend = get_backend("cpu")
     counting = backend.train_step
 

@@ -33,7 +33,10 @@ def test_offline_run_on_the_sample_trains_reports_and_saves(mnist_rows, tmp_path
     assert status == 0
     assert "Using the bundled MNIST sample instead" in out
     assert "Epoch 2: loss" in out and "Test accuracy:" in out and "s/epoch" in out
-    model = joblib.load(model_path) if suffix == ".joblib" else pickle.loads(model_path.read_bytes())
+    if suffix == ".joblib":
+        model = joblib.load(model_path)
+    else:
+        model = pickle.loads(model_path.read_bytes())
     assert model.n_iter_ == 2 and model.predict(np.zeros((1, 28, 28), np.float32)).shape == (1,)
     try:
         import matplotlib  # noqa: F401
