@@ -1,0 +1,87 @@
+// Head kernels: softmax, and the two losses with their gradient w.r.t. the outputs (same
+// definitions as kernels/head_cpu.py and fastlstm/reference.py).  The head's GEMMs go to cuBLAS.
+// The losses run as ONE block so that the mean is summed in a fixed order (deterministic) and
+// written to a device scalar: no host synchronisation.
+#include "reduce.cuh"
+
+namespace fastlstm {
+
+// Row-wise softmax, one warp per row (max-shifted: no overflow).
+template <typename T>
+__device__ void softmax(const T* logits, T* probs, int rows, int cols) {
+    const int lane = threadIdx.x & 31;
+    const int warps = (gridDim.x * blockDim.x) >> 5;
+    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
+        const T* x = logits + (long long)r * cols;
+        T top = x[0];
+        for (int k = lane; k < cols; k += 32) top = x[k] > top ? x[k] : top;
+        top = warp_max(top);
+        double total = 0.0;
+        for (int k = lane; k < cols; k += 32) total += exp((double)(x[k] - top));
+        total = warp_sum(total);
+        for (int k = lane; k < cols; k += 32)
+            probs[(long long)r * cols + k] = (T)(exp((double)(x[k] - top)) / total);
+    }
+}
+
+// Mean softmax cross-entropy over the rows; dlogits = (softmax - onehot(y)) / rows.
+// A label outside [0, cols) makes the loss NaN (so a training step skips its update).
+template <typename T>
+__device__ void cross_entropy(const T* logits, const long long* y, T* dlogits, double* loss,
+                              int rows, int cols) {
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    double total = 0.0;
+    for (int r = threadIdx.x >> 5; r < rows; r += warps) {
+        const T* x = logits + (long long)r * cols;
+        const long long label = y[r];
+        const bool valid = label >= 0 && label < cols;
+        T top = x[0];
+        for (int k = lane; k < cols; k += 32) top = x[k] > top ? x[k] : top;
+        top = warp_max(top);
+        double s = 0.0;
+        for (int k = lane; k < cols; k += 32) s += exp((double)(x[k] - top));
+        s = warp_sum(s);
+        const double log_s = log(s);
+        for (int k = lane; k < cols; k += 32) {
+            const double p = exp((double)(x[k] - top) - log_s);
+            dlogits[(long long)r * cols + k] = (T)((p - (k == label ? 1.0 : 0.0)) / rows);
+        }
+        if (lane == 0)
+            total += valid ? log_s - (double)(x[label] - top) : __longlong_as_double(0x7ff8000000000000LL);
+    }
+    total = block_sum(total);
+    if (threadIdx.x == 0) *loss = total / rows;
+}
+
+// mean((out - y)^2) / 2 over every element; dout = (out - y) / size.
+template <typename T>
+__device__ void squared_error(const T* out, const T* y, T* dout, double* loss, long long size) {
+    double total = 0.0;
+    for (long long n = threadIdx.x; n < size; n += blockDim.x) {
+        const T d = out[n] - y[n];
+        total += (double)d * (double)d;
+        dout[n] = (T)((double)d / size);
+    }
+    total = block_sum(total);
+    if (threadIdx.x == 0) *loss = 0.5 * total / size;
+}
+
+}  // namespace fastlstm
+
+#define FASTLSTM_HEAD(SUFFIX, T)                                                                 \
+    extern "C" __global__ void fastlstm_softmax_##SUFFIX(const T* logits, T* probs, int rows,  \
+                                                         int cols) {                            \
+        fastlstm::softmax<T>(logits, probs, rows, cols);                                         \
+    }                                                                                            \
+    extern "C" __global__ void fastlstm_cross_entropy_##SUFFIX(                                  \
+        const T* logits, const long long* y, T* dlogits, double* loss, int rows, int cols) {     \
+        fastlstm::cross_entropy<T>(logits, y, dlogits, loss, rows, cols);                        \
+    }                                                                                            \
+    extern "C" __global__ void fastlstm_squared_error_##SUFFIX(const T* out, const T* y, T* dout, \
+                                                               double* loss, long long size) {  \
+        fastlstm::squared_error<T>(out, y, dout, loss, size);                                    \
+    }
+
+FASTLSTM_HEAD(f32, float)
+FASTLSTM_HEAD(f64, double)

@@ -1,0 +1,142 @@
+"""What is specific to the CUDA backend: persistent vs per-step kernels, the issue's shapes,
+CUDA-graph replay, device-side skipping of non-finite updates, host arrays out.
+
+The generic parity tests (tests/test_backend_parity.py) cover the default CUDA backend
+through the ``backend`` fixture; these run only where CuPy and a usable GPU are present.
+"""
+
+import numpy as np
+import pytest
+
+from fastlstm.backends import BackendUnavailable, get_backend
+
+from conftest import make_problem, rel_err, shape_id
+
+try:
+    get_backend("cuda")
+    UNAVAILABLE = None
+except BackendUnavailable as exc:
+    UNAVAILABLE = str(exc)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no CUDA backend: {UNAVAILABLE}")]
+
+TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
+#: (batch, steps, inputs, hidden, layers, outputs): the issue's shapes
+SHAPES = [
+    (1, 1, 1, 1, 1, 2),          # T=1, B=1, H=1
+    (3, 1, 2, 5, 1, 3),          # T=1
+    (1, 7, 3, 4, 1, 2),          # B=1
+    (5, 4, 2, 1, 2, 3),          # H=1, two layers
+    (4, 5, 3, 6, 3, 3),          # num_layers=3
+    (128, 28, 28, 128, 1, 10),   # MNIST rows
+    (40, 6, 5, 512, 1, 4),       # H=512
+    (33, 3, 4, 130, 2, 2),       # batch and hidden off the warp size
+]
+
+
+def cuda_backend(recurrence, graphs=True):
+    from fastlstm.backends.cuda import CUDABackend
+    return CUDABackend(recurrence=recurrence, graphs=graphs)
+
+
+def gradients(backend, problem, loss):
+    layout, params, x, y, h0, c0 = problem
+    a = backend.asarray
+    p = a(params)
+    outputs, cache = backend.forward(layout, p, a(x), a(h0), a(c0), train=True)
+    value, doutputs = backend.loss(outputs, a(y), loss)
+    grads = backend.backward(layout, p, cache, doutputs, input_grads=True)
+    inference, _ = backend.forward(layout, p, a(x), a(h0), a(c0))
+    host = backend.to_host
+    named = layout.views(host(grads.params))
+    named.update(outputs=host(outputs), inference=host(inference), loss=float(value),
+                 dx=host(grads.x), dh0=host(grads.h0), dc0=host(grads.c0))
+    return named
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_matches_reference(shape, dtype, recurrence):
+    problem = make_problem(shape, "cross_entropy", dtype)
+    got = gradients(cuda_backend(recurrence), problem, "cross_entropy")
+    want = gradients(get_backend("reference"), problem, "cross_entropy")
+    for name, expected in want.items():
+        err = rel_err(got[name], expected)
+        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(128, 28, 28, 128, 1, 10), (40, 6, 5, 512, 1, 4),
+                                   (1024, 4, 28, 128, 2, 10)], ids=shape_id)
+def test_persistent_and_per_step_agree(shape):
+    B, _, _, H, _, _ = shape
+    persistent, step = cuda_backend("persistent"), cuda_backend("step")
+    for direction in ("forward", "backward"):
+        assert persistent.recurrence_kind(direction, H, B, np.float32) == "persistent"
+        assert step.recurrence_kind(direction, H, B, np.float32) == "step"
+    problem = make_problem(shape, "squared_error", np.float32)
+    a = gradients(persistent, problem, "squared_error")
+    b = gradients(step, problem, "squared_error")
+    for name in a:
+        # The two may split the dot products differently (order of float32 sums only).
+        err = rel_err(a[name], b[name])
+        assert err < 1e-5, f"{name}: persistent vs per-step relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+def test_graph_replay_equals_uncaptured_steps(recurrence):
+    layout, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32)
+    runs = {}
+    for graphs in (True, False):
+        backend = cuda_backend(recurrence, graphs)
+        p = backend.asarray(params)
+        state = backend.adam_state(p)
+        losses = []
+        for step in range(4):
+            # a last, partial batch takes its own slot (and graph)
+            n = 64 if step < 3 else 40
+            losses.append(float(backend.train_step(
+                layout, p, state, backend.asarray(x[:n]), backend.asarray(y[:n]), "cross_entropy",
+                1e-2, clip_grad_norm=0.5)))
+        runs[graphs] = (losses, backend.to_host(p), backend.to_host(state.m), state.step)
+        if graphs:
+            slots = list(backend._slots.values())
+            assert all(g is not None for s in slots for g in s.graphs.values()), \
+                "graph capture failed (see the warning)"
+    assert runs[True][0] == runs[False][0]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+    np.testing.assert_array_equal(runs[True][2], runs[False][2])
+    assert runs[True][3] == runs[False][3] == 4
+
+
+def test_replayed_step_skips_non_finite_update():
+    layout, params, x, _, _, _ = make_problem((8, 3, 2, 4, 1, 2), "squared_error", np.float32)
+    backend = cuda_backend("persistent")
+    p = backend.asarray(params)
+    state = backend.adam_state(p)
+    good = np.zeros((8, 2), np.float32)
+    for _ in range(2):  # the second step replays the captured graph
+        backend.train_step(layout, p, state, backend.asarray(x), backend.asarray(good),
+                           "squared_error", 1e-2)
+    before = backend.to_host(p)
+    bad = np.full((8, 2), np.nan, np.float32)
+    loss = backend.train_step(layout, p, state, backend.asarray(x), backend.asarray(bad),
+                              "squared_error", 1e-2)
+    assert np.isnan(float(loss))
+    np.testing.assert_array_equal(backend.to_host(p), before)
+    assert state.step == 2
+
+
+def test_results_come_back_as_host_arrays():
+    layout, params, x, y, _, _ = make_problem((4, 3, 2, 3, 1, 2), "cross_entropy", np.float32)
+    backend = cuda_backend("persistent")
+    p = backend.asarray(params)
+    loss = backend.train_step(layout, p, backend.adam_state(p), backend.asarray(x),
+                              backend.asarray(y), "cross_entropy", 1e-2)
+    assert loss.shape == () and isinstance(float(loss), float)
+    host = backend.to_host(p)
+    assert type(host) is np.ndarray and host.dtype == np.float32 and host.shape == params.shape
+    probs = backend.to_host(backend.softmax(backend.forward(layout, p, backend.asarray(x))[0]))
+    assert type(probs) is np.ndarray
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-6)
