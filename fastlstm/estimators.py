@@ -289,11 +289,11 @@ class BaseLSTM(BaseEstimator):
         backend = get_backend(self.device)
         layout = self._layout
         params = backend.asarray(self._params)
-        if fresh_optimizer or self._adam is None:
-            adam = backend.adam_state(params)
-        else:
-            adam = AdamState(backend.asarray(self._adam.m), backend.asarray(self._adam.v),
-                             self._adam.step)
+        adam = backend.adam_state(params)  # the backend's own kind (the GPU's counts on the GPU)
+        if not fresh_optimizer and self._adam is not None:
+            adam.m[...] = backend.asarray(self._adam.m)
+            adam.v[...] = backend.asarray(self._adam.v)
+            adam.step = self._adam.step
         X_dev, y_dev = backend.asarray(X), backend.asarray(y)
         X_val_dev = None if X_val is None else backend.asarray(X_val)
         n_samples = X.shape[0]
