@@ -1,0 +1,48 @@
+"""The estimators' training loop on the real CUDA backend code, run on the CPU emulator.
+
+What a GPU run relies on and a CPU run does not show: losses that stay 0-d device
+arrays, the GPU's own Adam state (step count on the device) carried across
+``partial_fit`` calls, batches indexed on the device, and fitted weights brought back
+to the host so the model predicts on the CPU.  CUDA graphs are not emulated.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import fastlstm.estimators
+from fastlstm import LSTMClassifier
+from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
+
+
+def test_training_on_the_cuda_backend_matches_the_cpu_and_predicts_on_the_cpu(
+        cuda_module, monkeypatch):  # noqa: F811
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 4, 3)).astype(np.float32)
+    y = np.digitize(X[:, :, 0].sum(axis=1), [-1.0, 1.0])
+    params = dict(hidden_size=5, batch_size=8, learning_rate_init=0.01, random_state=0,
+                  device="cpu")
+
+    cpu = LSTMClassifier(**params)
+    for _ in range(2):
+        cpu.partial_fit(X, y, classes=[0, 1, 2])
+
+    gpu = LSTMClassifier(**params)
+    emulated = cuda_module.CUDABackend(recurrence="step", graphs=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(fastlstm.estimators, "get_backend", lambda device: emulated)
+        for _ in range(2):
+            gpu.partial_fit(X, y, classes=[0, 1, 2])
+        assert gpu._adam.step == 6 and isinstance(gpu._adam.m, np.ndarray)
+        on_gpu = gpu.predict_proba(X)
+
+    assert isinstance(gpu.loss_curve_[-1], float)
+    np.testing.assert_allclose(gpu.loss_curve_, cpu.loss_curve_, rtol=1e-4)
+    for name, value in gpu.state_dict().items():
+        np.testing.assert_allclose(value, cpu.state_dict()[name], rtol=1e-3, atol=1e-5,
+                                   err_msg=name)
+    # the same fitted estimator, now on the CPU backend
+    np.testing.assert_allclose(gpu.predict_proba(X), on_gpu, rtol=1e-4, atol=1e-6)

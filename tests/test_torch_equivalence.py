@@ -1,0 +1,72 @@
+"""Our state dict is PyTorch's: the same weights give the same probabilities in both directions."""
+
+import numpy as np
+import pytest
+
+from fastlstm import LSTMClassifier, LSTMRegressor
+
+torch = pytest.importorskip("torch", reason="PyTorch is needed to compare with nn.LSTM "
+                                            "(pip install torch)")
+
+
+class TorchLSTM(torch.nn.Module):
+    """``nn.LSTM(batch_first=True)`` and ``nn.Linear`` on the last step's top hidden state."""
+
+    def __init__(self, input_size, hidden_size, num_layers, outputs):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
+        self.head = torch.nn.Linear(hidden_size, outputs)
+
+    def forward(self, x):
+        sequence, _ = self.lstm(x)
+        return self.head(sequence[:, -1])
+
+
+def sequences(n=40, steps=6, inputs=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, steps, inputs)).astype(np.float32)
+    return X, np.digitize(X[:, :, 0].sum(axis=1), [-1.0, 1.0])
+
+
+def torch_outputs(model, X):
+    with torch.no_grad():
+        return model(torch.from_numpy(X)).numpy()
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_our_weights_in_torch_give_our_probabilities(num_layers):
+    X, y = sequences()
+    clf = LSTMClassifier(hidden_size=5, num_layers=num_layers, max_iter=2, batch_size=16,
+                         learning_rate_init=0.05, random_state=0, device="cpu").fit(X, y)
+    model = TorchLSTM(3, 5, num_layers, 3)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in clf.state_dict().items()})
+    expected = torch.softmax(torch.from_numpy(torch_outputs(model, X)), dim=1).numpy()
+    np.testing.assert_allclose(clf.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_trained_in_torch_predicts_the_same_here():
+    X, y = sequences()
+    torch.manual_seed(0)
+    model = TorchLSTM(3, 6, 2, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y))
+        loss.backward()
+        optimizer.step()
+    clf = LSTMClassifier(hidden_size=6, num_layers=2, device="cpu").load_state_dict(
+        model.state_dict())
+    logits = torch_outputs(model, X)
+    np.testing.assert_allclose(clf.predict_proba(X),
+                               torch.softmax(torch.from_numpy(logits), dim=1).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(clf.predict(X), logits.argmax(axis=1))
+
+
+def test_regressor_outputs_equal_torch_outputs():
+    X, y = sequences()
+    reg = LSTMRegressor(hidden_size=4, max_iter=2, batch_size=16, random_state=0,
+                        device="cpu").fit(X, np.column_stack([y, -y]))
+    model = TorchLSTM(3, 4, 1, 2)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in reg.state_dict().items()})
+    np.testing.assert_allclose(reg.predict(X), torch_outputs(model, X), rtol=1e-5, atol=1e-6)
