@@ -15,12 +15,15 @@ brought to the host once per epoch.  Fitted weights always live on the host
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import threading
 import time
 import warnings
 from numbers import Integral, Real
 
+import numba
 import numpy as np
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -29,16 +32,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, \
-    validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from .backends import AdamState, get_backend
 from .params import ParamLayout
+from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
+    to_float32
 
 __all__ = ["BaseLSTM", "LSTMClassifier", "LSTMRegressor"]
 
-#: the Numba kernels specialise on dtype; float32 is what GPUs and PyTorch train in
-DTYPE = np.float32
 #: samples per forward pass at inference: bounds memory whatever the size of X
 PREDICT_BATCH_SIZE = 1024
 
@@ -109,42 +111,8 @@ class BaseLSTM(BaseEstimator):
 
     # ------------------------------------------------------------------ input
     def _validate_X(self, X, reset):
-        """``X`` as an ``(n_samples, n_steps, n_inputs)`` array of :data:`DTYPE`.
-
-        2-D input goes through ``validate_data`` (feature names, ``n_features_in_``)
-        and is then cut into steps of ``input_size`` values.  3-D input is
-        already sequences: only its number of inputs per step must match, so a
-        model can read sequences of another length than it was trained on.
-        """
-        if not hasattr(X, "ndim"):  # lists and other array-likes
-            X = np.asarray(X)
-        if X.ndim == 3:
-            X = check_array(X, dtype=DTYPE, allow_nd=True, estimator=self, input_name="X")
-            if reset:
-                for name in ("n_features_in_", "feature_names_in_"):
-                    self.__dict__.pop(name, None)
-            if self.input_size is not None and X.shape[2] != self.input_size:
-                raise ValueError(
-                    f"X has {X.shape[2]} inputs per step but input_size={self.input_size}; "
-                    "set input_size=None (or to the last dimension of X) to read 3-D X as is.")
-        else:
-            X = validate_data(self, X, reset=reset, dtype=DTYPE)
-            size = 1 if self.input_size is None else self.input_size
-            n_samples, width = X.shape
-            if width % size:
-                raise ValueError(
-                    f"X has {width} columns, which is not a multiple of input_size={size}; "
-                    f"set input_size to a divisor of {width} or pass 3-D X of shape "
-                    "(n_samples, n_steps, n_inputs).")
-            X = X.reshape(n_samples, width // size, size)
-        if X.shape[1] < 1 or X.shape[2] < 1:
-            raise ValueError(f"X of shape {X.shape} has no time steps or no inputs per step; "
-                             "each sample needs at least one step of at least one input.")
-        if not reset and X.shape[2] != self.input_size_:
-            raise ValueError(
-                f"X has {X.shape[2]} inputs per step, but {type(self).__name__} was fitted with "
-                f"{self.input_size_}; reshape X as at fit time.")
-        return X
+        """``X`` as a float32 ``(n_samples, n_steps, n_inputs)`` array (see :mod:`.validation`)."""
+        return to_float32(self, check_sequences(self, X, reset))
 
     # ---------------------------------------------------------- subclass hooks
     def _encode_targets(self, y, first, classes=None):
@@ -266,7 +234,7 @@ class BaseLSTM(BaseEstimator):
         first = not hasattr(self, "_params") or not (incremental or self.warm_start)
         X = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
-        check_consistent_length(X, y)
+        check_same_length(X, y)
         layout = ParamLayout(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
         if first:
             self._initialize(layout)
@@ -315,10 +283,11 @@ class BaseLSTM(BaseEstimator):
                     batch = order[lo:hi] if self.shuffle else slice(lo, hi)
                     xb, yb = X_dev[batch], y_dev[batch]
                     # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-                    loss = backend.train_step(
-                        layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
-                        self.clip_grad_norm)
+                    with _kernel_lock(backend):
+                        loss = backend.train_step(
+                            layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
+                            self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
+                            self.clip_grad_norm)
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -364,26 +333,41 @@ class BaseLSTM(BaseEstimator):
             self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
 
     # --------------------------------------------------------------- inference
-    def _forward(self, backend, params, X, activation=None):
-        """Network outputs for ``X`` (on the backend) in batches, as a host array.
+    def _forward(self, backend, params, X, activation=None, prepare=None):
+        """Network outputs for ``X`` in batches, as a float64 host array (computed in float32).
 
+        ``X`` is on the backend, or anything ``prepare(lo, hi)`` turns into the
+        float32 batch ``lo:hi`` (``predict`` validates and converts one batch at
+        a time this way, so its memory does not grow with ``len(X)``).
         ``activation`` (e.g. ``backend.softmax``) is applied on the backend.
         """
-        outputs = []
-        for lo in range(0, X.shape[0], PREDICT_BATCH_SIZE):
-            out, _ = backend.forward(self._layout, params, X[lo:lo + PREDICT_BATCH_SIZE])
-            outputs.append(backend.to_host(out if activation is None else activation(out)))
-        return np.concatenate(outputs) if outputs else \
-            np.empty((0, self._layout.output_size), DTYPE)
+        outputs = np.empty((len(X), self._layout.output_size))
+        for lo in range(0, len(X), PREDICT_BATCH_SIZE):
+            hi = lo + PREDICT_BATCH_SIZE
+            xb = X[lo:hi] if prepare is None else backend.asarray(prepare(lo, hi))
+            with _kernel_lock(backend):
+                out, _ = backend.forward(self._layout, params, xb)
+                if activation is not None:
+                    out = activation(out)
+            outputs[lo:hi] = backend.to_host(out)
+        return outputs
 
     def _predict_outputs(self, X, activation=None):
-        """Validated ``X`` through the fitted network: float64 on the host (computed in float32)."""
+        """Validated ``X`` through the fitted network, streamed in batches: float64 on the host.
+
+        Raises ``FloatingPointError`` rather than return non-finite outputs.
+        """
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        sequences = check_sequences(self, X, reset=False)
         backend = get_backend(self.device)
         act = None if activation is None else getattr(backend, activation)
-        outputs = self._forward(backend, backend.asarray(self._params), backend.asarray(X), act)
-        return outputs.astype(np.float64)
+        outputs = self._forward(backend, backend.asarray(self._params), sequences, act,
+                                prepare=lambda lo, hi: to_float32(self, sequences, lo, hi))
+        if not np.isfinite(outputs).all():
+            raise FloatingPointError(
+                "the network's outputs overflowed for some samples of X (their values are too "
+                "large for float32 arithmetic); scale X (e.g. StandardScaler in a Pipeline).")
+        return outputs
 
 
 class LSTMClassifier(ClassifierMixin, BaseLSTM):
@@ -494,7 +478,7 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
             if len(labels) < 2:
                 raise ValueError(
                     f"{type(self).__name__} needs at least 2 classes to learn, got 1 class "
-                    f"({labels.tolist()}); check y.")
+                    f"({labels.tolist()}); pass y with at least two distinct labels.")
             self.classes_ = labels
         elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
             raise ValueError(f"classes={np.unique(classes).tolist()} differ from classes_="
@@ -595,12 +579,7 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
         return self.n_outputs_
 
     def _encode_targets(self, y, first, classes=None):
-        y = check_array(y, ensure_2d=False, dtype=DTYPE, input_name="y", estimator=self)
-        if y.ndim == 1:
-            y = y[:, None]
-        elif y.ndim != 2:
-            raise ValueError(f"y must have shape (n_samples,) or (n_samples, n_targets), "
-                             f"got {y.shape}.")
+        y = check_regression_targets(self, y)
         if first:
             self.n_outputs_ = y.shape[1]
         elif y.shape[1] != self.n_outputs_:
@@ -640,6 +619,27 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+#: Numba's workqueue threading layer aborts the process when parallel kernels are entered
+#: from two threads at once; this serialises them (see :func:`_kernel_lock`)
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _kernel_lock(backend):
+    """A lock around the backend's kernels where they are not thread-safe, else a no-op.
+
+    Only the CPU backend under Numba's ``workqueue`` threading layer needs one
+    (``omp`` and ``tbb`` are thread-safe).  Until a parallel kernel has run
+    Numba has not picked its layer, so the lock is taken then too.
+    """
+    if backend.name != "cpu":
+        return contextlib.nullcontext()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "workqueue"
+    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
 class _ProgressBar:
