@@ -203,6 +203,11 @@ class BaseLSTM(BaseEstimator):
                 "unfitted estimator instead.")
         layout = ParamLayout(input_size, hidden_size, num_layers, n_outputs)
         params = layout.from_state_dict(state, dtype=DTYPE)
+        if not np.isfinite(params).all():
+            bad = [name for name, view in layout.views(params).items()
+                   if not np.isfinite(view).all()]
+            raise ValueError(f"state_dict has NaN or infinite values (or values beyond float32's "
+                             f"range) in {bad}; load weights from a model that trained well.")
         if not fitted:
             self._targets_from_state_dict(n_outputs)
         self._initialize(layout, params)
@@ -365,8 +370,9 @@ class BaseLSTM(BaseEstimator):
                                 prepare=lambda lo, hi: to_float32(self, sequences, lo, hi))
         if not np.isfinite(outputs).all():
             raise FloatingPointError(
-                "the network's outputs overflowed for some samples of X (their values are too "
-                "large for float32 arithmetic); scale X (e.g. StandardScaler in a Pipeline).")
+                "the network's outputs overflowed float32 for some samples of X: the weights "
+                "are too large (loaded with load_state_dict?); retrain, scale X (e.g. "
+                "StandardScaler in a Pipeline) or set alpha to keep the weights small.")
         return outputs
 
 
