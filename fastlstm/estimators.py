@@ -114,6 +114,37 @@ class BaseLSTM(BaseEstimator):
         """``X`` as a float32 ``(n_samples, n_steps, n_inputs)`` array (see :mod:`.validation`)."""
         return to_float32(self, check_sequences(self, X, reset))
 
+    # ------------------------------------------------------------- persistence
+    def save(self, path):
+        """Write the fitted model to ``path`` in a file that cannot run code when loaded.
+
+        A ``.npz`` archive (read with ``allow_pickle=False`` by
+        :func:`fastlstm.load`) of the weights, the hyper-parameters and the
+        fitted attributes, with a format version and a SHA-256 digest.  Labels
+        (``classes_``) may be ints, floats, strings or bools.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write (an existing file is replaced only once the new one is complete).
+        """
+        from .persistence import save
+
+        save(self, path)
+
+    def __getstate__(self):
+        from . import __version__
+
+        return {**super().__getstate__(), "_fastlstm_version": __version__}
+
+    def __setstate__(self, state):
+        from .persistence import _warn_if_other_version
+
+        state = dict(state)
+        _warn_if_other_version(state.pop("_fastlstm_version", None),
+                               f"this pickled {type(self).__name__}")
+        super().__setstate__(state)
+
     # ---------------------------------------------------------- subclass hooks
     def _encode_targets(self, y, first, classes=None):
         """Validated targets in the form the loss takes (target attributes set when ``first``)."""
