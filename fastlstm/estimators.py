@@ -77,6 +77,8 @@ class BaseLSTM(BaseEstimator):
 
     #: loss of the backend: "cross_entropy" or "squared_error" (set by subclasses)
     _loss = None
+    #: advice given when training diverges (set by subclasses)
+    _what_to_scale = "X (e.g. StandardScaler in a Pipeline)"
 
     def __init__(self, hidden_size=128, num_layers=1, *, input_size=None, batch_size=64,
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
@@ -310,6 +312,8 @@ class BaseLSTM(BaseEstimator):
         try:
             for _ in range(n_epochs):
                 start = time.perf_counter()
+                # a diverging epoch is rolled back to here (copies on the backend: no transfer)
+                epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
                 order = backend.asarray(self._rng.permutation(n_samples)) if self.shuffle else None
                 progress = _ProgressBar(n_samples, f"epoch {self.n_iter_ + 1}") \
                     if self.verbose >= 2 else None
@@ -330,14 +334,15 @@ class BaseLSTM(BaseEstimator):
                 if progress is not None:
                     progress.close()
                 epoch_loss = float(total) / n_samples
+                if not math.isfinite(epoch_loss):
+                    params[...], adam.m[...], adam.v[...], adam.step = epoch_start
+                    raise FloatingPointError(
+                        f"the training loss of epoch {self.n_iter_ + 1} is {epoch_loss}; "
+                        "training stopped and the estimator keeps the weights it had before "
+                        f"that epoch (after {self.n_iter_} epochs). Lower learning_rate_init, "
+                        f"set clip_grad_norm (e.g. 1.0), or scale {self._what_to_scale}.")
                 self.n_iter_ += 1
                 self.loss_curve_.append(epoch_loss)
-                if not math.isfinite(epoch_loss):
-                    raise FloatingPointError(
-                        f"the training loss of epoch {self.n_iter_} is {epoch_loss}; training "
-                        "stopped and the estimator keeps its last finite weights. Lower "
-                        "learning_rate_init, set clip_grad_norm (e.g. 1.0), or scale X "
-                        "(e.g. StandardScaler in a Pipeline).")
                 if X_val is None:
                     score = None
                     improved = epoch_loss < self.best_loss_ - self.tol
@@ -610,6 +615,8 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
     """
 
     _loss = "squared_error"
+    _what_to_scale = ("X (e.g. StandardScaler in a Pipeline) and y (e.g. "
+                      "TransformedTargetRegressor)")
 
     @property
     def _n_outputs(self):
