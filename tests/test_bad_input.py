@@ -112,6 +112,7 @@ FIT_CASES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("make, call, error, fragment",
                          [case[1:] for case in FIT_CASES], ids=[case[0] for case in FIT_CASES])
 def test_bad_fit_input_is_refused_with_the_fix(make, call, error, fragment):
@@ -160,6 +161,7 @@ def test_load_state_dict_refuses_non_finite_weights():
         LSTMClassifier(**TINY).load_state_dict(state)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("method", ["predict", "predict_proba", "predict_log_proba"])
 def test_outputs_that_overflow_float32_raise_instead_of_returning_nan(fitted, method):
     state = fitted[0].state_dict()
