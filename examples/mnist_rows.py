@@ -40,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--subset", type=int, default=None,
                         help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--save", metavar="PATH", default=None,
-                        help="save the fitted model (joblib if PATH ends in .joblib, else pickle)")
+                        help="save the fitted model: PATH ending in .npz gives fastlstm's safe "
+                             "format (load with fastlstm.load, runs no code), .joblib joblib, "
+                             "else pickle")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="save the learning curve (needs matplotlib)")
     return parser.parse_args(argv)
@@ -66,7 +68,9 @@ def load_data(args):
 
 
 def save_model(model, path):
-    if path.endswith(".joblib"):
+    if path.endswith(".npz"):
+        model.save(path)
+    elif path.endswith(".joblib"):
         import joblib
 
         joblib.dump(model, path)

@@ -15,12 +15,15 @@ brought to the host once per epoch.  Fitted weights always live on the host
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import threading
 import time
 import warnings
 from numbers import Integral, Real
 
+import numba
 import numpy as np
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -29,16 +32,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, \
-    validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from .backends import AdamState, get_backend
 from .params import ParamLayout
+from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
+    to_float32
 
 __all__ = ["BaseLSTM", "LSTMClassifier", "LSTMRegressor"]
 
-#: the Numba kernels specialise on dtype; float32 is what GPUs and PyTorch train in
-DTYPE = np.float32
 #: samples per forward pass at inference: bounds memory whatever the size of X
 PREDICT_BATCH_SIZE = 1024
 
@@ -75,6 +77,8 @@ class BaseLSTM(BaseEstimator):
 
     #: loss of the backend: "cross_entropy" or "squared_error" (set by subclasses)
     _loss = None
+    #: advice given when training diverges (set by subclasses)
+    _what_to_scale = "X (e.g. StandardScaler in a Pipeline)"
 
     def __init__(self, hidden_size=128, num_layers=1, *, input_size=None, batch_size=64,
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
@@ -109,42 +113,39 @@ class BaseLSTM(BaseEstimator):
 
     # ------------------------------------------------------------------ input
     def _validate_X(self, X, reset):
-        """``X`` as an ``(n_samples, n_steps, n_inputs)`` array of :data:`DTYPE`.
+        """``X`` as a float32 ``(n_samples, n_steps, n_inputs)`` array (see :mod:`.validation`)."""
+        return to_float32(self, check_sequences(self, X, reset))
 
-        2-D input goes through ``validate_data`` (feature names, ``n_features_in_``)
-        and is then cut into steps of ``input_size`` values.  3-D input is
-        already sequences: only its number of inputs per step must match, so a
-        model can read sequences of another length than it was trained on.
+    # ------------------------------------------------------------- persistence
+    def save(self, path):
+        """Write the fitted model to ``path`` in a file that cannot run code when loaded.
+
+        A ``.npz`` archive (read with ``allow_pickle=False`` by
+        :func:`fastlstm.load`) of the weights, the hyper-parameters and the
+        fitted attributes, with a format version and a SHA-256 digest.  Labels
+        (``classes_``) may be ints, floats, strings or bools.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write (an existing file is replaced only once the new one is complete).
         """
-        if not hasattr(X, "ndim"):  # lists and other array-likes
-            X = np.asarray(X)
-        if X.ndim == 3:
-            X = check_array(X, dtype=DTYPE, allow_nd=True, estimator=self, input_name="X")
-            if reset:
-                for name in ("n_features_in_", "feature_names_in_"):
-                    self.__dict__.pop(name, None)
-            if self.input_size is not None and X.shape[2] != self.input_size:
-                raise ValueError(
-                    f"X has {X.shape[2]} inputs per step but input_size={self.input_size}; "
-                    "set input_size=None (or to the last dimension of X) to read 3-D X as is.")
-        else:
-            X = validate_data(self, X, reset=reset, dtype=DTYPE)
-            size = 1 if self.input_size is None else self.input_size
-            n_samples, width = X.shape
-            if width % size:
-                raise ValueError(
-                    f"X has {width} columns, which is not a multiple of input_size={size}; "
-                    f"set input_size to a divisor of {width} or pass 3-D X of shape "
-                    "(n_samples, n_steps, n_inputs).")
-            X = X.reshape(n_samples, width // size, size)
-        if X.shape[1] < 1 or X.shape[2] < 1:
-            raise ValueError(f"X of shape {X.shape} has no time steps or no inputs per step; "
-                             "each sample needs at least one step of at least one input.")
-        if not reset and X.shape[2] != self.input_size_:
-            raise ValueError(
-                f"X has {X.shape[2]} inputs per step, but {type(self).__name__} was fitted with "
-                f"{self.input_size_}; reshape X as at fit time.")
-        return X
+        from .persistence import save
+
+        save(self, path)
+
+    def __getstate__(self):
+        from . import __version__
+
+        return {**super().__getstate__(), "_fastlstm_version": __version__}
+
+    def __setstate__(self, state):
+        from .persistence import _warn_if_other_version
+
+        state = dict(state)
+        _warn_if_other_version(state.pop("_fastlstm_version", None),
+                               f"this pickled {type(self).__name__}")
+        super().__setstate__(state)
 
     # ---------------------------------------------------------- subclass hooks
     def _encode_targets(self, y, first, classes=None):
@@ -235,6 +236,11 @@ class BaseLSTM(BaseEstimator):
                 "unfitted estimator instead.")
         layout = ParamLayout(input_size, hidden_size, num_layers, n_outputs)
         params = layout.from_state_dict(state, dtype=DTYPE)
+        if not np.isfinite(params).all():
+            bad = [name for name, view in layout.views(params).items()
+                   if not np.isfinite(view).all()]
+            raise ValueError(f"state_dict has NaN or infinite values (or values beyond float32's "
+                             f"range) in {bad}; load weights from a model that trained well.")
         if not fitted:
             self._targets_from_state_dict(n_outputs)
         self._initialize(layout, params)
@@ -266,7 +272,7 @@ class BaseLSTM(BaseEstimator):
         first = not hasattr(self, "_params") or not (incremental or self.warm_start)
         X = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
-        check_consistent_length(X, y)
+        check_same_length(X, y)
         layout = ParamLayout(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
         if first:
             self._initialize(layout)
@@ -306,6 +312,8 @@ class BaseLSTM(BaseEstimator):
         try:
             for _ in range(n_epochs):
                 start = time.perf_counter()
+                # a diverging epoch is rolled back to here (copies on the backend: no transfer)
+                epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
                 order = backend.asarray(self._rng.permutation(n_samples)) if self.shuffle else None
                 progress = _ProgressBar(n_samples, f"epoch {self.n_iter_ + 1}") \
                     if self.verbose >= 2 else None
@@ -315,24 +323,26 @@ class BaseLSTM(BaseEstimator):
                     batch = order[lo:hi] if self.shuffle else slice(lo, hi)
                     xb, yb = X_dev[batch], y_dev[batch]
                     # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-                    loss = backend.train_step(
-                        layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
-                        self.clip_grad_norm)
+                    with _kernel_lock(backend):
+                        loss = backend.train_step(
+                            layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
+                            self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
+                            self.clip_grad_norm)
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
                 if progress is not None:
                     progress.close()
                 epoch_loss = float(total) / n_samples
+                if not math.isfinite(epoch_loss):
+                    params[...], adam.m[...], adam.v[...], adam.step = epoch_start
+                    raise FloatingPointError(
+                        f"the training loss of epoch {self.n_iter_ + 1} is {epoch_loss}; "
+                        "training stopped and the estimator keeps the weights it had before "
+                        f"that epoch (after {self.n_iter_} epochs). Lower learning_rate_init, "
+                        f"set clip_grad_norm (e.g. 1.0), or scale {self._what_to_scale}.")
                 self.n_iter_ += 1
                 self.loss_curve_.append(epoch_loss)
-                if not math.isfinite(epoch_loss):
-                    raise FloatingPointError(
-                        f"the training loss of epoch {self.n_iter_} is {epoch_loss}; training "
-                        "stopped and the estimator keeps its last finite weights. Lower "
-                        "learning_rate_init, set clip_grad_norm (e.g. 1.0), or scale X "
-                        "(e.g. StandardScaler in a Pipeline).")
                 if X_val is None:
                     score = None
                     improved = epoch_loss < self.best_loss_ - self.tol
@@ -364,26 +374,42 @@ class BaseLSTM(BaseEstimator):
             self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
 
     # --------------------------------------------------------------- inference
-    def _forward(self, backend, params, X, activation=None):
-        """Network outputs for ``X`` (on the backend) in batches, as a host array.
+    def _forward(self, backend, params, X, activation=None, prepare=None):
+        """Network outputs for ``X`` in batches, as a float64 host array (computed in float32).
 
+        ``X`` is on the backend, or anything ``prepare(lo, hi)`` turns into the
+        float32 batch ``lo:hi`` (``predict`` validates and converts one batch at
+        a time this way, so its memory does not grow with ``len(X)``).
         ``activation`` (e.g. ``backend.softmax``) is applied on the backend.
         """
-        outputs = []
-        for lo in range(0, X.shape[0], PREDICT_BATCH_SIZE):
-            out, _ = backend.forward(self._layout, params, X[lo:lo + PREDICT_BATCH_SIZE])
-            outputs.append(backend.to_host(out if activation is None else activation(out)))
-        return np.concatenate(outputs) if outputs else \
-            np.empty((0, self._layout.output_size), DTYPE)
+        outputs = np.empty((len(X), self._layout.output_size))
+        for lo in range(0, len(X), PREDICT_BATCH_SIZE):
+            hi = lo + PREDICT_BATCH_SIZE
+            xb = X[lo:hi] if prepare is None else backend.asarray(prepare(lo, hi))
+            with _kernel_lock(backend):
+                out, _ = backend.forward(self._layout, params, xb)
+                if activation is not None:
+                    out = activation(out)
+            outputs[lo:hi] = backend.to_host(out)
+        return outputs
 
     def _predict_outputs(self, X, activation=None):
-        """Validated ``X`` through the fitted network: float64 on the host (computed in float32)."""
+        """Validated ``X`` through the fitted network, streamed in batches: float64 on the host.
+
+        Raises ``FloatingPointError`` rather than return non-finite outputs.
+        """
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        sequences = check_sequences(self, X, reset=False)
         backend = get_backend(self.device)
         act = None if activation is None else getattr(backend, activation)
-        outputs = self._forward(backend, backend.asarray(self._params), backend.asarray(X), act)
-        return outputs.astype(np.float64)
+        outputs = self._forward(backend, backend.asarray(self._params), sequences, act,
+                                prepare=lambda lo, hi: to_float32(self, sequences, lo, hi))
+        if not np.isfinite(outputs).all():
+            raise FloatingPointError(
+                "the network's outputs overflowed float32 for some samples of X: the weights "
+                "are too large (loaded with load_state_dict?); retrain, scale X (e.g. "
+                "StandardScaler in a Pipeline) or set alpha to keep the weights small.")
+        return outputs
 
 
 class LSTMClassifier(ClassifierMixin, BaseLSTM):
@@ -494,7 +520,7 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
             if len(labels) < 2:
                 raise ValueError(
                     f"{type(self).__name__} needs at least 2 classes to learn, got 1 class "
-                    f"({labels.tolist()}); check y.")
+                    f"({labels.tolist()}); pass y with at least two distinct labels.")
             self.classes_ = labels
         elif classes is not None and not np.array_equal(np.unique(classes), self.classes_):
             raise ValueError(f"classes={np.unique(classes).tolist()} differ from classes_="
@@ -589,18 +615,15 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
     """
 
     _loss = "squared_error"
+    _what_to_scale = ("X (e.g. StandardScaler in a Pipeline) and y (e.g. "
+                      "TransformedTargetRegressor)")
 
     @property
     def _n_outputs(self):
         return self.n_outputs_
 
     def _encode_targets(self, y, first, classes=None):
-        y = check_array(y, ensure_2d=False, dtype=DTYPE, input_name="y", estimator=self)
-        if y.ndim == 1:
-            y = y[:, None]
-        elif y.ndim != 2:
-            raise ValueError(f"y must have shape (n_samples,) or (n_samples, n_targets), "
-                             f"got {y.shape}.")
+        y = check_regression_targets(self, y)
         if first:
             self.n_outputs_ = y.shape[1]
         elif y.shape[1] != self.n_outputs_:
@@ -640,6 +663,27 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+#: Numba's workqueue threading layer aborts the process when parallel kernels are entered
+#: from two threads at once; this serialises them (see :func:`_kernel_lock`)
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _kernel_lock(backend):
+    """A lock around the backend's kernels where they are not thread-safe, else a no-op.
+
+    Only the CPU backend under Numba's ``workqueue`` threading layer needs one
+    (``omp`` and ``tbb`` are thread-safe).  Until a parallel kernel has run
+    Numba has not picked its layer, so the lock is taken then too.
+    """
+    if backend.name != "cpu":
+        return contextlib.nullcontext()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "workqueue"
+    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
 class _ProgressBar:

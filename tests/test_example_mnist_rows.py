@@ -8,6 +8,8 @@ import joblib
 import numpy as np
 import pytest
 
+import fastlstm
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_rows.py"
 
 
@@ -23,7 +25,7 @@ def mnist_rows(monkeypatch, tmp_path):
     return module
 
 
-@pytest.mark.parametrize("suffix", [".pkl", ".joblib"])
+@pytest.mark.parametrize("suffix", [".npz", ".pkl", ".joblib"])
 def test_offline_run_on_the_sample_trains_reports_and_saves(mnist_rows, tmp_path, capsys, suffix):
     model_path = tmp_path / f"model{suffix}"
     status = mnist_rows.main(["--offline", "--epochs", "2", "--hidden-size", "8",
@@ -33,7 +35,9 @@ def test_offline_run_on_the_sample_trains_reports_and_saves(mnist_rows, tmp_path
     assert status == 0
     assert "Using the bundled MNIST sample instead" in out
     assert "Epoch 2: loss" in out and "Test accuracy:" in out and "s/epoch" in out
-    if suffix == ".joblib":
+    if suffix == ".npz":
+        model = fastlstm.load(model_path)
+    elif suffix == ".joblib":
         model = joblib.load(model_path)
     else:
         model = pickle.loads(model_path.read_bytes())
