@@ -15,15 +15,12 @@ brought to the host once per epoch.  Fitted weights always live on the host
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
-import threading
 import time
 import warnings
 from numbers import Integral, Real
 
-import numba
 import numpy as np
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -323,11 +320,10 @@ class BaseLSTM(BaseEstimator):
                     batch = order[lo:hi] if self.shuffle else slice(lo, hi)
                     xb, yb = X_dev[batch], y_dev[batch]
                     # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-                    with _kernel_lock(backend):
-                        loss = backend.train_step(
-                            layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                            self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
-                            self.clip_grad_norm)
+                    loss = backend.train_step(
+                        layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
+                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
+                        self.clip_grad_norm)
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -386,10 +382,9 @@ class BaseLSTM(BaseEstimator):
         for lo in range(0, len(X), PREDICT_BATCH_SIZE):
             hi = lo + PREDICT_BATCH_SIZE
             xb = X[lo:hi] if prepare is None else backend.asarray(prepare(lo, hi))
-            with _kernel_lock(backend):
-                out, _ = backend.forward(self._layout, params, xb)
-                if activation is not None:
-                    out = activation(out)
+            out, _ = backend.forward(self._layout, params, xb)
+            if activation is not None:
+                out = activation(out)
             outputs[lo:hi] = backend.to_host(out)
         return outputs
 
@@ -663,27 +658,6 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
-
-
-#: Numba's workqueue threading layer aborts the process when parallel kernels are entered
-#: from two threads at once; this serialises them (see :func:`_kernel_lock`)
-_WORKQUEUE_LOCK = threading.Lock()
-
-
-def _kernel_lock(backend):
-    """A lock around the backend's kernels where they are not thread-safe, else a no-op.
-
-    Only the CPU backend under Numba's ``workqueue`` threading layer needs one
-    (``omp`` and ``tbb`` are thread-safe).  Until a parallel kernel has run
-    Numba has not picked its layer, so the lock is taken then too.
-    """
-    if backend.name != "cpu":
-        return contextlib.nullcontext()
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        layer = "workqueue"
-    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
 class _ProgressBar:

@@ -5,7 +5,6 @@ The head's GEMMs (``h_T @ W^T`` forwards, two small ones backwards) go to BLAS.
 
 import math
 
-import numpy as np
 from numba import njit
 
 

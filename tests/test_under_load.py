@@ -5,16 +5,10 @@ to it): predicting N uint8 MNIST-shaped images may allocate the output and a
 few batches, never a float32 copy of X.  ``benchmarks/predict_memory.py``
 measures the resident memory for N = 1,000,000.
 
-Numba's ``workqueue`` threading layer aborts the whole process when parallel
-kernels are entered from two threads at once, so the estimators serialise
-the CPU kernels under that layer; the last test runs threads under it in a
-subprocess (an abort there cannot take pytest down).
+The CPU backend keeps its buffers per calling thread and uses no Numba parallel
+region, so predictions and fits may run in several threads at once.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -99,22 +93,15 @@ def test_concurrent_predict_from_8_threads_equals_serial(Estimator, method):
     _concurrent_equals_serial(est, inputs, method)
 
 
-WORKQUEUE_SCRIPT = textwrap.dedent("""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numba
-    import numpy as np
-
-    from fastlstm import LSTMClassifier
-
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((300, 6, 3)).astype(np.float32)
+def test_concurrent_predict_and_fit_equal_serial():
+    X = RNG.standard_normal((300, 6, 3)).astype(np.float32)
     y = np.arange(300) % 3
-    make = lambda: LSTMClassifier(hidden_size=8, max_iter=2, device="cpu", random_state=0)
+
+    def make():
+        return LSTMClassifier(hidden_size=8, max_iter=2, device="cpu", random_state=0)
+
     clf = make().fit(X, y)
-    assert numba.threading_layer() == "workqueue", numba.threading_layer()
-    inputs = [rng.standard_normal((2000 + 37 * i, 6, 3)).astype(np.float32) for i in range(8)]
+    inputs = [RNG.standard_normal((2000 + 37 * i, 6, 3)).astype(np.float32) for i in range(8)]
     serial = [clf.predict_proba(x) for x in inputs]
     barrier = threading.Barrier(10)
 
@@ -122,24 +109,14 @@ WORKQUEUE_SCRIPT = textwrap.dedent("""
         barrier.wait()
         return clf.predict_proba(x)
 
-    def fit(_):
+    def fit():
         barrier.wait()
         return make().fit(X, y).predict_proba(X)
 
     with ThreadPoolExecutor(10) as pool:
         predicted = [pool.submit(predict, x) for x in inputs]
-        fitted = [pool.submit(fit, None) for _ in range(2)]
+        fitted = [pool.submit(fit) for _ in range(2)]
         for future, expected in zip(predicted, serial):
             np.testing.assert_array_equal(future.result(), expected)
         for future in fitted:
             np.testing.assert_array_equal(future.result(), clf.predict_proba(X))
-    print("workqueue: concurrent predict and fit equal serial")
-""")
-
-
-def test_concurrent_predict_and_fit_under_numba_workqueue_layer_do_not_abort():
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    done = subprocess.run([sys.executable, "-c", WORKQUEUE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "concurrent predict and fit equal serial" in done.stdout
