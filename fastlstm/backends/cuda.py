@@ -16,6 +16,7 @@ Importing this module raises ImportError when CuPy, cuBLAS or a usable GPU is mi
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -247,6 +248,9 @@ class CUDABackend(Backend):
         self.graphs = bool(graphs)
         self._persistent_ok: dict = {}
         self._slots: OrderedDict = OrderedDict()
+        # A slot's input buffers are shared by every caller of train_step with that shape: the
+        # copy-in, the launch and the copy-out of one step must not interleave with another's.
+        self._train_lock = threading.Lock()
         self._blas = {np.dtype(d): None for d in _SUFFIX}
         try:  # compile now, so that a machine where NVRTC fails falls back to the CPU
             for module, kernel in _PROBES.items():
@@ -563,6 +567,12 @@ class CUDABackend(Backend):
         gradient norm is not finite.  The first step of a new shape (batch, steps, dtype, loss)
         and hyper-parameters runs directly and captures a CUDA graph; the next ones replay it.
         """
+        with self._train_lock:
+            return self._train_step(layout, params, state, x, y, loss, lr, beta1, beta2, eps,
+                                    weight_decay, clip_grad_norm)
+
+    def _train_step(self, layout, params, state, x, y, loss, lr, beta1, beta2, eps, weight_decay,
+                    clip_grad_norm):
         x = cupy.asarray(x)
         B, T, _ = x.shape
         slot = self._train_slot(layout, B, T, params.dtype, loss)
