@@ -20,6 +20,9 @@ from fastlstm import LSTMClassifier
 from fastlstm.datasets import DatasetUnavailable, load_fashion_mnist, load_mnist, load_mnist_sample
 
 LOADERS = {"mnist": load_mnist, "fashion": load_fashion_mnist}
+#: training samples the default run sees: enough for >= 97% on the MNIST sample, about 2 minutes
+#: at most on 2 CPU cores whatever the dataset
+DEFAULT_SAMPLES_SEEN = 160_000
 
 
 def parse_args(argv=None):
@@ -30,11 +33,17 @@ def parse_args(argv=None):
                              "then the user cache)")
     parser.add_argument("--offline", action="store_true",
                         help="never download; MNIST falls back to the bundled sample")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"passes over the training set (default: about "
+                             f"{DEFAULT_SAMPLES_SEEN:,} samples seen in all: 20 epochs on the "
+                             "8,000-image sample, 3 on a 60,000-image training set)")
     parser.add_argument("--hidden-size", type=int, default=128)
     # batch size and learning rate default to LSTMClassifier's own defaults
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--clip-grad-norm", type=float, default=1.0,
+                        help="clip the gradient's norm to this (0: no clipping); steadies the "
+                             "late epochs at this learning rate")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subset", type=int, default=None,
@@ -114,9 +123,11 @@ def main(argv=None):
     # The estimator never rescales X: pixels go to [0, 1] here.
     X_train = X_train.astype(np.float32) / 255
     X_test = X_test.astype(np.float32) / 255
+    epochs = args.epochs or max(1, round(DEFAULT_SAMPLES_SEEN / len(y_train)))
 
     model = LSTMClassifier(hidden_size=args.hidden_size, batch_size=args.batch_size,
-                           learning_rate_init=args.learning_rate, max_iter=args.epochs,
+                           learning_rate_init=args.learning_rate, max_iter=epochs,
+                           clip_grad_norm=args.clip_grad_norm or None,
                            device=args.device, random_state=args.seed, verbose=1)
     print(f"{description}; {X_train.shape[1]} steps of {X_train.shape[2]} pixels; {model}",
           flush=True)
