@@ -101,14 +101,14 @@ def tanh(z):
     return math.tanh(z)
 
 
-@overload(sigmoid, inline="always")
+@overload(sigmoid)
 def _sigmoid_overload(z):
     if z == types.float32:
         return lambda z: sigmoid_f32(z)
     return sigmoid
 
 
-@overload(tanh, inline="always")
+@overload(tanh)
 def _tanh_overload(z):
     if z == types.float32:
         return lambda z: tanh_f32(z)
