@@ -6,6 +6,18 @@
 
 namespace fastlstm {
 
+// Max and log-sum-exp of one row, by one warp (every lane gets both).
+template <typename T>
+__device__ void row_max_logsumexp(const T* x, int cols, int lane, T* top, double* log_s) {
+    T m = x[0];
+    for (int k = lane; k < cols; k += 32) m = x[k] > m ? x[k] : m;
+    m = warp_max(m);
+    double s = 0.0;
+    for (int k = lane; k < cols; k += 32) s += exp((double)(x[k] - m));
+    *top = m;
+    *log_s = log(warp_sum(s));
+}
+
 // Row-wise softmax, one warp per row (max-shifted: no overflow).
 template <typename T>
 __device__ void softmax(const T* logits, T* probs, int rows, int cols) {
@@ -13,14 +25,11 @@ __device__ void softmax(const T* logits, T* probs, int rows, int cols) {
     const int warps = (gridDim.x * blockDim.x) >> 5;
     for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
         const T* x = logits + (long long)r * cols;
-        T top = x[0];
-        for (int k = lane; k < cols; k += 32) top = x[k] > top ? x[k] : top;
-        top = warp_max(top);
-        double total = 0.0;
-        for (int k = lane; k < cols; k += 32) total += exp((double)(x[k] - top));
-        total = warp_sum(total);
+        T top;
+        double log_s;
+        row_max_logsumexp(x, cols, lane, &top, &log_s);
         for (int k = lane; k < cols; k += 32)
-            probs[(long long)r * cols + k] = (T)(exp((double)(x[k] - top)) / total);
+            probs[(long long)r * cols + k] = (T)exp((double)(x[k] - top) - log_s);
     }
 }
 
@@ -36,13 +45,9 @@ __device__ void cross_entropy(const T* logits, const long long* y, T* dlogits, d
         const T* x = logits + (long long)r * cols;
         const long long label = y[r];
         const bool valid = label >= 0 && label < cols;
-        T top = x[0];
-        for (int k = lane; k < cols; k += 32) top = x[k] > top ? x[k] : top;
-        top = warp_max(top);
-        double s = 0.0;
-        for (int k = lane; k < cols; k += 32) s += exp((double)(x[k] - top));
-        s = warp_sum(s);
-        const double log_s = log(s);
+        T top;
+        double log_s;
+        row_max_logsumexp(x, cols, lane, &top, &log_s);
         for (int k = lane; k < cols; k += 32) {
             const double p = exp((double)(x[k] - top) - log_s);
             dlogits[(long long)r * cols + k] = (T)((p - (k == label ? 1.0 : 0.0)) / rows);
