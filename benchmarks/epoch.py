@@ -135,6 +135,7 @@ def estimator_report(args):
 
 
 def fastlstm_epoch(X, y, batch, hidden, rng, lr):
+    from _common import train_epoch
     from fastlstm import ParamLayout
     from fastlstm.backends import get_backend
     backend = get_backend("cpu")
@@ -146,12 +147,7 @@ def fastlstm_epoch(X, y, batch, hidden, rng, lr):
     backend.train_step(layout, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
                        "cross_entropy", lr)
     start, cpu_start = time.perf_counter(), time.process_time()
-    order = rng.permutation(len(X))
-    total = 0.0
-    for b in range(0, len(X), batch):
-        idx = order[b:b + batch]
-        total = total + backend.train_step(layout, params, state, X[idx], y[idx],
-                                           "cross_entropy", lr)
+    total = train_epoch(backend, layout, params, state, X, y, rng.permutation(len(X)), batch, lr)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu, float(total) / -(-len(X) // batch), (backend, layout, params)
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from _common import train_epoch
 from fastlstm import ParamLayout
 from fastlstm.backends import get_backend
 from fastlstm.datasets import load_mnist_sample
@@ -33,11 +34,7 @@ def train_and_score(backend, X_train, y_train, X_test, y_test, epochs):
     start = time.perf_counter()
     for _ in range(epochs):
         order = backend.asarray(rng.permutation(len(X_train)))
-        total = 0.0
-        for first in range(0, len(X_train), BATCH):
-            idx = order[first:first + BATCH]
-            total = total + backend.train_step(layout, params, state, X[idx], y[idx],
-                                               "cross_entropy", LR)
+        total = train_epoch(backend, layout, params, state, X, y, order, BATCH, LR)
         losses.append(float(total) / -(-len(X_train) // BATCH))
     seconds = time.perf_counter() - start
     outputs, _ = backend.forward(layout, params, backend.asarray(X_test))

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from _common import train_epoch
+
 CONFIGS = [(128, 128), (128, 1024), (100, 50)]   # (hidden, batch)
 VARIANTS = [("persistent", True), ("step", True), ("persistent", False)]
 STEPS, INPUTS, CLASSES, TEST_SAMPLES, LR = 28, 28, 10, 10_000, 1e-3
@@ -67,12 +69,7 @@ def run_fastlstm(data, hidden, batch, recurrence, graphs):
 
     def epoch():
         order = cupy.asarray(rng.permutation(n))
-        total = 0.0
-        for start in range(0, n, batch):
-            idx = order[start:start + batch]
-            total = total + backend.train_step(layout, params, state, X[idx], y[idx],
-                                               "cross_entropy", LR)
-        return total
+        return train_epoch(backend, layout, params, state, X, y, order, batch, LR)
 
     def infer():
         outputs, _ = backend.forward(layout, params, X_test)
