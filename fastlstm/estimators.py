@@ -588,8 +588,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        proba = self.predict_proba(X)
-        return self.classes_[proba.argmax(axis=1)]
+        # softmax keeps the order of the head's outputs: the argmax needs no probabilities
+        best = self._predict_outputs(X).argmax(axis=1)
+        return self.classes_[best]
 
 
 class LSTMRegressor(RegressorMixin, BaseLSTM):
