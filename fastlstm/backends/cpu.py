@@ -84,6 +84,11 @@ class _Workspace:
         self.w_cat_t = [np.empty(((layout.input_size if k == 0 else H) + H, G), dtype)
                         for k in range(L)]
         self.bias = [np.empty(G, dtype) for _ in range(L)]
+        if train:
+            # per worker and layer: the weight and bias gradients of the worker's rows
+            workers = min(threads, len(self.chunks))
+            self.partial = [[(np.empty(w.shape[::-1], dtype), np.empty(G, dtype))
+                             for w in self.w_cat_t] for _ in range(workers)]
 
 
 class CPUBackend(Backend):
@@ -211,9 +216,6 @@ class CPUBackend(Backend):
         np.matmul(doutputs.T, ws.h_last, out=gviews["head.weight"])
         np.sum(doutputs, axis=0, out=gviews["head.bias"])
         dh_last = doutputs @ views["head.weight"]
-        workers = min(self.num_threads, len(ws.chunks))
-        partial = [[(np.zeros_like(w.T), np.zeros(w.shape[1], params.dtype)) for w in ws.w_cat_t]
-                   for _ in range(workers)]
         B = dh_last.shape[0]
         if input_grads:
             dx = np.empty((B, T, layout.input_size), params.dtype)
@@ -222,7 +224,7 @@ class CPUBackend(Backend):
         no_seq = np.empty((0, 1, layout.hidden_size), params.dtype)
 
         def work(worker, chunk_ids):
-            for ci in chunk_ids:
+            for n, ci in enumerate(chunk_ids):
                 chunk = ws.chunks[ci]
                 lo, hi = chunk["rows"]
                 dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
@@ -233,11 +235,17 @@ class CPUBackend(Backend):
                 for k in reversed(range(L)):
                     buf = chunk["layers"][k]
                     w_ih, w_hh, _, _ = layout.layer(views, k)
-                    dw, db = partial[worker][k]
+                    dw, db = ws.partial[worker][k]
+                    if n == 0:
+                        db[...] = 0
                     lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
                                             input_grads)
                     dz2 = dz.reshape(T * R, G)
-                    dw += np.matmul(dz2.T, buf["xh"][:T].reshape(T * R, -1))
+                    xh2 = buf["xh"][:T].reshape(T * R, -1)
+                    if n == 0:
+                        np.matmul(dz2.T, xh2, out=dw)
+                    else:
+                        dw += np.matmul(dz2.T, xh2)
                     if input_grads:
                         dh0[k, lo:hi] = dh
                         dc0[k, lo:hi] = dc
@@ -249,10 +257,13 @@ class CPUBackend(Backend):
                     dx[lo:hi] = dh_seq.transpose(1, 0, 2)
 
         self._run(work, len(ws.chunks))
+        workers = min(self.num_threads, len(ws.chunks))
         for k in range(L):
-            n_in = ws.w_cat_t[k].shape[0] - layout.hidden_size
-            dw = sum(p[k][0] for p in partial)
-            db = sum(p[k][1] for p in partial)
+            dw, db = ws.partial[0][k]
+            for w in range(1, workers):
+                dw += ws.partial[w][k][0]
+                db += ws.partial[w][k][1]
+            n_in = dw.shape[1] - layout.hidden_size
             gviews[f"lstm.weight_ih_l{k}"][...] = dw[:, :n_in]
             gviews[f"lstm.weight_hh_l{k}"][...] = dw[:, n_in:]
             gviews[f"lstm.bias_ih_l{k}"][...] = db
