@@ -124,7 +124,9 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
             d_i, d_f, d_g, d_o = dzr[:H], dzr[H:2 * H], dzr[2 * H:3 * H], dzr[3 * H:]
             c_new, c_prev, dh_r, dc_r = c[t + 1, r], c[t, r], dh[r], dc[r]
             if has_seq:
-                dh_r += dh_seq[t, r]
+                seq = dh_seq[t, r]
+                for j in range(H):
+                    dh_r[j] += seq[j]
             for j in range(H):
                 tc = tanh(c_new[j])
                 grad_h = dh_r[j]
@@ -134,6 +136,8 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
                 d_g[j] = grad_c * gi[j] * (_ONE - gg[j] * gg[j])
                 d_o[j] = grad_h * tc * go[j] * (_ONE - go[j])
                 dc_r[j] = grad_c * gf[j]
-            db += dzr
+            # explicit loops: Numba's in-place array operators cost more than the loop itself
+            for q in range(G):
+                db[q] += dzr[q]
         if t > 0 or need_dh0:
             np.dot(dz[t], w_hh, dh)
