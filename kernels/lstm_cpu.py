@@ -29,7 +29,7 @@ _ONE = np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
-def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z):
+def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero):
     """Run one layer over all steps for one chunk of rows.
 
     Parameters
@@ -55,6 +55,8 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z):
         layer above), or nothing.
     z : (R, G) array
         Scratch: the GEMM's output.
+    h0_zero : bool
+        ``h0`` is zero: the first step's GEMM then takes the input part only.
     """
     R, T, I = x.shape
     S, _, K = xh.shape
@@ -66,7 +68,10 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z):
         nxt = xh[(t + 1) % S]
         for r in range(R):
             cur[r, :I] = x[r, t]
-        np.dot(cur, w_cat_t, z)
+        if t == 0 and h0_zero:
+            np.dot(np.ascontiguousarray(x[:, 0]), w_cat_t[:I], z)
+        else:
+            np.dot(cur, w_cat_t, z)
         gt = gates[t % gates.shape[0]]
         for r in range(R):
             # 1-D views per row: indexing them vectorises, 2-D indexing does not

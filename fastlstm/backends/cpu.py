@@ -197,7 +197,7 @@ class CPUBackend(Backend):
                     buf["xh"][0, :, n_in:] = 0 if h0 is None else h0[k, lo:hi]
                     buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
                     lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
-                                           buf["gates"], buf["hseq"], buf["z"])
+                                           buf["gates"], buf["hseq"], buf["z"], h0 is None)
                     inp = buf["hseq"]
                 ws.h_last[lo:hi] = buf["xh"][T % buf["xh"].shape[0], :, n_in:]
 
