@@ -11,7 +11,8 @@ and read back); then one fused pass computes the gates, the cell and the
 hidden state, with the float32 non-linearities of :mod:`.activations_cpu`,
 which vectorise.  Backwards, one fused pass per step gives the gradient of the
 pre-activations and accumulates the bias gradient; the weight gradients are
-then ONE GEMM over all steps, ``dz^T @ xh``, by the caller.
+then ONE GEMM over all steps, ``xh^T @ dz``, by the caller.  The step GEMMs
+are :func:`.gemm_cpu.gemm` or BLAS (``blocked``).
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -21,6 +22,7 @@ import numpy as np
 from numba import njit
 
 from .activations_cpu import sigmoid, tanh
+from .gemm_cpu import matmul
 
 #: LLVM may reassociate and contract (FMA); NaN and infinities keep their meaning,
 #: so a diverging step is still seen as non-finite.
@@ -29,7 +31,7 @@ _ONE = np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
-def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero):
+def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
     """Run one layer over all steps for one chunk of rows.
 
     Parameters
@@ -57,6 +59,8 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero):
         Scratch: the GEMM's output.
     h0_zero : bool
         ``h0`` is zero: the first step's GEMM then takes the input part only.
+    blocked : bool
+        Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """
     R, T, I = x.shape
     S, _, K = xh.shape
@@ -69,9 +73,9 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero):
         for r in range(R):
             cur[r, :I] = x[r, t]
         if t == 0 and h0_zero:
-            np.dot(np.ascontiguousarray(x[:, 0]), w_cat_t[:I], z)
+            matmul(np.ascontiguousarray(x[:, 0]), w_cat_t[:I], z, blocked)
         else:
-            np.dot(cur, w_cat_t, z)
+            matmul(cur, w_cat_t, z, blocked)
         gt = gates[t % gates.shape[0]]
         for r in range(R):
             # 1-D views per row: indexing them vectorises, 2-D indexing does not
@@ -96,7 +100,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
-def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
+def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0, blocked):
     """Backpropagate through one layer over all steps for one chunk of rows.
 
     Parameters
@@ -118,6 +122,8 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
     db : (G,) array
         The bias gradient of these rows is ADDED to it.
     need_dh0 : bool
+    blocked : bool
+        Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """
     T, R, G = gates.shape
     H = G // 4
@@ -145,4 +151,4 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0):
             for q in range(G):
                 db[q] += dzr[q]
         if t > 0 or need_dh0:
-            np.dot(dz[t], w_hh, dh)
+            matmul(dz[t], w_hh, dh, blocked)

@@ -11,7 +11,11 @@ weight gradients are summed).
 Per chunk and layer, forward: one GEMM per step ``[x_t, h_{t-1}] @ [W_ih,
 W_hh]^T`` and one fused pass for the gates (:func:`lstm_cpu.forward_layer`);
 backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
-gradients as ONE GEMM over all steps, ``dz^T @ [x, h_prev]``.
+gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
+Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
+gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
+instead of BLAS: at these shapes BLAS spends a good part of each call packing
+its operands.
 
 Buffers are reused across calls (per thread and shape) once no result refers
 to them any more: inference, training steps, and a forward + backward whose
@@ -30,7 +34,7 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
 from threadpoolctl import ThreadpoolController
 
-from ..kernels import adam_cpu, head_cpu, lstm_cpu
+from ..kernels import adam_cpu, gemm_cpu, head_cpu, lstm_cpu
 from .base import Backend, Gradients
 
 #: largest number of rows per chunk: the per-step working set stays in L2
@@ -85,10 +89,11 @@ class _Workspace:
                         for k in range(L)]
         self.bias = [np.empty(G, dtype) for _ in range(L)]
         if train:
-            # per worker and layer: the weight and bias gradients of the worker's rows
+            # per worker and layer: the weight gradient (transposed, as ``w_cat_t``)
+            # and the bias gradient of the worker's rows
             workers = min(threads, len(self.chunks))
-            self.partial = [[(np.empty(w.shape[::-1], dtype), np.empty(G, dtype))
-                             for w in self.w_cat_t] for _ in range(workers)]
+            self.partial = [[(np.empty_like(w), np.empty(G, dtype)) for w in self.w_cat_t]
+                            for _ in range(workers)]
 
 
 class CPUBackend(Backend):
@@ -98,12 +103,17 @@ class CPUBackend(Backend):
     ----------
     num_threads : int, optional
         Threads to use; default :func:`default_num_threads`.
+    blocked_gemm : bool, optional
+        Run the GEMMs inside the time loop and the weight-gradient GEMM with the
+        register-blocked kernel of :mod:`fastlstm.kernels.gemm_cpu` instead of
+        BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``).
     """
 
     name = "cpu"
 
-    def __init__(self, num_threads=None):
+    def __init__(self, num_threads=None, blocked_gemm=None):
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
+        self.blocked_gemm = gemm_cpu.PAYS_OFF if blocked_gemm is None else bool(blocked_gemm)
         self._pool = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
@@ -197,7 +207,8 @@ class CPUBackend(Backend):
                     buf["xh"][0, :, n_in:] = 0 if h0 is None else h0[k, lo:hi]
                     buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
                     lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
-                                           buf["gates"], buf["hseq"], buf["z"], h0 is None)
+                                           buf["gates"], buf["hseq"], buf["z"], h0 is None,
+                                           self.blocked_gemm)
                     inp = buf["hseq"]
                 ws.h_last[lo:hi] = buf["xh"][T % buf["xh"].shape[0], :, n_in:]
 
@@ -239,13 +250,15 @@ class CPUBackend(Backend):
                     if n == 0:
                         db[...] = 0
                     lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
-                                            input_grads)
+                                            input_grads, self.blocked_gemm)
                     dz2 = dz.reshape(T * R, G)
                     xh2 = buf["xh"][:T].reshape(T * R, -1)
-                    if n == 0:
-                        np.matmul(dz2.T, xh2, out=dw)
+                    if self.blocked_gemm:
+                        gemm_cpu.gemm(xh2.T, dz2, dw, n > 0)
+                    elif n == 0:
+                        np.matmul(xh2.T, dz2, out=dw)
                     else:
-                        dw += np.matmul(dz2.T, xh2)
+                        dw += np.matmul(xh2.T, dz2)
                     if input_grads:
                         dh0[k, lo:hi] = dh
                         dc0[k, lo:hi] = dc
@@ -263,9 +276,9 @@ class CPUBackend(Backend):
             for w in range(1, workers):
                 dw += ws.partial[w][k][0]
                 db += ws.partial[w][k][1]
-            n_in = dw.shape[1] - layout.hidden_size
-            gviews[f"lstm.weight_ih_l{k}"][...] = dw[:, :n_in]
-            gviews[f"lstm.weight_hh_l{k}"][...] = dw[:, n_in:]
+            n_in = dw.shape[0] - layout.hidden_size
+            gviews[f"lstm.weight_ih_l{k}"][...] = dw[:n_in].T
+            gviews[f"lstm.weight_hh_l{k}"][...] = dw[n_in:].T
             gviews[f"lstm.bias_ih_l{k}"][...] = db
             gviews[f"lstm.bias_hh_l{k}"][...] = db
         if not input_grads:

@@ -1,0 +1,195 @@
+"""A register-blocked GEMM for the products inside the LSTM's time loop.
+
+At one time step's shapes (a chunk of 64 rows times a 156 x 512 weight
+matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS packs its operands on
+every call and reaches about 90 GFLOP/s on one core of the project's machine;
+this kernel runs the same products at 100-110 without packing anything
+(``python benchmarks/microbench.py --ops gemm``).
+
+An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
+SIMD vectors of ``NR`` lanes across the whole inner dimension: per ``k``, one
+contiguous load of ``NR`` values of ``B``, ``MR`` broadcasts of ``A`` and
+``MR`` fused multiply-adds.  The block is written by hand as LLVM IR
+(:func:`_make_block`) because the accumulators must stay in registers, and
+LLVM keeps a Numba array or tuple of accumulators in registers only for some
+block shapes and targets (otherwise it runs 15x slower).  ``A`` may have any
+strides (the weight gradient reads a transposed view); ``B`` and the output
+need contiguous rows.  Columns past the last full panel of ``NR`` go through a
+zero-padded copy, rows past the last full block through blocks of 4, 2, 1.
+
+``MR x NR`` follows the vector width Numba compiles for: 8 x 32 floats are
+16 AVX-512 registers of accumulators, 6 x 16 are 12 AVX2 ones.  The LSTM
+kernels use it where :data:`PAYS_OFF`, and BLAS elsewhere.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._cpu_features import has_fma, vector_bits
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: rows and columns of the register block, for the SIMD width of the target
+MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
+#: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
+#: with AVX-512 (100-114 GFLOP/s against OpenBLAS's 89-96); with AVX2 LLVM's code for
+#: the narrower blocks was slower than OpenBLAS at some shapes, so BLAS is kept there.
+PAYS_OFF = vector_bits() >= 512
+#: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the
+#: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes
+#: (the 1792-long weight gradient: 89 -> 94-97 GFLOP/s)
+KC = 256
+
+
+def _make_block(rows):
+    """An intrinsic computing one ``rows x NR`` block of ``A @ B`` into (or onto) ``out``.
+
+    ``block(a, r0, b, c0, out, o_r0, o_c0, accumulate)``::
+
+        out[o_r0:o_r0+rows, o_c0:o_c0+NR] (+)= a[r0:r0+rows, :K] @ b[:, c0:c0+NR]
+
+    with ``K = b.shape[0]``.  No bounds are checked: the caller guarantees them.
+    """
+    @intrinsic
+    def block(typingctx, a, r0, b, c0, out, o_r0, o_c0, accumulate):
+        def codegen(context, builder, sig, args):
+            a_ty, _, b_ty, _, out_ty = sig.args[:5]
+            a_v, r0_v, b_v, c0_v, out_v, o_r0_v, o_c0_v, acc_v = args
+            fty = context.get_data_type(a_ty.dtype)
+            vty = ir.VectorType(fty, NR)
+            i8p = ir.IntType(8).as_pointer()
+
+            def ptr(arr_ty, arr_v, row, col, elem_ty):
+                arr = context.make_array(arr_ty)(context, builder, arr_v)
+                s0, s1 = cgutils.unpack_tuple(builder, arr.strides)
+                offset = builder.add(builder.mul(row, s0), builder.mul(col, s1))
+                return builder.bitcast(builder.gep(builder.bitcast(arr.data, i8p), [offset]),
+                                       elem_ty.as_pointer())
+
+            a_arr = context.make_array(a_ty)(context, builder, a_v)
+            a_k_stride = cgutils.unpack_tuple(builder, a_arr.strides)[1]
+            b_arr = context.make_array(b_ty)(context, builder, b_v)
+            b_k_stride = cgutils.unpack_tuple(builder, b_arr.strides)[0]
+            k_count = cgutils.unpack_tuple(builder, b_arr.shape)[0]
+            zero = context.get_constant(types.intp, 0)
+            a_rows = [builder.bitcast(
+                ptr(a_ty, a_v, builder.add(r0_v, context.get_constant(types.intp, i)), zero, fty),
+                i8p) for i in range(rows)]
+            b_panel = builder.bitcast(ptr(b_ty, b_v, zero, c0_v, fty), i8p)
+
+            suffix = "f32" if a_ty.dtype == types.float32 else "f64"
+            fma_intrinsic = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{NR}{suffix}")
+
+            def fma(x, y, z):
+                if has_fma():
+                    return builder.call(fma_intrinsic, [x, y, z])
+                return builder.fadd(builder.fmul(x, y), z)  # a library call per lane otherwise
+            i32 = ir.IntType(32)
+            splat = ir.Constant(ir.VectorType(i32, NR), [0] * NR)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, [0.0] * NR))
+                    for _ in range(rows)]
+            with cgutils.for_range(builder, k_count) as loop:
+                k = loop.index
+                b_row = builder.load(builder.bitcast(
+                    builder.gep(b_panel, [builder.mul(k, b_k_stride)]), vty.as_pointer()), align=1)
+                for i in range(rows):
+                    a_ik = builder.load(builder.bitcast(
+                        builder.gep(a_rows[i], [builder.mul(k, a_k_stride)]), fty.as_pointer()))
+                    a_vec = builder.insert_element(ir.Constant(vty, ir.Undefined), a_ik,
+                                                   ir.Constant(i32, 0))
+                    a_vec = builder.shuffle_vector(a_vec, ir.Constant(vty, ir.Undefined), splat)
+                    builder.store(fma(a_vec, b_row, builder.load(accs[i])),
+                                  accs[i])
+            for i in range(rows):
+                row = builder.add(o_r0_v, context.get_constant(types.intp, i))
+                dst = ptr(out_ty, out_v, row, o_c0_v, vty)
+                value = builder.load(accs[i])
+                with builder.if_then(acc_v):
+                    builder.store(builder.fadd(builder.load(dst, align=1), value), accs[i])
+                builder.store(builder.load(accs[i]), dst, align=1)
+            return context.get_dummy_value()
+        return types.void(a, r0, b, c0, out, o_r0, o_c0, accumulate), codegen
+    return block
+
+
+_block_mr = _make_block(MR)
+_block_4 = _make_block(4)
+_block_2 = _make_block(2)
+_block_1 = _make_block(1)
+
+
+@njit(inline="always")
+def _column_panel(a, b, c0, out, o_c0, accumulate):
+    """``out[:, o_c0:o_c0+NR] (+)= a @ b[:, c0:c0+NR]`` for every row, largest blocks first."""
+    M = a.shape[0]
+    r = 0
+    while r + MR <= M:
+        _block_mr(a, r, b, c0, out, r, o_c0, accumulate)
+        r += MR
+    if MR > 4 and r + 4 <= M:
+        _block_4(a, r, b, c0, out, r, o_c0, accumulate)
+        r += 4
+    if MR > 2 and r + 2 <= M:
+        _block_2(a, r, b, c0, out, r, o_c0, accumulate)
+        r += 2
+    while r < M:
+        _block_1(a, r, b, c0, out, r, o_c0, accumulate)
+        r += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def gemm(a, b, out, accumulate):
+    """``out (+)= a[:, :K] @ b`` with ``K = b.shape[0]``, single-threaded.
+
+    Parameters
+    ----------
+    a : (M, K') array, any strides, ``K' >= K``
+    b : (K, N) array, rows contiguous
+    out : (M, N) array, rows contiguous; must not overlap ``a`` or ``b``
+    accumulate : bool
+        Add to ``out`` instead of overwriting it.
+    """
+    M, N = out.shape
+    K = b.shape[0]
+    if a.shape[0] != M or a.shape[1] < K or b.shape[1] != N:
+        raise ValueError("gemm: shapes do not match")
+    if N >= NR and (b.strides[1] != b.itemsize or out.strides[1] != out.itemsize):
+        raise ValueError("gemm: b and out need contiguous rows")
+    for k0 in range(0, max(K, 1), KC):
+        k1 = min(K, k0 + KC)
+        _gemm_slice(a[:, k0:k1], b[k0:k1], out, accumulate or k0 > 0)
+
+
+@njit(inline="always")
+def _gemm_slice(a, b, out, accumulate):
+    M, N = out.shape
+    K = b.shape[0]
+    full = N - N % NR
+    for c0 in range(0, full, NR):
+        _column_panel(a, b, c0, out, c0, accumulate)
+    if full < N:
+        width = N - full
+        padded = np.zeros((K, NR), out.dtype)
+        padded[:, :width] = b[:, full:]
+        tile = np.empty((M, NR), out.dtype)
+        _column_panel(a, padded, 0, tile, 0, False)
+        for r in range(M):
+            if accumulate:
+                for c in range(width):
+                    out[r, full + c] += tile[r, c]
+            else:
+                for c in range(width):
+                    out[r, full + c] = tile[r, c]
+
+
+@njit(inline="always")
+def matmul(a, b, out, blocked):
+    """``out = a @ b`` (same shapes, contiguous): :func:`gemm` if ``blocked``, else BLAS."""
+    if blocked:
+        gemm(a, b, out, False)
+    else:
+        np.dot(a, b, out)

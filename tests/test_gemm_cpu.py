@@ -1,0 +1,88 @@
+"""The register-blocked GEMM of the CPU kernels against float64 products, and the CPU
+backend with either GEMM (its own or BLAS) against the reference."""
+
+import numpy as np
+import pytest
+
+from fastlstm.backends import get_backend
+from fastlstm.backends.cpu import CPUBackend
+from fastlstm.kernels import gemm_cpu
+
+from conftest import in_float64, make_problem, rel_err
+
+MR, NR = gemm_cpu.MR, gemm_cpu.NR
+#: (M, K, N): empty, single, remainders of every block size, exact panels, LSTM step shapes
+SHAPES = [(0, 3, 4), (3, 0, 4), (1, 1, 1), (3, 5, 7), (MR + 7, 9, NR + 1), (MR, 2, NR),
+          (2 * MR + 3, 17, 3 * NR - 1), (64, 156, 512), (125, 156, 512), (64, 512, 128),
+          (156, 300, 512)]
+TOLERANCE = {np.float32: 1e-6, np.float64: 1e-14}
+
+
+def reference(a, b):
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
+def test_gemm_matches_float64_product(shape, dtype):
+    M, K, N = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    out = np.full((M, N), np.nan, dtype)
+    gemm_cpu.gemm(a, b, out, False)
+    assert rel_err(out, reference(a, b)) < TOLERANCE[dtype]
+    before = rng.standard_normal((M, N)).astype(dtype)
+    acc = before.copy()
+    gemm_cpu.gemm(a, b, acc, True)
+    assert rel_err(acc, before + reference(a, b)) < TOLERANCE[dtype]
+
+
+def test_gemm_reads_strided_and_wider_a():
+    rng = np.random.default_rng(1)
+    a_t = rng.standard_normal((40, 2 * MR + 1)).astype(np.float32)  # a = a_t.T, strided
+    wide = rng.standard_normal((2 * MR + 1, 60)).astype(np.float32)  # only 40 columns used
+    b = rng.standard_normal((40, NR + 5)).astype(np.float32)
+    out_t, out_w = (np.empty((2 * MR + 1, NR + 5), np.float32) for _ in range(2))
+    gemm_cpu.gemm(a_t.T, b, out_t, False)
+    gemm_cpu.gemm(wide, b, out_w, False)
+    assert rel_err(out_t, reference(a_t.T, b)) < 1e-6
+    assert rel_err(out_w, reference(wide[:, :40], b)) < 1e-6
+
+
+def test_gemm_refuses_mismatched_or_strided_operands():
+    a = np.ones((4, 3), np.float32)
+    b = np.ones((3, 2 * NR), np.float32)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_cpu.gemm(a, b, np.empty((5, 2 * NR), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemm_cpu.gemm(a, np.ones((3, 4 * NR), np.float32)[:, ::2], np.empty((4, 2 * NR),
+                                                                            np.float32), False)
+
+
+def test_gemm_keeps_non_finite_values():
+    a = np.array([[np.inf, 1.0], [np.nan, 0.0]], np.float32)
+    out = np.empty((2, NR), np.float32)
+    gemm_cpu.gemm(a, np.ones((2, NR), np.float32), out, False)
+    assert np.isposinf(out[0]).all() and np.isnan(out[1]).all()
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["blas", "blocked"])
+@pytest.mark.parametrize("shape", [(128, 28, 28, 128, 1, 10), (5, 6, 3, 40, 3, 4)],
+                         ids=["mnist", "3-layers"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_cpu_backend_matches_reference_with_either_gemm(blocked, shape, dtype):
+    layout, params, x, y, h0, c0 = make_problem(shape, "cross_entropy", dtype)
+    want_backend = get_backend("reference")
+    results = []
+    for backend, args in ((CPUBackend(blocked_gemm=blocked), (params, x, h0, c0)),
+                          (want_backend, in_float64(params, x, h0, c0))):
+        p, xx, hh, cc = args
+        outputs, cache = backend.forward(layout, p, xx, hh, cc, train=True)
+        _, doutputs = backend.loss(outputs, y, "cross_entropy")
+        grads = backend.backward(layout, p, cache, doutputs, input_grads=True)
+        inference, _ = backend.forward(layout, p, xx)  # h0 = 0: the first step's shortcut
+        results.append([outputs, inference, grads.params, grads.x, grads.h0, grads.c0])
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, want in zip(*results):
+        assert rel_err(got, want) < tol
