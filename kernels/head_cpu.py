@@ -8,7 +8,7 @@ import math
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def add_bias(outputs, bias):
     """``outputs += bias`` row by row, in place."""
     for r in range(outputs.shape[0]):
@@ -32,11 +32,14 @@ def softmax(logits, probs):
             probs[r, k] /= total
 
 
-@njit(cache=True)
-def cross_entropy(logits, y, dlogits):
-    """Mean softmax cross-entropy; writes its gradient w.r.t. ``logits`` into ``dlogits``.
+@njit(cache=True, nogil=True)
+def cross_entropy(logits, y, dlogits, batch_size):
+    """Softmax cross-entropy of these rows, summed and divided by ``batch_size``.
 
-    ``y`` holds class indices.  Returns the loss (float64 accumulation).
+    Writes the gradient w.r.t. ``logits`` into ``dlogits``.  ``y`` holds class
+    indices.  With ``batch_size = len(logits)`` this is the batch mean; a
+    larger one serves a chunk of the batch.  Returns the loss (float64
+    accumulation).
     """
     B, K = logits.shape
     total = 0.0
@@ -49,16 +52,20 @@ def cross_entropy(logits, y, dlogits):
             s += math.exp(logits[r, k] - top)
         log_s = math.log(s)
         for k in range(K):
-            dlogits[r, k] = math.exp(logits[r, k] - top - log_s) / B
-        dlogits[r, y[r]] -= 1.0 / B
+            dlogits[r, k] = math.exp(logits[r, k] - top - log_s) / batch_size
+        dlogits[r, y[r]] -= 1.0 / batch_size
         total += log_s - (logits[r, y[r]] - top)
-    return total / B
+    return total / batch_size
 
 
-@njit(cache=True)
-def squared_error(outputs, y, doutputs):
-    """``mean((outputs - y) ** 2) / 2`` over every element; writes its gradient into ``doutputs``."""
-    n = outputs.size
+@njit(cache=True, nogil=True)
+def squared_error(outputs, y, doutputs, batch_size):
+    """``sum((outputs - y) ** 2) / 2`` divided by every element of the batch, ``batch_size`` rows.
+
+    Writes its gradient into ``doutputs``; with ``batch_size = len(outputs)`` this
+    is the mean over every element.
+    """
+    n = batch_size * outputs.shape[1]
     total = 0.0
     for r in range(outputs.shape[0]):
         for k in range(outputs.shape[1]):

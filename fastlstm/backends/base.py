@@ -116,11 +116,17 @@ class Backend:
         if not math.isfinite(value):
             return value
         grads = self.backward(layout, params, cache, doutputs).params
+        self._apply_gradients(params, grads, state, lr, beta1, beta2, eps, weight_decay,
+                              clip_grad_norm)
+        return value
+
+    def _apply_gradients(self, params, grads, state, lr, beta1, beta2, eps, weight_decay,
+                         clip_grad_norm):
+        """The end of :meth:`train_step`: clip, then Adam, unless the gradient is not finite."""
         norm = self.grad_norm(grads)
         if not math.isfinite(norm):
-            return value
+            return
         scale = 1.0
         if clip_grad_norm is not None and norm > clip_grad_norm:
             scale = clip_grad_norm / norm
         self.adam_step(params, grads, state, lr, beta1, beta2, eps, weight_decay, scale)
-        return value

@@ -24,6 +24,7 @@ cache has been dropped.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -94,6 +95,9 @@ class _Workspace:
             workers = min(threads, len(self.chunks))
             self.partial = [[(np.empty_like(w), np.empty(G, dtype)) for w in self.w_cat_t]
                             for _ in range(workers)]
+            # the head's outputs and their gradient, in train_step
+            self.outputs = np.empty((batch, layout.output_size), dtype)
+            self.doutputs = np.empty_like(self.outputs)
 
 
 class CPUBackend(Backend):
@@ -175,6 +179,10 @@ class CPUBackend(Backend):
 
     # -- the interface -------------------------------------------------------------------
 
+    # Every method that calls BLAS holds _single_threaded_blas, even for the small
+    # GEMMs of the head: BLAS's own threads, once woken, spin for a while and take
+    # the cores from ours.
+
     def forward(self, layout, params, x, h0=None, c0=None, train=False):
         with self._single_threaded_blas():
             return self._forward(layout, params, x, h0, c0, train)
@@ -184,134 +192,184 @@ class CPUBackend(Backend):
             return self._backward(layout, params, cache, doutputs, input_grads)
 
     def _forward(self, layout, params, x, h0, c0, train):
-        views = layout.views(params)
-        dtype = params.dtype
-        x = np.ascontiguousarray(x, dtype=dtype)
-        B, T, _ = x.shape
-        L = layout.num_layers
-        ws = self._workspace(layout, B, T, dtype, train)
-        for k in range(L):
-            w_ih, w_hh, b_ih, b_hh = layout.layer(views, k)
-            n_in = w_ih.shape[1]
-            ws.w_cat_t[k][:n_in] = w_ih.T
-            ws.w_cat_t[k][n_in:] = w_hh.T
-            np.add(b_ih, b_hh, out=ws.bias[k])
+        views, x, ws = self._prepare(layout, params, x, train)
+        outputs = np.empty((x.shape[0], layout.output_size), params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
-                chunk = ws.chunks[ci]
-                lo, hi = chunk["rows"]
-                inp = x[lo:hi]
-                for k, buf in enumerate(chunk["layers"]):
-                    n_in = inp.shape[2]
-                    buf["xh"][0, :, n_in:] = 0 if h0 is None else h0[k, lo:hi]
-                    buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
-                    lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
-                                           buf["gates"], buf["hseq"], buf["z"], h0 is None,
-                                           self.blocked_gemm)
-                    inp = buf["hseq"]
-                ws.h_last[lo:hi] = buf["xh"][T % buf["xh"].shape[0], :, n_in:]
+                self._forward_chunk(views, ws, ci, x, h0, c0, outputs)
 
         self._run(work, len(ws.chunks))
-        outputs = np.matmul(ws.h_last, views["head.weight"].T)
-        head_cpu.add_bias(outputs, views["head.bias"])
-        cache = dict(ws=ws, steps=T) if train else None
+        cache = dict(ws=ws, steps=x.shape[1]) if train else None
         return outputs, cache
 
     def _backward(self, layout, params, cache, doutputs, input_grads):
         views = layout.views(params)
         ws, T = cache["ws"], cache["steps"]
-        L = layout.num_layers
-        grads = self._grad_buffer(params)
-        gviews = layout.views(grads)
-        np.matmul(doutputs.T, ws.h_last, out=gviews["head.weight"])
-        np.sum(doutputs, axis=0, out=gviews["head.bias"])
-        dh_last = doutputs @ views["head.weight"]
-        B = dh_last.shape[0]
+        L, H = layout.num_layers, layout.hidden_size
+        B = doutputs.shape[0]
+        inputs = None
         if input_grads:
-            dx = np.empty((B, T, layout.input_size), params.dtype)
-            dh0 = np.empty((L, B, layout.hidden_size), params.dtype)
-            dc0 = np.empty_like(dh0)
-        no_seq = np.empty((0, 1, layout.hidden_size), params.dtype)
+            inputs = (np.empty((B, T, layout.input_size), params.dtype),
+                      np.empty((L, B, H), params.dtype), np.empty((L, B, H), params.dtype))
 
         def work(worker, chunk_ids):
             for n, ci in enumerate(chunk_ids):
-                chunk = ws.chunks[ci]
-                lo, hi = chunk["rows"]
-                dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
-                R, G = hi - lo, dz.shape[2]
-                dh[...] = dh_last[lo:hi]
-                dc[...] = 0
-                dh_seq = no_seq
-                for k in reversed(range(L)):
-                    buf = chunk["layers"][k]
-                    w_ih, w_hh, _, _ = layout.layer(views, k)
-                    dw, db = ws.partial[worker][k]
-                    if n == 0:
-                        db[...] = 0
-                    lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
-                                            input_grads, self.blocked_gemm)
-                    dz2 = dz.reshape(T * R, G)
-                    xh2 = buf["xh"][:T].reshape(T * R, -1)
-                    if self.blocked_gemm:
-                        gemm_cpu.gemm(xh2.T, dz2, dw, n > 0)
-                    elif n == 0:
-                        np.matmul(xh2.T, dz2, out=dw)
-                    else:
-                        dw += np.matmul(xh2.T, dz2)
-                    if input_grads:
-                        dh0[k, lo:hi] = dh
-                        dc0[k, lo:hi] = dc
-                    if k > 0 or input_grads:
-                        dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
-                    dh[...] = 0
-                    dc[...] = 0
-                if input_grads:
-                    dx[lo:hi] = dh_seq.transpose(1, 0, 2)
+                self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, inputs)
 
         self._run(work, len(ws.chunks))
-        workers = min(self.num_threads, len(ws.chunks))
-        for k in range(L):
+        grads = np.empty_like(params)
+        self._sum_gradients(layout, ws, doutputs, grads)
+        return Gradients(grads) if inputs is None else Gradients(grads, *inputs)
+
+    def train_step(self, layout, params, state, x, y, loss, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, clip_grad_norm=None):
+        # The step of the base class with ONE meeting of the threads: the head and the
+        # gradient of the loss are per row too, so each thread runs forward, head, loss
+        # gradient and backward for its chunks; the loss value and the gradient sums
+        # come after.  Every piece computes what forward/loss/backward do, in the same
+        # order, so the two give identical results.  Buffers are reused between steps.
+        kernel = {"cross_entropy": head_cpu.cross_entropy,
+                  "squared_error": head_cpu.squared_error}.get(loss)
+        if kernel is None:
+            raise ValueError(f"unknown loss {loss!r}; expected 'cross_entropy' or "
+                             "'squared_error'")
+        with self._single_threaded_blas():
+            views, x, ws = self._prepare(layout, params, x, True)
+            B = x.shape[0]
+            y = np.asarray(y, dtype=np.intp if loss == "cross_entropy" else params.dtype)
+            outputs, doutputs = ws.outputs, ws.doutputs
+
+            def work(worker, chunk_ids):
+                # A diverged step reaches backward here with a non-finite loss; it is
+                # detected below and the update skipped, so NumPy need not warn (errstate
+                # is per thread, hence set in each).
+                with np.errstate(over="ignore", invalid="ignore"):
+                    for n, ci in enumerate(chunk_ids):
+                        self._forward_chunk(views, ws, ci, x, None, None, outputs)
+                        lo, hi = ws.chunks[ci]["rows"]
+                        kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
+                        self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, None)
+
+            self._run(work, len(ws.chunks))
+            value = float(kernel(outputs, y, doutputs, B))  # the batch's loss, summed in order
+            if not math.isfinite(value):
+                return value
+            grads = self._grad_buffer(params)
+            self._sum_gradients(layout, ws, doutputs, grads)
+            self._apply_gradients(params, grads, state, lr, beta1, beta2, eps, weight_decay,
+                                  clip_grad_norm)
+        return value
+
+    # -- the pieces of a step ------------------------------------------------------------
+
+    def _prepare(self, layout, params, x, train):
+        """Views of ``params``, ``x`` contiguous in their dtype, and a workspace whose
+        concatenated transposed weights and summed biases are filled in."""
+        views = layout.views(params)
+        x = np.ascontiguousarray(x, dtype=params.dtype)
+        ws = self._workspace(layout, x.shape[0], x.shape[1], params.dtype, train)
+        for k in range(layout.num_layers):
+            w_ih, w_hh, b_ih, b_hh = layout.layer(views, k)
+            n_in = w_ih.shape[1]
+            ws.w_cat_t[k][:n_in] = w_ih.T
+            ws.w_cat_t[k][n_in:] = w_hh.T
+            np.add(b_ih, b_hh, out=ws.bias[k])
+        return views, x, ws
+
+    def _forward_chunk(self, views, ws, ci, x, h0, c0, outputs):
+        """Every layer and the head over the rows of chunk ``ci``: their last hidden
+        state into ``ws.h_last``, the head's outputs into ``outputs``."""
+        chunk = ws.chunks[ci]
+        lo, hi = chunk["rows"]
+        inp = x[lo:hi]
+        for k, buf in enumerate(chunk["layers"]):
+            n_in = inp.shape[2]
+            buf["xh"][0, :, n_in:] = 0 if h0 is None else h0[k, lo:hi]
+            buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
+            lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
+                                   buf["gates"], buf["hseq"], buf["z"], h0 is None,
+                                   self.blocked_gemm)
+            inp = buf["hseq"]
+        h_last = ws.h_last[lo:hi]
+        h_last[...] = buf["xh"][x.shape[1] % buf["xh"].shape[0], :, n_in:]
+        np.matmul(h_last, views["head.weight"].T, out=outputs[lo:hi])
+        head_cpu.add_bias(outputs[lo:hi], views["head.bias"])
+
+    def _backward_chunk(self, views, ws, ci, worker, first, doutputs, inputs):
+        """Backpropagate chunk ``ci`` from ``doutputs`` (the whole batch's; its rows are used).
+
+        Its LSTM weight and bias gradients are written (``first`` chunk of this
+        worker) or added to the worker's partial sums; ``inputs``, if not None, is
+        ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk are filled in.
+        """
+        chunk = ws.chunks[ci]
+        lo, hi = chunk["rows"]
+        dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
+        T, R, G = dz.shape
+        L = len(chunk["layers"])
+        np.matmul(doutputs[lo:hi], views["head.weight"], out=dh)
+        dc[...] = 0
+        dh_seq = np.empty((0, 1, G // 4), dz.dtype)
+        for k in reversed(range(L)):
+            buf = chunk["layers"][k]
+            w_ih = views[f"lstm.weight_ih_l{k}"]
+            w_hh = views[f"lstm.weight_hh_l{k}"]
+            dw, db = ws.partial[worker][k]
+            if first:
+                db[...] = 0
+            lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
+                                    inputs is not None, self.blocked_gemm)
+            dz2 = dz.reshape(T * R, G)
+            xh2 = buf["xh"][:T].reshape(T * R, -1)
+            if self.blocked_gemm:
+                gemm_cpu.gemm(xh2.T, dz2, dw, not first)
+            elif first:
+                np.matmul(xh2.T, dz2, out=dw)
+            else:
+                dw += np.matmul(xh2.T, dz2)
+            if inputs is not None:
+                inputs[1][k, lo:hi] = dh
+                inputs[2][k, lo:hi] = dc
+            if k > 0 or inputs is not None:
+                dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
+            dh[...] = 0
+            dc[...] = 0
+        if inputs is not None:
+            inputs[0][lo:hi] = dh_seq.transpose(1, 0, 2)
+
+    def _sum_gradients(self, layout, ws, doutputs, grads):
+        """The head's gradients (one GEMM over the batch) and the sums of the workers'
+        partial LSTM gradients, into ``grads``."""
+        gviews = layout.views(grads)
+        np.matmul(doutputs.T, ws.h_last, out=gviews["head.weight"])
+        np.sum(doutputs, axis=0, out=gviews["head.bias"])
+        for k in range(layout.num_layers):
             dw, db = ws.partial[0][k]
-            for w in range(1, workers):
-                dw += ws.partial[w][k][0]
-                db += ws.partial[w][k][1]
+            for more_dw, more_db in (p[k] for p in ws.partial[1:]):
+                dw += more_dw
+                db += more_db
             n_in = dw.shape[0] - layout.hidden_size
             gviews[f"lstm.weight_ih_l{k}"][...] = dw[:n_in].T
             gviews[f"lstm.weight_hh_l{k}"][...] = dw[n_in:].T
             gviews[f"lstm.bias_ih_l{k}"][...] = db
             gviews[f"lstm.bias_hh_l{k}"][...] = db
-        if not input_grads:
-            return Gradients(grads)
-        return Gradients(grads, dx, dh0, dc0)
 
     def _grad_buffer(self, params):
-        """The gradient buffer: fresh, unless inside :meth:`train_step` (consumed there)."""
-        if not getattr(self._local, "in_train_step", False):
-            return np.empty_like(params)
+        """The gradient buffer of :meth:`train_step`, reused from one step to the next."""
         buf = getattr(self._local, "grads", None)
         if buf is None or buf.shape != params.shape or buf.dtype != params.dtype:
             buf = self._local.grads = np.empty_like(params)
         return buf
 
-    def train_step(self, layout, params, state, x, y, loss, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                   weight_decay=0.0, clip_grad_norm=None):
-        # Same step as the base class; the forward cache and the gradients never escape
-        # it, so every buffer is reused from one step to the next.
-        self._local.in_train_step = True
-        try:
-            with self._single_threaded_blas():
-                return super().train_step(layout, params, state, x, y, loss, lr, beta1, beta2,
-                                          eps, weight_decay, clip_grad_norm)
-        finally:
-            self._local.in_train_step = False
-
     def loss(self, outputs, y, kind):
         doutputs = np.empty_like(outputs)
         if kind == "cross_entropy":
-            value = head_cpu.cross_entropy(outputs, np.asarray(y, dtype=np.intp), doutputs)
+            value = head_cpu.cross_entropy(outputs, np.asarray(y, dtype=np.intp), doutputs,
+                                           len(outputs))
         elif kind == "squared_error":
-            value = head_cpu.squared_error(outputs, np.asarray(y, dtype=outputs.dtype), doutputs)
+            value = head_cpu.squared_error(outputs, np.asarray(y, dtype=outputs.dtype), doutputs,
+                                           len(outputs))
         else:
             raise ValueError(f"unknown loss {kind!r}; expected 'cross_entropy' or 'squared_error'")
         return float(value), doutputs
