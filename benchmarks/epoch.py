@@ -7,15 +7,18 @@ indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
 ``nn.LSTM`` + ``nn.Linear`` + ``torch.optim.Adam`` and cross-entropy, with
 ``torch.set_num_threads`` set to the number of threads fastlstm uses.  Then
 inference throughput (forward of the model, no gradients) over 10,000 samples in
-batches of 1000.  CPU time (all threads) is shown beside the wall time: on a
-busy machine the wall time also counts the time other processes held the cores.
+batches of 1000.  The two run in alternating rounds (``--repeat``, default 3),
+and the medians are compared: a single epoch of either varies by 10% or more
+from run to run on a shared machine.  CPU time (all threads) is shown beside
+the wall time: on a busy machine the wall time also counts the time other
+processes held the cores.
 Last, in a fresh process (warm Numba cache): one epoch of
 ``LSTMClassifier.fit``, the time until its first minibatch is done, and the
 peak resident memory of the fit next to the size of the training data.  The
 data are Fashion-MNIST (``fastlstm.datasets``, never downloaded here), else
 random pixels: the timing does not depend on the values.
 
-    python benchmarks/epoch.py [--samples 60000] [--no-torch] [--json out.json]
+    python benchmarks/epoch.py [--samples 60000] [--repeat 3] [--no-torch] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -224,6 +228,9 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--no-estimator", action="store_true",
                         help="skip the LSTMClassifier.fit run (fresh process, peak memory)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of (fastlstm epoch + inference, PyTorch epoch + inference), "
+                             "alternating; medians are compared (default 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--estimator-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,13 +249,8 @@ def main():
     print(f"data: {source}; {len(X)} samples, batch {args.batch}, H={args.hidden}, "
           f"{threads} threads\n")
     results = dict(machine=machine_description(), threads=threads, samples=len(X),
-                   batch=args.batch, hidden=args.hidden)
-    secs, cpu, loss, model = fastlstm_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
-    ips = fastlstm_inference(model, Xi, args.infer_batch)
-    results["fastlstm"] = dict(epoch_s=secs, epoch_cpu_s=cpu, mean_loss=loss,
-                               inference_samples_per_s=ips)
-    print(f"  fastlstm  epoch {secs:7.2f} s  (CPU time {cpu:7.2f} s, mean loss {loss:.3f})   "
-          f"inference {ips:9,.0f} samples/s")
+                   batch=args.batch, hidden=args.hidden, repeat=args.repeat)
+    torch = None
     if not args.no_torch:
         try:
             import torch
@@ -256,14 +258,40 @@ def main():
             print("  PyTorch is not installed: no baseline")
         else:
             torch.set_num_threads(threads)
-            secs_t, cpu_t, loss_t, net = torch_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
-            ips_t = torch_inference(net, Xi, args.infer_batch)
-            results["torch"] = dict(epoch_s=secs_t, epoch_cpu_s=cpu_t, mean_loss=loss_t,
-                                    inference_samples_per_s=ips_t, version=torch.__version__)
-            print(f"  PyTorch   epoch {secs_t:7.2f} s  (CPU time {cpu_t:7.2f} s, mean loss "
-                  f"{loss_t:.3f})   inference {ips_t:9,.0f} samples/s")
-            print(f"\n  fastlstm / PyTorch: epoch time {secs / secs_t:.2f}x, "
-                  f"inference throughput {ips / ips_t:.2f}x")
+            results["torch_version"] = torch.__version__
+    runs = {"fastlstm": [], "PyTorch": []}
+    for round_ in range(args.repeat):
+        secs, cpu, loss, model = fastlstm_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+        runs["fastlstm"].append(dict(epoch_s=secs, epoch_cpu_s=cpu, mean_loss=loss,
+                                     inference_samples_per_s=fastlstm_inference(
+                                         model, Xi, args.infer_batch)))
+        if torch is not None:
+            secs, cpu, loss, net = torch_epoch(X, y, args.batch, args.hidden, rng, 1e-3)
+            runs["PyTorch"].append(dict(epoch_s=secs, epoch_cpu_s=cpu, mean_loss=loss,
+                                        inference_samples_per_s=torch_inference(
+                                            net, Xi, args.infer_batch)))
+        for name, rs in runs.items():
+            if rs:
+                r = rs[-1]
+                print(f"  round {round_ + 1}  {name:8s} epoch {r['epoch_s']:6.2f} s  (CPU time "
+                      f"{r['epoch_cpu_s']:6.2f} s, mean loss {r['mean_loss']:.3f})   inference "
+                      f"{r['inference_samples_per_s']:8,.0f} samples/s")
+    medians = {name: dict(epoch_s=statistics.median(r["epoch_s"] for r in rs),
+                          inference_samples_per_s=statistics.median(
+                              r["inference_samples_per_s"] for r in rs))
+               for name, rs in runs.items() if rs}
+    results["runs"], results["medians"] = runs, medians
+    print(f"\n  medians of {args.repeat} rounds:")
+    for name, m in medians.items():
+        print(f"  {name:8s}  epoch {m['epoch_s']:6.2f} s   inference "
+              f"{m['inference_samples_per_s']:8,.0f} samples/s")
+    if "PyTorch" in medians:
+        f, t = medians["fastlstm"], medians["PyTorch"]
+        results["epoch_time_ratio"] = f["epoch_s"] / t["epoch_s"]
+        results["inference_throughput_ratio"] = (f["inference_samples_per_s"]
+                                                 / t["inference_samples_per_s"])
+        print(f"\n  fastlstm / PyTorch: epoch time {results['epoch_time_ratio']:.2f}x, "
+              f"inference throughput {results['inference_throughput_ratio']:.2f}x")
     if not args.no_estimator:
         results["estimator"] = estimator_report(args)
     if args.json:
