@@ -174,7 +174,9 @@ def _gemm_slice(a, b, out, accumulate):
     if full < N:
         width = N - full
         padded = np.zeros((K, NR), out.dtype)
-        padded[:, :width] = b[:, full:]
+        for k in range(K):  # loops, not a slice assignment: that costs seconds of compiling
+            for c in range(width):
+                padded[k, c] = b[k, full + c]
         tile = np.empty((M, NR), out.dtype)
         _column_panel(a, padded, 0, tile, 0, False)
         for r in range(M):
