@@ -1,18 +1,18 @@
 """A register-blocked GEMM for the products inside the LSTM's time loop.
 
 At one time step's shapes (a chunk of 64 rows times a 156 x 512 weight
-matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS packs its operands on
-every call and reaches about 90 GFLOP/s on one core of the project's machine;
-this kernel runs the same products at 100-110 without packing anything
-(``python benchmarks/microbench.py --ops gemm``).
+matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS reaches 89-94 GFLOP/s
+on one core of the project's machine (Zen 4); this kernel runs the same
+products at 111-114, and the weight gradient at 105, without packing anything
+(``python benchmarks/blas_peak.py``).
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
 SIMD vectors of ``NR`` lanes across the whole inner dimension: per ``k``, one
 contiguous load of ``NR`` values of ``B``, ``MR`` broadcasts of ``A`` and
 ``MR`` fused multiply-adds.  The block is written by hand as LLVM IR
 (:func:`_make_block`) because the accumulators must stay in registers, and
-LLVM keeps a Numba array or tuple of accumulators in registers only for some
-block shapes and targets (otherwise it runs 15x slower).  ``A`` may have any
+LLVM kept a Numba array of accumulators in registers only for some block
+shapes and targets (the others ran at 2-6 GFLOP/s).  ``A`` may have any
 strides (the weight gradient reads a transposed view); ``B`` and the output
 need contiguous rows.  Columns past the last full panel of ``NR`` go through a
 zero-padded copy, rows past the last full block through blocks of 4, 2, 1.
@@ -35,12 +35,12 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
 #: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
-#: with AVX-512 (100-114 GFLOP/s against OpenBLAS's 89-96); with AVX2 LLVM's code for
-#: the narrower blocks was slower than OpenBLAS at some shapes, so BLAS is kept there.
+#: with AVX-512 (105-114 GFLOP/s against OpenBLAS's 89-94); built for AVX2 (on the same
+#: machine) the 6 x 16 blocks ran at 58-113 against 86-98, so BLAS is kept there.
 PAYS_OFF = vector_bits() >= 512
 #: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the
 #: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes
-#: (the 1792-long weight gradient: 89 -> 94-97 GFLOP/s)
+#: (the 1792-long weight gradient: 89 -> 94-98 GFLOP/s in the measurement that chose 256)
 KC = 256
 
 

@@ -4,9 +4,10 @@ The rows of a batch never interact inside an LSTM, so a batch is cut into
 chunks of rows and each thread runs whole chunks (every layer, every time step)
 with single-threaded BLAS: no thread waits for another inside the time loop,
 and Numba's threads and OpenBLAS's threads never compete for the cores.  The
-threads meet twice per training step: after the forward pass (the head and the
-loss see the whole batch) and after the backward pass (each thread's partial
-weight gradients are summed).
+head and the gradient of the loss are per row as well, so in a training step
+each thread runs forward, head, loss gradient and backward of its chunks, and
+the threads meet once, at the end, where their partial weight gradients are
+summed (``forward`` and ``backward`` called separately meet once each).
 
 Per chunk and layer, forward: one GEMM per step ``[x_t, h_{t-1}] @ [W_ih,
 W_hh]^T`` and one fused pass for the gates (:func:`lstm_cpu.forward_layer`);
@@ -14,8 +15,7 @@ backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
 gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
 Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
 gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
-instead of BLAS: at these shapes BLAS spends a good part of each call packing
-its operands.
+instead of BLAS: 105-114 GFLOP/s per core against 89-94 at these shapes.
 
 Buffers are reused across calls (per thread and shape) once no result refers
 to them any more: inference, training steps, and a forward + backward whose
