@@ -207,6 +207,7 @@ class CPUBackend(Backend):
         views = layout.views(params)
         ws, T = cache["ws"], cache["steps"]
         L, H = layout.num_layers, layout.hidden_size
+        doutputs = np.ascontiguousarray(doutputs, dtype=params.dtype)
         B = doutputs.shape[0]
         inputs = None
         if input_grads:
