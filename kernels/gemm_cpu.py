@@ -102,15 +102,13 @@ def _make_block(rows):
                     a_vec = builder.insert_element(ir.Constant(vty, ir.Undefined), a_ik,
                                                    ir.Constant(i32, 0))
                     a_vec = builder.shuffle_vector(a_vec, ir.Constant(vty, ir.Undefined), splat)
-                    builder.store(fma(a_vec, b_row, builder.load(accs[i])),
-                                  accs[i])
+                    builder.store(fma(a_vec, b_row, builder.load(accs[i])), accs[i])
             for i in range(rows):
                 row = builder.add(o_r0_v, context.get_constant(types.intp, i))
                 dst = ptr(out_ty, out_v, row, o_c0_v, vty)
                 value = builder.load(accs[i])
-                with builder.if_then(acc_v):
-                    builder.store(builder.fadd(builder.load(dst, align=1), value), accs[i])
-                builder.store(builder.load(accs[i]), dst, align=1)
+                added = builder.fadd(builder.load(dst, align=1), value)
+                builder.store(builder.select(acc_v, added, value), dst, align=1)
             return context.get_dummy_value()
         return types.void(a, r0, b, c0, out, o_r0, o_c0, accumulate), codegen
     return block

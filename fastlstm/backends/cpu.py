@@ -29,7 +29,6 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
@@ -67,14 +66,15 @@ class _Workspace:
 
     def __init__(self, layout, batch, steps, dtype, train, threads):
         H, G, L = layout.hidden_size, 4 * layout.hidden_size, layout.num_layers
-        self.bounds = _chunk_bounds(batch, threads)
+        # per layer: the width of [input, h]
+        widths = [(layout.input_size if k == 0 else H) + H for k in range(L)]
+        bounds = _chunk_bounds(batch, threads)
         self.chunks = []
-        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
             R = hi - lo
             S = steps + 1 if train else 2
             layers = []
-            for k in range(L):
-                K = (layout.input_size if k == 0 else H) + H
+            for k, K in enumerate(widths):
                 layers.append(dict(
                     xh=np.empty((S, R, K), dtype), c=np.empty((S, R, H), dtype),
                     gates=np.empty((steps if train else 1, R, G), dtype),
@@ -86,8 +86,7 @@ class _Workspace:
                              dc=np.empty((R, H), dtype))
             self.chunks.append(chunk)
         self.h_last = np.empty((batch, H), dtype)
-        self.w_cat_t = [np.empty(((layout.input_size if k == 0 else H) + H, G), dtype)
-                        for k in range(L)]
+        self.w_cat_t = [np.empty((K, G), dtype) for K in widths]
         self.bias = [np.empty(G, dtype) for _ in range(L)]
         if train:
             # per worker and layer: the weight gradient (transposed, as ``w_cat_t``)
@@ -143,22 +142,12 @@ class CPUBackend(Backend):
         for f in futures:
             f.result()
 
-    @contextmanager
     def _single_threaded_blas(self):
-        """BLAS on one thread while our threads run (re-entrant; per thread of the caller).
+        """BLAS on one thread while our threads run.
 
         The limit is process-wide (BLAS has one setting), for the duration of one call.
         """
-        depth = getattr(self._local, "blas_depth", 0)
-        self._local.blas_depth = depth + 1
-        try:
-            if depth:
-                yield
-            else:
-                with self._blas.limit(limits=1):
-                    yield
-        finally:
-            self._local.blas_depth = depth
+        return self._blas.limit(limits=1)
 
     def _workspace(self, layout, batch, steps, dtype, train):
         """A workspace for this shape: the last one, unless a forward cache still holds it.
