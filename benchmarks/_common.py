@@ -85,3 +85,39 @@ def train_epoch(backend, layout, params, state, X, y, order, batch, lr):
         total = total + backend.train_step(layout, params, state, X[idx], y[idx],
                                            "cross_entropy", lr)
     return total
+
+
+def torch_model(inputs, hidden, classes):
+    """The PyTorch baseline: ``nn.LSTM(inputs, hidden, batch_first=True)`` and ``nn.Linear``
+    on the last step's hidden state (the model fastlstm trains)."""
+    from torch import nn
+
+    class LSTMClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(inputs, hidden, batch_first=True)
+            self.head = nn.Linear(hidden, classes)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    return LSTMClassifier()
+
+
+def torch_train_epoch(net, optimizer, X, y, order, batch):
+    """:func:`train_epoch` for the PyTorch baseline: Adam steps on softmax cross-entropy over
+    the minibatches ``X[idx]``, ``y[idx]`` taken with ``order`` (a tensor beside ``X``).
+
+    Returns the sum of the minibatch losses, left on the device (no synchronisation).
+    """
+    from torch.nn.functional import cross_entropy
+    total = 0.0
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        optimizer.zero_grad(set_to_none=True)
+        loss = cross_entropy(net(X[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        total = total + loss.detach()
+    return total

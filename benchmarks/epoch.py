@@ -167,37 +167,14 @@ def fastlstm_inference(model, X, batch):
 
 def torch_epoch(X, y, batch, hidden, rng, lr):
     import torch
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(X.shape[2], hidden, batch_first=True)
-            self.head = nn.Linear(hidden, 10)
-
-        def forward(self, x):
-            out, _ = self.lstm(x)
-            return self.head(out[:, -1])
-
+    from _common import torch_model, torch_train_epoch
     torch.manual_seed(0)
-    net = Net()
+    net = torch_model(X.shape[2], hidden, 10)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-
-    def step(idx):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(Xt[idx]), yt[idx])
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    step(torch.arange(batch))
+    torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch)  # one untimed step
     start, cpu_start = time.perf_counter(), time.process_time()
-    order = torch.from_numpy(rng.permutation(len(X)))
-    total = 0.0
-    for b in range(0, len(X), batch):
-        total = total + step(order[b:b + batch])
+    total = torch_train_epoch(net, opt, Xt, yt, torch.from_numpy(rng.permutation(len(X))), batch)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu, float(total) / -(-len(X) // batch), net
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from _common import train_epoch
+from _common import torch_model, torch_train_epoch, train_epoch
 
 CONFIGS = [(128, 128), (128, 1024), (100, 50)]   # (hidden, batch)
 VARIANTS = [("persistent", True), ("step", True), ("persistent", False)]
@@ -113,25 +113,13 @@ def recurrence_times(backend, layout, params, batch, repeats=20):
 
 def run_torch(data, hidden, batch):
     import torch
-    from torch import nn
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda")
     sync = torch.cuda.synchronize
     torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(INPUTS, hidden, batch_first=True)
-            self.head = nn.Linear(hidden, CLASSES)
-
-        def forward(self, x):
-            out, _ = self.lstm(x)
-            return self.head(out[:, -1])
-
-    net = Net().to(device)
+    net = torch_model(INPUTS, hidden, CLASSES).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=LR)
     X_host, y_host, X_test_host = data
     X = torch.as_tensor(X_host, device=device)
@@ -142,15 +130,7 @@ def run_torch(data, hidden, batch):
 
     def epoch():
         order = torch.as_tensor(rng.permutation(n), device=device)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, batch):
-            idx = order[start:start + batch]
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(net(X[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        return total
+        return torch_train_epoch(net, optimizer, X, y, order, batch)
 
     def infer():
         with torch.no_grad():
