@@ -7,5 +7,10 @@ package ``fastlstm.kernels``.
 
 from pathlib import Path
 
+from . import _numba_cache
+
 #: folder holding the CUDA sources (``*.cu``) at run time
 CUDA_SOURCE_DIR = Path(__file__).resolve().parent
+
+# before any kernel module defines a cached function: the locator is chosen then
+_numba_cache.install()
