@@ -7,9 +7,10 @@ inlines ``gemm_cpu`` and ``activations_cpu``).  After an edit of
 The locators installed here give every function of this folder one stamp: the
 hash of all its ``*.py`` files, so any change recompiles them all.
 
-They extend Numba's own locators (in the package folder, else the user's cache
-folder) through ``numba.core.caching``, which is not a public API: where it
-differs, nothing is installed and Numba's per-file stamps apply.
+They extend Numba's own locators (``NUMBA_CACHE_DIR`` if set, else the package
+folder, else the user's cache folder) through ``numba.core.caching``, which is
+not a public API: where it differs, nothing is installed and Numba's per-file
+stamps apply.
 """
 
 import functools
@@ -51,10 +52,12 @@ def _folder_wide(locator_class):
 
 
 def install():
-    """Put the folder-wide locators first in Numba's list."""
+    """Put a folder-wide variant of each of Numba's source-file locators (``NUMBA_CACHE_DIR``,
+    the package folder, the user's cache folder) ahead of them, in their order."""
     try:
-        from numba.core.caching import CacheImpl, InTreeCacheLocator, UserWideCacheLocator
-        CacheImpl._locator_classes[:0] = [_folder_wide(InTreeCacheLocator),
-                                         _folder_wide(UserWideCacheLocator)]
+        from numba.core.caching import CacheImpl, _SourceFileBackedLocatorMixin
+        classes = CacheImpl._locator_classes
+        classes[:0] = [_folder_wide(c) for c in classes
+                       if issubclass(c, _SourceFileBackedLocatorMixin)]
     except (ImportError, AttributeError):
         pass

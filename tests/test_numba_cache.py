@@ -1,6 +1,8 @@
 """Numba's cache of the CPU kernels is keyed on every kernel source, not each file alone."""
 
 import os
+import subprocess
+import sys
 
 from numba.core.registry import CPUDispatcher
 
@@ -34,3 +36,12 @@ def test_the_stamp_follows_the_content_of_any_source(tmp_path):
     assert _numba_cache.sources_stamp([b, a]) == before
     b.write_text("y = 3\n")
     assert _numba_cache.sources_stamp([a, b]) != before
+
+
+def test_numba_cache_dir_is_still_honoured(tmp_path):
+    code = ("from fastlstm.kernels import lstm_cpu; "
+            "print(lstm_cpu.forward_layer._cache._impl._locator.get_cache_path())")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().startswith(str(tmp_path))
