@@ -1,9 +1,9 @@
 """A register-blocked GEMM for the products inside the LSTM's time loop.
 
 At one time step's shapes (a chunk of 64 rows times a 156 x 512 weight
-matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS reaches 89-94 GFLOP/s
+matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS reaches 89-95 GFLOP/s
 on one core of the project's machine (Zen 4); this kernel runs the same
-products at 109-114, and the weight gradient at 98-105, without packing anything
+products at 109-115, and the weight gradient at 98-105, without packing anything
 (``python benchmarks/blas_peak.py``).
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
@@ -35,7 +35,7 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
 #: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
-#: with AVX-512 (98-114 GFLOP/s against OpenBLAS's 89-94); built for AVX2 (on the same
+#: with AVX-512 (98-115 GFLOP/s against OpenBLAS's 89-95); built for AVX2 (on the same
 #: machine) the 6 x 16 blocks ran at 58-113 against 86-98, so BLAS is kept there.
 PAYS_OFF = vector_bits() >= 512
 #: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the

@@ -15,7 +15,7 @@ backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
 gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
 Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
 gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
-instead of BLAS: 98-114 GFLOP/s per core against 89-94 at these shapes.
+instead of BLAS: 98-115 GFLOP/s per core against 89-95 at these shapes.
 
 Buffers are reused across calls (per thread and shape) once no result refers
 to them any more: inference, training steps, and a forward + backward whose
