@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastlstm.backends import get_backend
-from fastlstm.backends.cpu import MAX_CHUNK_ROWS, CPUBackend
+from fastlstm.backends.cpu import HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve
 
 from conftest import make_problem, rel_err
 from test_backend_parity import TOLERANCE, run
@@ -63,3 +63,23 @@ def test_a_dropped_training_cache_gives_its_buffers_to_the_next_forward():
     assert cache["ws"] is first()
     _, held = backend.forward(layout, params, x, train=True)
     assert held["ws"] is not cache["ws"]
+
+
+@pytest.mark.parametrize("shapes", [
+    dict(a=(3, 5), b=[(7,), dict(c=(2, 2, 2))]),           # small: aligned to a cache line
+    dict(a=(600, 1024), b=[(300, 3), dict(c=(5, 7))]),     # over 2 MiB: aligned to a huge page
+])
+def test_carved_buffers_are_aligned_and_disjoint(shapes):
+    arrays = _carve(shapes, np.float32)
+    flat = [arrays["a"], arrays["b"][0], arrays["b"][1]["c"]]
+    assert [a.shape for a in flat] == [shapes["a"], shapes["b"][0], shapes["b"][1]["c"]]
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in flat)
+    starts = [a.ctypes.data for a in flat]
+    assert all(s % 64 == 0 for s in starts)
+    if sum(a.nbytes for a in flat) >= HUGE_PAGE:
+        assert starts[0] % HUGE_PAGE == 0
+    for a in flat:  # writing one leaves the others alone
+        for b in flat:
+            b[...] = 0
+        a[...] = 1
+        assert [b.sum() for b in flat] == [a.size if b is a else 0 for b in flat]
