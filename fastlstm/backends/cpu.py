@@ -63,6 +63,9 @@ def _chunk_bounds(rows, threads):
 
 #: the size of a transparent huge page on x86-64
 HUGE_PAGE = 2 << 20
+#: elements added to the rows of a buffer whose columns are walked: rows of a power of
+#: two in length would put a whole column into a few sets of the cache
+_ROW_PAD = 16
 
 
 def _carve(shapes, dtype):
@@ -129,12 +132,18 @@ class _Workspace:
                       bias=[(G,)] * L)
         if train:
             # per worker and layer: the weight gradient (transposed, as ``w_cat_t``)
-            # and the bias gradient of the worker's rows
+            # and the bias gradient of the worker's rows.  The rows of the weight
+            # gradient are padded: 4H floats are a power of two, and the transposed
+            # copy into the gradient, which walks its columns, then hit a few sets
+            # of the cache only (H=128: 150 us a step instead of 26).
             workers = min(threads, len(chunks))
-            shapes["partial"] = [[[(K, G), (G,)] for K in widths] for _ in range(workers)]
+            shapes["partial"] = [[[(K, G + _ROW_PAD), (G,)] for K in widths]
+                                 for _ in range(workers)]
             # the head's outputs and their gradient, in train_step
             shapes["outputs"] = shapes["doutputs"] = (batch, layout.output_size)
         self.__dict__.update(_carve(shapes, dtype))
+        if train:
+            self.partial = [[(dw[:, :G], db) for dw, db in layers] for layers in self.partial]
 
 
 class CPUBackend(Backend):
