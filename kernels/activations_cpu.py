@@ -12,8 +12,11 @@ float32 ``exp`` (of arguments <= 0 only, all the gates need): ``exp(x) =
 2**n * exp(r)`` with ``n = round(x / ln 2)``, ``|r| <= ln(2)/2`` (Cody-Waite
 reduction with ``ln 2`` split in two), ``exp(r) = 1 + r + r**2 q(r)`` with a
 degree-4 ``q`` fitted by least squares on Chebyshev nodes (relative error of
-the polynomial 4e-9, below float32's ulp); ``2**n`` is built in the exponent
-bits, as two factors so that subnormal results come out right.  float32 ``tanh``: ``x + x**3 p(x**2)`` for ``|x| < 0.625`` (degree-4
+the polynomial 4e-9, below float32's ulp); the product with ``2**n`` is rounded
+once, so that subnormal results come out right: by ``ldexp`` where the target
+has AVX-512 (one ``vscalefps``; exp took 21 instructions, now 14), else by two
+powers of two built in the exponent bits (there ``ldexp`` is a library call per
+lane).  Both give the same bits.  float32 ``tanh``: ``x + x**3 p(x**2)`` for ``|x| < 0.625`` (degree-4
 ``p``, fitted the same way), else ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``,
 where no cancellation occurs.  ``tests/test_activations.py`` checks both
 against float64 over a dense grid.
@@ -24,7 +27,10 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from ._cpu_features import vector_bits
 
 F32 = np.float32
 _LOG2E = F32(1.4426950408889634)
@@ -37,6 +43,8 @@ _TANH_SMALL = F32(0.625)
 _TANH_P = (F32(-0.3333328664302826), F32(0.13331513106822968), F32(-0.05374465882778168),
            F32(0.020653124898672104), F32(-0.0057189627550542355))
 _ZERO, _HALF, _ONE, _TWO = F32(0.0), F32(0.5), F32(1.0), F32(2.0)
+#: ``llvm.ldexp`` becomes one vector instruction (``vscalefps``) with AVX-512 only
+_LDEXP_VECTORISES = vector_bits() >= 512
 
 
 @intrinsic
@@ -45,6 +53,17 @@ def _bits_as_float32(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _ldexp_f32(typingctx, x, n):
+    """``x * 2**n`` rounded once (LLVM's ``ldexp``, which the loop vectoriser knows)."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)]),
+            "llvm.ldexp.f32.i32")
+        return builder.call(fn, args)
+    return types.float32(types.float32, types.int32), codegen
 
 
 @njit(inline="always")
@@ -59,8 +78,10 @@ def exp_nonpositive_f32(x):
     q = q * r + _EXP_Q[1]
     q = q * r + _EXP_Q[0]
     p = _ONE + r + r * r * q
-    # 2**n as two normal powers of two, so that a subnormal result is rounded once, at the end
     k = np.int32(n)
+    if _LDEXP_VECTORISES:
+        return _ldexp_f32(p, k)
+    # 2**n as two normal powers of two, so that a subnormal result is rounded once, at the end
     k1 = k >> np.int32(1)
     s1 = _bits_as_float32(np.int32((k1 + np.int32(127)) << np.int32(23)))
     s2 = _bits_as_float32(np.int32((k - k1 + np.int32(127)) << np.int32(23)))
