@@ -228,7 +228,7 @@ class CPUBackend(Backend):
                 self._forward_chunk(views, ws, ci, x, h0, c0, outputs)
 
         self._run(work, len(ws.chunks))
-        cache = dict(ws=ws, steps=x.shape[1]) if train else None
+        cache = dict(ws=ws, steps=x.shape[1], h0_zero=h0 is None) if train else None
         return outputs, cache
 
     def _backward(self, layout, params, cache, doutputs, input_grads):
@@ -244,7 +244,8 @@ class CPUBackend(Backend):
 
         def work(worker, chunk_ids):
             for n, ci in enumerate(chunk_ids):
-                self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, inputs)
+                self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, inputs,
+                                     cache["h0_zero"])
 
         self._run(work, len(ws.chunks))
         grads = np.empty_like(params)
@@ -278,7 +279,7 @@ class CPUBackend(Backend):
                         self._forward_chunk(views, ws, ci, x, None, None, outputs)
                         lo, hi = ws.rows[ci]
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
-                        self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, None)
+                        self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, None, True)
 
             self._run(work, len(ws.chunks))
             value = float(kernel(outputs, y, doutputs, B))  # the batch's loss, summed in order
@@ -324,12 +325,13 @@ class CPUBackend(Backend):
         np.matmul(h_last, views["head.weight"].T, out=outputs[lo:hi])
         head_cpu.add_bias(outputs[lo:hi], views["head.bias"])
 
-    def _backward_chunk(self, views, ws, ci, worker, first, doutputs, inputs):
+    def _backward_chunk(self, views, ws, ci, worker, first, doutputs, inputs, h0_zero):
         """Backpropagate chunk ``ci`` from ``doutputs`` (the whole batch's; its rows are used).
 
         Its LSTM weight and bias gradients are written (``first`` chunk of this
         worker) or added to the worker's partial sums; ``inputs``, if not None, is
         ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk are filled in.
+        ``h0_zero``: the forward pass started from ``h0 = 0``.
         """
         chunk, (lo, hi) = ws.chunks[ci], ws.rows[ci]
         dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
@@ -349,12 +351,14 @@ class CPUBackend(Backend):
                                     inputs is not None, self.blocked_gemm)
             dz2 = dz.reshape(T * R, G)
             xh2 = buf["xh"][:T].reshape(T * R, -1)
-            if self.blocked_gemm:
-                gemm_cpu.gemm(xh2.T, dz2, dw, not first)
-            elif first:
-                np.matmul(xh2.T, dz2, out=dw)
-            else:
-                dw += np.matmul(xh2.T, dz2)
+            # with h0 = 0 the h part of the first step is zero: one GEMM over the other
+            # steps, then the first step's x part alone (not two GEMMs over all steps:
+            # each pass streams dz from L3)
+            skip = R if h0_zero else 0
+            self._weight_gradient(xh2[skip:], dz2[skip:], dw, first)
+            if skip:
+                n_in = xh2.shape[1] - G // 4
+                self._weight_gradient(xh2[:skip, :n_in], dz2[:skip], dw[:n_in], False)
             if inputs is not None:
                 inputs[1][k, lo:hi] = dh
                 inputs[2][k, lo:hi] = dc
@@ -364,6 +368,15 @@ class CPUBackend(Backend):
             dc[...] = 0
         if inputs is not None:
             inputs[0][lo:hi] = dh_seq.transpose(1, 0, 2)
+
+    def _weight_gradient(self, rows, dz2, out, first):
+        """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""
+        if self.blocked_gemm:
+            gemm_cpu.gemm(rows.T, dz2, out, not first)
+        elif first:
+            np.matmul(rows.T, dz2, out=out)
+        else:
+            out += np.matmul(rows.T, dz2)
 
     def _sum_gradients(self, layout, ws, doutputs, grads):
         """The head's gradients (one GEMM over the batch) and the sums of the workers'
