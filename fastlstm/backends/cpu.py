@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
@@ -35,7 +36,6 @@ from threadpoolctl import ThreadpoolController
 
 from ..kernels import adam_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
 from .base import Backend, Gradients
-from .team import Team
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
@@ -163,7 +163,8 @@ class CPUBackend(Backend):
     def __init__(self, num_threads=None, blocked_gemm=None):
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
         self.blocked_gemm = gemm_cpu.PAYS_OFF if blocked_gemm is None else bool(blocked_gemm)
-        self._team = Team(self.num_threads)
+        self._pool = None
+        self._pool_lock = threading.Lock()
         self._local = threading.local()
         self._blas = ThreadpoolController().select(user_api="blas")
 
@@ -179,7 +180,13 @@ class CPUBackend(Backend):
         if workers == 1:
             work(0, groups[0])
             return
-        self._team.run(lambda w: work(w, groups[w]) if w < workers else None)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="fastlstm")
+        futures = [self._pool.submit(work, w, groups[w]) for w in range(1, workers)]
+        work(0, groups[0])
+        for f in futures:
+            f.result()
 
     def _single_threaded_blas(self):
         """BLAS on one thread while our threads run.
