@@ -74,16 +74,18 @@ def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, see
 
 
 def train_epoch(backend, layout, params, state, X, y, order, batch, lr):
-    """One epoch as the estimators run it: minibatches taken from ``X``, ``y`` by indexing
-    with ``order`` (a permutation, on the backend), one ``train_step`` each.
+    """One epoch as the estimators run it: in one backend session, minibatches taken from
+    ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
+    ``train_step`` each.
 
     Returns the sum of the minibatch losses, left on the device (no synchronisation).
     """
     total = 0.0
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        total = total + backend.train_step(layout, params, state, X[idx], y[idx],
-                                           "cross_entropy", lr)
+    with backend.session():
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            total = total + backend.train_step(layout, params, state, X[idx], y[idx],
+                                               "cross_entropy", lr)
     return total
 
 

@@ -160,8 +160,9 @@ def fastlstm_inference(model, X, batch):
     backend, layout, params = model
     backend.forward(layout, params, X[:batch])
     start = time.perf_counter()
-    for b in range(0, len(X), batch):
-        backend.forward(layout, params, X[b:b + batch])
+    with backend.session():  # as the estimators' predict
+        for b in range(0, len(X), batch):
+            backend.forward(layout, params, X[b:b + batch])
     return len(X) / (time.perf_counter() - start)
 
 

@@ -83,3 +83,24 @@ def test_carved_buffers_are_aligned_and_disjoint(shapes):
             b[...] = 0
         a[...] = 1
         assert [b.sum() for b in flat] == [a.size if b is a else 0 for b in flat]
+
+
+def test_sessions_hold_blas_on_one_thread_and_restore_it():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    backend = get_backend("cpu")
+    before = blas_threads()
+    layout, params, x, _, _, _ = make_problem((6, 5, 3, 4, 1, 3), "cross_entropy", np.float32)
+    with backend.session():
+        assert set(blas_threads()) == {1}
+        with backend.session():  # nested, and calls inside take no limit of their own
+            backend.forward(layout, params, x)
+            assert set(blas_threads()) == {1}
+        backend.forward(layout, params, x)
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+    backend.forward(layout, params, x)  # a call on its own restores too
+    assert blas_threads() == before

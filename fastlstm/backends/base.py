@@ -10,6 +10,7 @@ these methods on every backend and compare against ``reference``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,15 @@ class Backend:
     def to_host(self, a):
         """``a`` as a NumPy array."""
         return np.asarray(a)
+
+    def session(self):
+        """A context for a run of many calls (a fit, a prediction in batches).
+
+        Whatever each call would set up and tear down (the CPU backend: BLAS
+        limited to one thread) is held once, from enter to exit.  Calls are
+        correct without it; sessions may nest and overlap across threads.
+        """
+        return contextlib.nullcontext()
 
     def forward(self, layout, params, x, h0=None, c0=None, train=False):
         """Run the LSTM stack and the head on ``x`` of shape (batch, steps, inputs).

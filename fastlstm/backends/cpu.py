@@ -24,6 +24,7 @@ cache has been dropped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -60,6 +61,11 @@ def _chunk_bounds(rows, threads):
     n = min(rows, threads * per_thread)
     return [rows * i // n for i in range(n + 1)]
 
+
+#: holders of the process-wide one-thread limit of BLAS, and the limiter that restores it
+_blas_lock = threading.Lock()
+_blas_holders = 0
+_blas_limiter = None
 
 #: the size of a transparent huge page on x86-64
 HUGE_PAGE = 2 << 20
@@ -188,12 +194,31 @@ class CPUBackend(Backend):
         for f in futures:
             f.result()
 
+    @contextlib.contextmanager
     def _single_threaded_blas(self):
         """BLAS on one thread while our threads run.
 
-        The limit is process-wide (BLAS has one setting), for the duration of one call.
+        BLAS has one setting per process: the first holder (of any thread) sets it
+        and the last restores it.  Setting and restoring cost about 100 us (OpenBLAS
+        wakes its threads when given them back), 1% of a training step; a
+        :meth:`session` pays it once for a whole fit.
         """
-        return self._blas.limit(limits=1)
+        global _blas_holders, _blas_limiter
+        with _blas_lock:
+            if _blas_holders == 0:
+                _blas_limiter = self._blas.limit(limits=1)
+            _blas_holders += 1
+        try:
+            yield
+        finally:
+            with _blas_lock:
+                _blas_holders -= 1
+                if _blas_holders == 0:
+                    _blas_limiter.restore_original_limits()
+                    _blas_limiter = None
+
+    def session(self):
+        return self._single_threaded_blas()
 
     def _workspace(self, layout, batch, steps, dtype, train):
         """A workspace for this shape: the last one, unless a forward cache still holds it.
