@@ -1,19 +1,32 @@
-"""Numba kernels of the head: bias, softmax, and the two losses with their gradients.
+"""Numba kernels of the head: the linear layer, softmax, the two losses and their gradients.
 
-The head's GEMMs (``h_T @ W^T`` forwards, two small ones backwards) go to BLAS.
+The head's two small GEMMs backwards go to BLAS.
 """
 
 import math
 
 from numba import njit
 
+from .lstm_cpu import FASTMATH
 
-@njit(cache=True, nogil=True)
-def add_bias(outputs, bias):
-    """``outputs += bias`` row by row, in place."""
-    for r in range(outputs.shape[0]):
-        for k in range(outputs.shape[1]):
-            outputs[r, k] += bias[k]
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def linear(inputs, weight, bias, outputs):
+    """``outputs = inputs @ weight.T + bias``, one dot product per output.
+
+    Every row is computed by the same instructions, so a row's outputs do not
+    depend on where it sits in the batch (BLAS treats the rows of a block's
+    edge differently: predictions of shuffled samples differed by an ulp).
+    """
+    zero = inputs.dtype.type(0)
+    for r in range(inputs.shape[0]):
+        x = inputs[r]
+        for o in range(weight.shape[0]):
+            w = weight[o]
+            total = zero
+            for j in range(x.shape[0]):
+                total += x[j] * w[j]
+            outputs[r, o] = total + bias[o]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

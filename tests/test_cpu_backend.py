@@ -104,3 +104,16 @@ def test_sessions_hold_blas_on_one_thread_and_restore_it():
     assert blas_threads() == before
     backend.forward(layout, params, x)  # a call on its own restores too
     assert blas_threads() == before
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["own-gemm", "blas"])
+def test_a_rows_outputs_do_not_depend_on_its_place_in_the_batch(blocked):
+    # scikit-learn's check_methods_sample_order_invariance, made deterministic: with
+    # BLAS computing a one-output head, some rows came out an ulp apart
+    layout, params, x, _, _, _ = make_problem((20, 4, 3, 8, 1, 1), "squared_error", np.float32)
+    backend = CPUBackend(num_threads=2, blocked_gemm=blocked)
+    outputs, _ = backend.forward(layout, params, x)
+    for seed in range(20):
+        order = np.random.default_rng(seed).permutation(len(x))
+        shuffled, _ = backend.forward(layout, params, x[order])
+        np.testing.assert_array_equal(shuffled, outputs[order])

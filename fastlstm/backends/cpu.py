@@ -354,8 +354,7 @@ class CPUBackend(Backend):
             inp = buf["hseq"]
         h_last = ws.h_last[lo:hi]
         h_last[...] = buf["xh"][x.shape[1] % buf["xh"].shape[0], :, n_in:]
-        np.matmul(h_last, views["head.weight"].T, out=outputs[lo:hi])
-        head_cpu.add_bias(outputs[lo:hi], views["head.bias"])
+        head_cpu.linear(h_last, views["head.weight"], views["head.bias"], outputs[lo:hi])
 
     def _backward_chunk(self, views, ws, ci, worker, first, doutputs, inputs, h0_zero):
         """Backpropagate chunk ``ci`` from ``doutputs`` (the whole batch's; its rows are used).
