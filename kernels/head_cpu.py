@@ -1,6 +1,7 @@
-"""Numba kernels of the head: the linear layer, softmax, the two losses and their gradients.
+"""Numba kernels of the head: the linear layer and its gradients, softmax, the two losses
+and their gradients.
 
-The head's two small GEMMs backwards go to BLAS.
+The head's GEMM backwards to the LSTM (``doutputs @ W``) goes to BLAS.
 """
 
 import math
@@ -27,6 +28,22 @@ def linear(inputs, weight, bias, outputs):
             for j in range(x.shape[0]):
                 total += x[j] * w[j]
             outputs[r, o] = total + bias[o]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def linear_gradients(doutputs, inputs, grad_weight, grad_bias):
+    """The weight and bias gradients of :func:`linear`: ``doutputs^T @ inputs`` and the
+    column sums of ``doutputs``, added over the rows in order."""
+    grad_weight[:, :] = 0
+    grad_bias[:] = 0
+    for r in range(doutputs.shape[0]):
+        x = inputs[r]
+        for o in range(doutputs.shape[1]):
+            d = doutputs[r, o]
+            grad_bias[o] += d
+            w = grad_weight[o]
+            for j in range(x.shape[0]):
+                w[j] += d * x[j]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -264,7 +264,7 @@ class CPUBackend(Backend):
         return outputs, cache
 
     def _backward(self, layout, params, cache, doutputs, input_grads):
-        views = layout.views(params)
+        views = self._views(layout, params)
         ws, T = cache["ws"], cache["steps"]
         L, H = layout.num_layers, layout.hidden_size
         doutputs = np.ascontiguousarray(doutputs, dtype=params.dtype)
@@ -328,7 +328,7 @@ class CPUBackend(Backend):
     def _prepare(self, layout, params, x, train):
         """Views of ``params``, ``x`` contiguous in their dtype, and a workspace whose
         concatenated transposed weights and summed biases are filled in."""
-        views = layout.views(params)
+        views = self._views(layout, params)
         x = np.ascontiguousarray(x, dtype=params.dtype)
         ws = self._workspace(layout, x.shape[0], x.shape[1], params.dtype, train)
         for k in range(layout.num_layers):
@@ -410,11 +410,10 @@ class CPUBackend(Backend):
             out += np.matmul(rows.T, dz2)
 
     def _sum_gradients(self, layout, ws, doutputs, grads):
-        """The head's gradients (one GEMM over the batch) and the sums of the workers'
-        partial LSTM gradients, into ``grads``."""
-        gviews = layout.views(grads)
-        np.matmul(doutputs.T, ws.h_last, out=gviews["head.weight"])
-        np.sum(doutputs, axis=0, out=gviews["head.bias"])
+        """The head's gradients and the sums of the workers' partial LSTM gradients,
+        into ``grads``."""
+        gviews = self._views(layout, grads)
+        head_cpu.linear_gradients(doutputs, ws.h_last, gviews["head.weight"], gviews["head.bias"])
         for k in range(layout.num_layers):
             dw, db = ws.partial[k]
             w_ih, w_hh, b_ih, b_hh = layout.layer(gviews, k)
@@ -423,6 +422,18 @@ class CPUBackend(Backend):
             reduce_cpu.sum_transposed(dw[:, n_in:], w_hh)
             reduce_cpu.sum_rows(db, b_ih)
             b_hh[...] = b_ih
+
+    def _views(self, layout, flat):
+        """``layout.views(flat)``, remembered for the last few buffers: a training loop
+        passes the same parameter and gradient buffers at every step."""
+        cache = self._local.__dict__.setdefault("views", {})
+        key = (id(flat), layout.key())
+        hit = cache.get(key)
+        if hit is None or hit[0] is not flat:
+            hit = cache[key] = (flat, layout.views(flat))
+            while len(cache) > MAX_WORKSPACES:
+                cache.pop(next(iter(cache)))
+        return hit[1]
 
     def _grad_buffer(self, params):
         """The gradient buffer of :meth:`train_step`, reused from one step to the next."""
