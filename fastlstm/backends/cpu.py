@@ -85,19 +85,19 @@ def _carve(shapes, dtype):
     Each array starts on a cache line.
     """
     itemsize = np.dtype(dtype).itemsize
-    offsets = []
+    total = 0
 
     def plan(node):
+        nonlocal total
         if isinstance(node, dict):
             return {key: plan(value) for key, value in node.items()}
         if isinstance(node, list):
             return [plan(value) for value in node]
-        offset = sum(-(-math.prod(s) * itemsize // 64) * 64 for s in offsets)
-        offsets.append(node)
+        offset = total
+        total += -(-math.prod(node) * itemsize // 64) * 64  # whole cache lines
         return offset, node
 
     planned = plan(shapes)
-    total = sum(-(-math.prod(s) * itemsize // 64) * 64 for s in offsets)
     align = HUGE_PAGE if total >= HUGE_PAGE else 64
     raw = np.empty(total + align, np.uint8)
     start = -raw.ctypes.data % align
@@ -143,12 +143,13 @@ class _Workspace:
             # sum into the gradient, which walks its columns, then hit a few sets
             # of the cache only (H=128: 150 us a step instead of 26 for the copy).
             workers = min(threads, len(chunks))
-            shapes["partial"] = [[(workers, K, G + _ROW_PAD), (workers, G)] for K in widths]
+            shapes["dw"] = [(workers, K, G + _ROW_PAD) for K in widths]
+            shapes["db"] = [(workers, G)] * L
             # the head's outputs and their gradient, in train_step
             shapes["outputs"] = shapes["doutputs"] = (batch, layout.output_size)
         self.__dict__.update(_carve(shapes, dtype))
         if train:
-            self.partial = [(dw[:, :, :G], db) for dw, db in self.partial]
+            self.dw = [dw[:, :, :G] for dw in self.dw]
 
 
 class CPUBackend(Backend):
@@ -375,7 +376,7 @@ class CPUBackend(Backend):
             buf = chunk["layers"][k]
             w_ih = views[f"lstm.weight_ih_l{k}"]
             w_hh = views[f"lstm.weight_hh_l{k}"]
-            dw, db = (part[worker] for part in ws.partial[k])
+            dw, db = ws.dw[k][worker], ws.db[k][worker]
             if first:
                 db[...] = 0
             lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
@@ -415,7 +416,7 @@ class CPUBackend(Backend):
         gviews = self._views(layout, grads)
         head_cpu.linear_gradients(doutputs, ws.h_last, gviews["head.weight"], gviews["head.bias"])
         for k in range(layout.num_layers):
-            dw, db = ws.partial[k]
+            dw, db = ws.dw[k], ws.db[k]
             w_ih, w_hh, b_ih, b_hh = layout.layer(gviews, k)
             n_in = w_ih.shape[1]
             reduce_cpu.sum_transposed(dw[:, :n_in], w_ih)
