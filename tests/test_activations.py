@@ -48,6 +48,7 @@ def test_float32_special_values():
     assert np.isnan(s[0]) and np.isnan(t[0])
     np.testing.assert_array_equal(s[1:], [1, 0, 0.5, 0.5])
     np.testing.assert_array_equal(t[1:], [1, -1, 0, 0])
+    assert not np.signbit(t[3]) and np.signbit(t[4])  # tanh keeps the sign of zero
 
 
 @pytest.mark.parametrize("value", [-1e4, -30.0, -1e-3, 0.0, 2.5, 700.0])
