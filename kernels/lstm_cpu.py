@@ -43,7 +43,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
     bias : (G,) array
         ``b_ih + b_hh``.
     xh : (S, R, K) array
-        ``xh[0, :, I:]`` holds ``h0`` on entry.  Row ``xh[t]`` receives
+        ``xh[0, :, I:]`` holds ``h0`` on entry (unless ``h0_zero``).  Row ``xh[t]`` receives
         ``[x_t, h_{t-1}]``.  With ``S = T + 1`` every step is kept (training:
         the weight gradients need them all); with ``S = 2`` the slots are used
         in turn and ``h_T`` ends in ``xh[T % 2, :, I:]``.
@@ -58,7 +58,8 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
     z : (R, G) array
         Scratch: the GEMM's output.
     h0_zero : bool
-        ``h0`` is zero: the first step's GEMM then takes the input part only.
+        ``h0`` is zero: the first step's GEMM then takes the input part only, and
+        ``xh[0, :, I:]`` is not read (nor need it be filled).
     blocked : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """

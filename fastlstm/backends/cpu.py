@@ -347,7 +347,8 @@ class CPUBackend(Backend):
         inp = x[lo:hi]
         for k, buf in enumerate(chunk["layers"]):
             n_in = inp.shape[2]
-            buf["xh"][0, :, n_in:] = 0 if h0 is None else h0[k, lo:hi]
+            if h0 is not None:  # else nothing reads that slot: see forward_layer's h0_zero
+                buf["xh"][0, :, n_in:] = h0[k, lo:hi]
             buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
             lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
                                    buf["gates"], buf["hseq"], buf["z"], h0 is None,
@@ -396,8 +397,9 @@ class CPUBackend(Backend):
                 inputs[2][k, lo:hi] = dc
             if k > 0 or inputs is not None:
                 dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
-            dh[...] = 0
-            dc[...] = 0
+            if k > 0:  # the layer below starts from the gradient of the sequence alone
+                dh[...] = 0
+                dc[...] = 0
         if inputs is not None:
             inputs[0][lo:hi] = dh_seq.transpose(1, 0, 2)
 
