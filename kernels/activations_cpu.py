@@ -14,9 +14,10 @@ reduction with ``ln 2`` split in two), ``exp(r) = 1 + r + r**2 q(r)`` with a
 degree-4 ``q`` fitted by least squares on Chebyshev nodes (relative error of
 the polynomial 4e-9, below float32's ulp); the product with ``2**n`` is rounded
 once, so that subnormal results come out right: by ``ldexp`` where the target
-has AVX-512 (one ``vscalefps``; exp took 21 instructions, now 14), else by two
-powers of two built in the exponent bits (there ``ldexp`` is a library call per
-lane).  Both give the same bits.
+has AVX-512 (one ``vscalefps`` in place of shifts, adds and two products:
+sigmoid 5.9 -> 4.7 ns per 16 lanes), else by two powers of two built in the
+exponent bits (there ``ldexp`` is a library call per lane).  Both give the same
+bits.
 
 float32 ``tanh(x) = -m / (2 + m)`` with ``m = expm1(-2|x|)``, the sign of ``x``
 copied: ``m`` comes from the same reduction, ``expm1(y) = 2**n expm1(r) +
