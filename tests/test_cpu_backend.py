@@ -96,7 +96,7 @@ def test_sessions_hold_blas_on_one_thread_and_restore_it():
     layout, params, x, _, _, _ = make_problem((6, 5, 3, 4, 1, 3), "cross_entropy", np.float32)
     with backend.session():
         assert set(blas_threads()) == {1}
-        with backend.session():  # nested, and calls inside take no limit of their own
+        with backend.session():  # sessions nest
             backend.forward(layout, params, x)
             assert set(blas_threads()) == {1}
         backend.forward(layout, params, x)
