@@ -114,6 +114,16 @@ def _carve(shapes, dtype):
     return build(planned)
 
 
+def _loss_kernel(kind, dtype):
+    """The head kernel of loss ``kind`` and the dtype its targets take (class indices for
+    cross-entropy, values of ``dtype`` for squared error)."""
+    if kind == "cross_entropy":
+        return head_cpu.cross_entropy, np.intp
+    if kind == "squared_error":
+        return head_cpu.squared_error, dtype
+    raise ValueError(f"unknown loss {kind!r}; expected 'cross_entropy' or 'squared_error'")
+
+
 class _Workspace:
     """Every buffer one forward (+ backward) of a given shape needs, per chunk and layer."""
 
@@ -292,15 +302,11 @@ class CPUBackend(Backend):
         # gradient and backward for its chunks; the loss value and the gradient sums
         # come after.  Every piece computes what forward/loss/backward do, in the same
         # order, so the two give identical results.  Buffers are reused between steps.
-        kernel = {"cross_entropy": head_cpu.cross_entropy,
-                  "squared_error": head_cpu.squared_error}.get(loss)
-        if kernel is None:
-            raise ValueError(f"unknown loss {loss!r}; expected 'cross_entropy' or "
-                             "'squared_error'")
+        kernel, y_dtype = _loss_kernel(loss, params.dtype)
         with self._single_threaded_blas():
             views, x, ws = self._prepare(layout, params, x, True)
             B = x.shape[0]
-            y = np.asarray(y, dtype=np.intp if loss == "cross_entropy" else params.dtype)
+            y = np.asarray(y, dtype=y_dtype)
             outputs, doutputs = ws.outputs, ws.doutputs
 
             def work(worker, chunk_ids):
@@ -428,15 +434,16 @@ class CPUBackend(Backend):
 
     def _views(self, layout, flat):
         """``layout.views(flat)``, remembered for the last few buffers: a training loop
-        passes the same parameter and gradient buffers at every step."""
+        passes the same parameter and gradient buffers at every step.  An entry holds
+        ``flat`` itself (views may hold only its base), so no other buffer can take its
+        ``id`` while the entry is kept."""
         cache = self._local.__dict__.setdefault("views", {})
         key = (id(flat), layout.key())
-        hit = cache.get(key)
-        if hit is None or hit[0] is not flat:
-            hit = cache[key] = (flat, layout.views(flat))
+        if key not in cache:
+            cache[key] = (flat, layout.views(flat))
             while len(cache) > MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
-        return hit[1]
+        return cache[key][1]
 
     def _grad_buffer(self, params):
         """The gradient buffer of :meth:`train_step`, reused from one step to the next."""
@@ -446,15 +453,9 @@ class CPUBackend(Backend):
         return buf
 
     def loss(self, outputs, y, kind):
+        kernel, y_dtype = _loss_kernel(kind, outputs.dtype)
         doutputs = np.empty_like(outputs)
-        if kind == "cross_entropy":
-            value = head_cpu.cross_entropy(outputs, np.asarray(y, dtype=np.intp), doutputs,
-                                           len(outputs))
-        elif kind == "squared_error":
-            value = head_cpu.squared_error(outputs, np.asarray(y, dtype=outputs.dtype), doutputs,
-                                           len(outputs))
-        else:
-            raise ValueError(f"unknown loss {kind!r}; expected 'cross_entropy' or 'squared_error'")
+        value = kernel(outputs, np.asarray(y, dtype=y_dtype), doutputs, len(outputs))
         return float(value), doutputs
 
     def softmax(self, outputs):
