@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fastlstm.backends import get_backend
-from fastlstm.backends.cpu import HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve
+from fastlstm.backends import cpu
+from fastlstm.backends.cpu import HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _Overlay
 
 from conftest import make_problem, rel_err
 from test_backend_parity import TOLERANCE, run
@@ -38,9 +39,13 @@ def test_a_training_cache_survives_later_calls():
     np.testing.assert_array_equal(backend.backward(layout, params, cache, doutputs).params, before)
 
 
-def test_train_step_reuses_its_buffers_and_matches_forward_backward():
-    backend = get_backend("cpu")
-    layout, params, x, y, _, _ = make_problem((9, 5, 3, 4, 1, 3), "cross_entropy", np.float64)
+@pytest.mark.parametrize("small_chunks", [False, True], ids=["a-chunk-a-thread", "small-chunks"])
+def test_train_step_reuses_its_buffers_and_matches_forward_backward(small_chunks, monkeypatch):
+    layout, params, x, y, _, _ = make_problem((23, 5, 3, 4, 2, 3), "cross_entropy", np.float64)
+    if small_chunks:  # the smallest chunks allowed, 3 rows: 23 rows in 2 or 3, four per thread
+        monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)
+        monkeypatch.setattr(cpu.gemm_cpu, "MR", 3)
+    backend = CPUBackend(num_threads=2)
     p_step, p_ref = params.copy(), params.copy()
     s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
     for _ in range(3):
@@ -51,6 +56,24 @@ def test_train_step_reuses_its_buffers_and_matches_forward_backward():
         backend.adam_step(p_ref, grads, s_ref, 1e-2)
         assert loss == value
     np.testing.assert_array_equal(p_step, p_ref)
+    ws = backend._workspace(layout, 23, 5, np.float64, "step")
+    if small_chunks:
+        assert [len(group) for group in ws.groups] == [4, 4]
+        # a thread's chunks lie on the same memory, the threads' do not overlap
+        spans = [_span(chunk)[0] for chunk in ws.chunks]
+        assert len({lo for lo, _ in spans[:4]}) == len({lo for lo, _ in spans[4:]}) == 1
+        assert max(hi for _, hi in spans[:4]) <= spans[4][0]
+    else:
+        assert [len(group) for group in ws.groups] == [1, 1]
+
+
+def _span(buffers):
+    """First and last address (+1) of the non-empty arrays in nested dicts and lists."""
+    if isinstance(buffers, np.ndarray):
+        return [(buffers.ctypes.data, buffers.ctypes.data + buffers.nbytes)] if buffers.size else []
+    spans = [span for b in (buffers.values() if isinstance(buffers, dict) else buffers)
+             for span in _span(b)]
+    return [(min(lo for lo, _ in spans), max(hi for _, hi in spans))] if spans else []
 
 
 def test_a_dropped_training_cache_gives_its_buffers_to_the_next_forward():
@@ -83,6 +106,17 @@ def test_carved_buffers_are_aligned_and_disjoint(shapes):
             b[...] = 0
         a[...] = 1
         assert [b.sum() for b in flat] == [a.size if b is a else 0 for b in flat]
+
+
+def test_overlaid_buffers_share_their_memory_and_only_that():
+    arrays = _carve(dict(a=(3,), b=_Overlay([dict(c=(4,), d=(50,)), dict(c=(40,))]), e=(5,)),
+                    np.float32)
+    first, second = arrays["b"]
+    assert first["c"].ctypes.data == second["c"].ctypes.data
+    ends = {name: a.ctypes.data + a.nbytes for name, a in
+            dict(a=arrays["a"], d=first["d"], c=second["c"]).items()}
+    assert ends["a"] <= first["c"].ctypes.data
+    assert max(ends["d"], ends["c"]) <= arrays["e"].ctypes.data
 
 
 def test_sessions_hold_blas_on_one_thread_and_restore_it():

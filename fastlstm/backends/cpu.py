@@ -17,9 +17,12 @@ Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
 gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
 instead of BLAS: 98-115 GFLOP/s per core against 89-95 at these shapes.
 
-Buffers are reused across calls (per thread and shape) once no result refers
-to them any more: inference, training steps, and a forward + backward whose
-cache has been dropped.
+In training, chunks are small (:data:`TRAIN_CHUNK_BYTES` of saved state), and in
+a training step the chunks of one thread run forward and backward one after
+another on the same buffers, so what backward reads is still in cache.  Buffers
+are reused across calls (per thread and shape) once no result refers to them any
+more: inference, training steps, and a forward + backward whose cache has been
+dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ from .base import Backend, Gradients
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
+#: bytes that the saved state of one chunk (over all steps: inputs and hidden states,
+#: cells, gates and their gradients) may take in training.  The chunks of a thread run
+#: one after another on the same buffers, which then stay in cache between forward and
+#: backward: measured with two threads, the best sizes of a chunk were 8, 16 and 32 rows
+#: for H = 256, 128 and 64 at T = 28, and 8 rows for H = 128 at T = 56, each about 2.4 MB
+#: of state (H = 128, T = 28: a training step 8% faster than with 64-row chunks).
+TRAIN_CHUNK_BYTES = 5 << 19
 #: workspaces kept per thread (a full batch and an epoch's last, smaller one, ...)
 MAX_WORKSPACES = 4
 
@@ -55,11 +65,18 @@ def default_num_threads():
         return os.cpu_count() or 1
 
 
-def _chunk_bounds(rows, threads):
-    """Row bounds of the chunks of a batch: as many per thread, at most ``MAX_CHUNK_ROWS`` rows each."""
-    per_thread = -(-rows // (MAX_CHUNK_ROWS * threads))
+def _split(n, parts):
+    """``range(n)`` cut into ``parts`` contiguous ranges of nearly equal length."""
+    return [range(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+
+
+def _chunk_plan(rows, threads, max_rows):
+    """Row bounds ``(lo, hi)`` of the chunks of a batch, and the chunks each worker runs:
+    as many per worker, at most ``max_rows`` rows each."""
+    per_thread = -(-rows // (max_rows * threads))
     n = min(rows, threads * per_thread)
-    return [rows * i // n for i in range(n + 1)]
+    bounds = [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
+    return bounds, _split(n, min(threads, n))
 
 
 #: holders of the process-wide one-thread limit of BLAS, and the limiter that restores it
@@ -74,8 +91,14 @@ HUGE_PAGE = 2 << 20
 _ROW_PAD = 16
 
 
+class _Overlay(list):
+    """Alternative buffers laid over the same memory, for work that uses them one after another."""
+
+
 def _carve(shapes, dtype):
     """Arrays of ``shapes`` (nested lists and dicts of shape tuples), all views of one allocation.
+
+    The items of an :class:`_Overlay` start at the same place and share their memory.
 
     From one huge page of buffers on, the allocation starts on a huge-page boundary
     and is large enough (4 MiB) for NumPy to ask the kernel for huge pages (where
@@ -91,6 +114,15 @@ def _carve(shapes, dtype):
         nonlocal total
         if isinstance(node, dict):
             return {key: plan(value) for key, value in node.items()}
+        if isinstance(node, _Overlay):
+            start = end = total
+            planned = []
+            for value in node:
+                total = start
+                planned.append(plan(value))
+                end = max(end, total)
+            total = end
+            return planned
         if isinstance(node, list):
             return [plan(value) for value in node]
         offset = total
@@ -125,25 +157,40 @@ def _loss_kernel(kind, dtype):
 
 
 class _Workspace:
-    """Every buffer one forward (+ backward) of a given shape needs, per chunk and layer."""
+    """Every buffer one forward (+ backward) of a given shape needs, per chunk and layer.
 
-    def __init__(self, layout, batch, steps, dtype, train, threads):
+    ``mode`` is ``"inference"``, ``"train"`` (a forward whose buffers a later
+    backward reads: each chunk has its own) or ``"step"`` (a training step: the
+    chunks of one worker run forward and backward one after another, on the same
+    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state.
+    """
+
+    def __init__(self, layout, batch, steps, dtype, mode, threads):
         H, G, L = layout.hidden_size, 4 * layout.hidden_size, layout.num_layers
+        train = mode != "inference"
         # per layer: the width of [input, h]
         widths = [(layout.input_size if k == 0 else H) + H for k in range(L)]
-        bounds = _chunk_bounds(batch, threads)
-        self.rows = list(zip(bounds[:-1], bounds[1:]))
         S = steps + 1 if train else 2
-        chunks = []
-        for lo, hi in self.rows:
-            R = hi - lo
+
+        def chunk_shapes(R):
             chunk = dict(layers=[dict(xh=(S, R, K), c=(S, R, H),
                                       gates=(steps if train else 1, R, G),
                                       hseq=(R, steps if k < L - 1 else 0, H), z=(R, G))
                                  for k, K in enumerate(widths)])
             if train:
                 chunk.update(dz=(steps, R, G), dh=(R, H), dc=(R, H))
-            chunks.append(chunk)
+            return chunk
+
+        max_rows = MAX_CHUNK_ROWS
+        if train:  # every buffer of a chunk has a length proportional to its rows
+            row_bytes = _nbytes(chunk_shapes(1), dtype)
+            max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
+        self.rows, self.groups = _chunk_plan(batch, threads, max_rows)
+        if mode == "step":
+            chunks = [_Overlay(chunk_shapes(hi - lo) for lo, hi in (self.rows[i] for i in group))
+                      for group in self.groups]
+        else:
+            chunks = [chunk_shapes(hi - lo) for lo, hi in self.rows]
         shapes = dict(chunks=chunks, h_last=(batch, H), w_cat_t=[(K, G) for K in widths],
                       bias=[(G,)] * L)
         if train:
@@ -152,14 +199,25 @@ class _Workspace:
             # gradient are padded: 4H floats are a power of two, and the transposed
             # sum into the gradient, which walks its columns, then hit a few sets
             # of the cache only (H=128: 150 us a step instead of 26 for the copy).
-            workers = min(threads, len(chunks))
+            workers = len(self.groups)
             shapes["dw"] = [(workers, K, G + _ROW_PAD) for K in widths]
             shapes["db"] = [(workers, G)] * L
             # the head's outputs and their gradient, in train_step
             shapes["outputs"] = shapes["doutputs"] = (batch, layout.output_size)
         self.__dict__.update(_carve(shapes, dtype))
+        if mode == "step":
+            self.chunks = [chunk for group in self.chunks for chunk in group]
         if train:
             self.dw = [dw[:, :, :G] for dw in self.dw]
+
+
+def _nbytes(shapes, dtype):
+    """Bytes of the arrays of ``shapes`` (nested lists and dicts of shape tuples)."""
+    if isinstance(shapes, dict):
+        shapes = list(shapes.values())
+    if isinstance(shapes, list):
+        return sum(_nbytes(value, dtype) for value in shapes)
+    return math.prod(shapes) * np.dtype(dtype).itemsize
 
 
 class CPUBackend(Backend):
@@ -187,20 +245,18 @@ class CPUBackend(Backend):
 
     # -- threads and buffers -------------------------------------------------------------
 
-    def _run(self, work, n_items):
-        """Call ``work(worker, items)`` for contiguous groups of ``range(n_items)``, one per thread.
+    def _run(self, work, groups):
+        """Call ``work(worker, groups[worker])`` for every worker, one per thread.
 
         Callers hold :meth:`_single_threaded_blas`.
         """
-        workers = min(self.num_threads, n_items)
-        groups = [range(n_items * w // workers, n_items * (w + 1) // workers) for w in range(workers)]
-        if workers == 1:
+        if len(groups) == 1:
             work(0, groups[0])
             return
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="fastlstm")
-        futures = [self._pool.submit(work, w, groups[w]) for w in range(1, workers)]
+        futures = [self._pool.submit(work, w, groups[w]) for w in range(1, len(groups))]
         work(0, groups[0])
         for f in futures:
             f.result()
@@ -231,18 +287,19 @@ class CPUBackend(Backend):
     def session(self):
         return self._single_threaded_blas()
 
-    def _workspace(self, layout, batch, steps, dtype, train):
-        """A workspace for this shape: the last one, unless a forward cache still holds it.
+    def _workspace(self, layout, batch, steps, dtype, mode):
+        """A workspace for this shape and mode (see :class:`_Workspace`): the last one,
+        unless a forward cache still holds it.
 
         A training forward returns its workspace inside the cache that backward needs;
         it is reused once the caller has dropped that cache (no reference left but ours),
         so a training loop or a benchmark does not pay for fresh memory on every step.
         """
         cache = self._local.__dict__.setdefault("workspaces", {})
-        key = (layout.key(), batch, steps, np.dtype(dtype).str, train, self.num_threads)
+        key = (layout.key(), batch, steps, np.dtype(dtype).str, mode, self.num_threads)
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
-            ws = _Workspace(layout, batch, steps, dtype, train, self.num_threads)
+            ws = _Workspace(layout, batch, steps, dtype, mode, self.num_threads)
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
         cache[key] = ws
@@ -263,14 +320,14 @@ class CPUBackend(Backend):
             return self._backward(layout, params, cache, doutputs, input_grads)
 
     def _forward(self, layout, params, x, h0, c0, train):
-        views, x, ws = self._prepare(layout, params, x, train)
+        views, x, ws = self._prepare(layout, params, x, "train" if train else "inference")
         outputs = np.empty((x.shape[0], layout.output_size), params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
                 self._forward_chunk(views, ws, ci, x, h0, c0, outputs)
 
-        self._run(work, len(ws.chunks))
+        self._run(work, ws.groups)
         cache = dict(ws=ws, steps=x.shape[1], h0_zero=h0 is None) if train else None
         return outputs, cache
 
@@ -290,7 +347,7 @@ class CPUBackend(Backend):
                 self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, inputs,
                                      cache["h0_zero"])
 
-        self._run(work, len(ws.chunks))
+        self._run(work, ws.groups)
         grads = np.empty_like(params)
         self._sum_gradients(layout, ws, doutputs, grads)
         return Gradients(grads) if inputs is None else Gradients(grads, *inputs)
@@ -304,7 +361,7 @@ class CPUBackend(Backend):
         # order, so the two give identical results.  Buffers are reused between steps.
         kernel, y_dtype = _loss_kernel(loss, params.dtype)
         with self._single_threaded_blas():
-            views, x, ws = self._prepare(layout, params, x, True)
+            views, x, ws = self._prepare(layout, params, x, "step")
             B = x.shape[0]
             y = np.asarray(y, dtype=y_dtype)
             outputs, doutputs = ws.outputs, ws.doutputs
@@ -320,7 +377,7 @@ class CPUBackend(Backend):
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
                         self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, None, True)
 
-            self._run(work, len(ws.chunks))
+            self._run(work, ws.groups)
             value = float(kernel(outputs, y, doutputs, B))  # the batch's loss, summed in order
             if not math.isfinite(value):
                 return value
@@ -332,12 +389,12 @@ class CPUBackend(Backend):
 
     # -- the pieces of a step ------------------------------------------------------------
 
-    def _prepare(self, layout, params, x, train):
-        """Views of ``params``, ``x`` contiguous in their dtype, and a workspace whose
-        concatenated transposed weights and summed biases are filled in."""
+    def _prepare(self, layout, params, x, mode):
+        """Views of ``params``, ``x`` contiguous in their dtype, and a workspace of ``mode``
+        whose concatenated transposed weights and summed biases are filled in."""
         views = self._views(layout, params)
         x = np.ascontiguousarray(x, dtype=params.dtype)
-        ws = self._workspace(layout, x.shape[0], x.shape[1], params.dtype, train)
+        ws = self._workspace(layout, x.shape[0], x.shape[1], params.dtype, mode)
         for k in range(layout.num_layers):
             w_ih, w_hh, b_ih, b_hh = layout.layer(views, k)
             n_in = w_ih.shape[1]
