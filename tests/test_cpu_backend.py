@@ -7,7 +7,8 @@ import pytest
 
 from fastlstm.backends import get_backend
 from fastlstm.backends import cpu
-from fastlstm.backends.cpu import HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _Overlay
+from fastlstm.backends.cpu import (HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _chunk_plan,
+                                   _Overlay)
 
 from conftest import make_problem, rel_err
 from test_backend_parity import TOLERANCE, run
@@ -24,6 +25,22 @@ def test_any_thread_count_and_many_chunks_match_reference(threads):
         assert rel_err(got[name], want[name]) < TOLERANCE[np.float64], name
     for name in want["grads"]:
         assert rel_err(got["grads"][name], want["grads"][name]) < TOLERANCE[np.float64], name
+
+
+@pytest.mark.parametrize("rows, threads, max_rows, sizes", [
+    (128, 2, 16, [[16] * 4, [16] * 4]),
+    (100, 2, 17, [[16, 16, 18], [16, 16, 18]]),   # whole blocks of 8 rows first
+    (1000, 2, 128, [[128, 120, 128, 124]] * 2),
+    (22, 2, 4, [[3, 4, 4]] * 2),                  # too few rows for blocks of 8: even
+    (3, 4, 128, [[1], [1], [1]]),
+    (0, 2, 128, [[]]),
+])
+def test_chunk_plan_covers_the_batch_in_order(rows, threads, max_rows, sizes):
+    bounds, groups = _chunk_plan(rows, threads, max_rows, 8)
+    assert [[bounds[i][1] - bounds[i][0] for i in group] for group in groups] == sizes
+    edges = [0] + [hi for _, hi in bounds]
+    assert [lo for lo, _ in bounds] == edges[:-1] and edges[-1] == rows
+    assert [i for group in groups for i in group] == list(range(len(bounds)))
 
 
 def test_a_training_cache_survives_later_calls():

@@ -65,18 +65,29 @@ def default_num_threads():
         return os.cpu_count() or 1
 
 
-def _split(n, parts):
-    """``range(n)`` cut into ``parts`` contiguous ranges of nearly equal length."""
-    return [range(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+def _chunk_plan(rows, threads, max_rows, align):
+    """Row bounds ``(lo, hi)`` of the chunks of a batch, and the chunk numbers each worker runs.
 
-
-def _chunk_plan(rows, threads, max_rows):
-    """Row bounds ``(lo, hi)`` of the chunks of a batch, and the chunks each worker runs:
-    as many per worker, at most ``max_rows`` rows each."""
-    per_thread = -(-rows // (max_rows * threads))
-    n = min(rows, threads * per_thread)
-    bounds = [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
-    return bounds, _split(n, min(threads, n))
+    The rows are shared evenly by the workers, and each worker's rows cut into as
+    few chunks of about ``max_rows`` as will do.  Where there are enough rows,
+    every chunk but a worker's last is a multiple of ``align`` rows: the step
+    GEMMs work on blocks of ``align`` rows, and the rows past the last whole
+    block run in smaller, slower blocks (chunks of 10-11 rows made a training
+    step 10% slower than chunks of 8 or 16).
+    """
+    workers = max(1, min(threads, rows))
+    bounds, groups = [], []
+    for w in range(workers):
+        lo, hi = rows * w // workers, rows * (w + 1) // workers
+        n = -(-(hi - lo) // max_rows)
+        if hi - lo >= n * align:  # cuts at multiples of align, rounded half up
+            cuts = [lo + align * ((2 * (hi - lo) * i + n * align) // (2 * n * align))
+                    for i in range(n)] + [hi]
+        else:
+            cuts = [lo + (hi - lo) * i // n for i in range(n + 1)]
+        groups.append(range(len(bounds), len(bounds) + n))
+        bounds += zip(cuts[:-1], cuts[1:])
+    return bounds, groups
 
 
 #: holders of the process-wide one-thread limit of BLAS, and the limiter that restores it
@@ -185,7 +196,7 @@ class _Workspace:
         if train:  # every buffer of a chunk has a length proportional to its rows
             row_bytes = _nbytes(chunk_shapes(1), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
-        self.rows, self.groups = _chunk_plan(batch, threads, max_rows)
+        self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
         if mode == "step":
             chunks = [_Overlay(chunk_shapes(hi - lo) for lo, hi in (self.rows[i] for i in group))
                       for group in self.groups]
