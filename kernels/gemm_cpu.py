@@ -1,9 +1,10 @@
 """A register-blocked GEMM for the products inside the LSTM's time loop.
 
-At one time step's shapes (a chunk of 64 rows times a 156 x 512 weight
-matrix, or 64 x 512 times 512 x 128 backwards) OpenBLAS reaches 89-95 GFLOP/s
-on one core of the project's machine (Zen 4); this kernel runs the same
-products at 109-115, and the weight gradient at 98-105, without packing anything
+At one time step's shapes (a training chunk of 16 rows times a 156 x 512
+weight matrix, or 16 x 512 times 512 x 128 backwards) OpenBLAS reaches 61-78
+GFLOP/s on one core of the project's machine (Zen 4), and 95 at inference's
+128 rows; this kernel runs the same products at 110-113, and the weight
+gradient at 112 (OpenBLAS 101), without packing anything
 (``python benchmarks/blas_peak.py``).
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
