@@ -36,9 +36,11 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
 #: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
-#: with AVX-512 (98-115 GFLOP/s against OpenBLAS's 89-95); built for AVX2 (on the same
-#: machine) the 6 x 16 blocks ran at 58-113 against 86-98, so BLAS is kept there.
-PAYS_OFF = vector_bits() >= 512
+#: with AVX-512 (110-113 GFLOP/s against OpenBLAS's 61-101), and built for AVX2 on the
+#: same machine, with OpenBLAS on its Haswell kernels: 98-103 against 62-71 at the step
+#: GEMMs of a training chunk (85 against 107 at its weight gradient), a training step
+#: 0.79-0.82x the time of BLAS's, inference 2.5% faster.
+PAYS_OFF = vector_bits() >= 256 and has_fma()
 #: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the
 #: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes
 #: (the 1792-long weight gradient: 89 -> 94-98 GFLOP/s in the measurement that chose 256)

@@ -15,7 +15,7 @@ backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
 gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
 Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
 gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
-instead of BLAS: 98-115 GFLOP/s per core against 89-95 at these shapes.
+instead of BLAS: 110-113 GFLOP/s per core against 61-101 at these shapes.
 
 In training, chunks are small (:data:`TRAIN_CHUNK_BYTES` of saved state), and in
 a training step the chunks of one thread run forward and backward one after
@@ -48,7 +48,9 @@ MAX_CHUNK_ROWS = 128
 #: one after another on the same buffers, which then stay in cache between forward and
 #: backward: measured with two threads, the best sizes of a chunk were 8, 16 and 32 rows
 #: for H = 256, 128 and 64 at T = 28, and 8 rows for H = 128 at T = 56, each about 2.4 MB
-#: of state (H = 128, T = 28: a training step 8% faster than with 64-row chunks).
+#: of state (H = 128, T = 28: a training step 8% faster than with 64-row chunks).  With
+#: BLAS for the step GEMMs, small chunks are slow (built for AVX2: 18.4 ms a step
+#: against 12.1 in 64-row chunks): there a chunk takes up to MAX_CHUNK_ROWS rows.
 TRAIN_CHUNK_BYTES = 5 << 19
 #: workspaces kept per thread (a full batch and an epoch's last, smaller one, ...)
 MAX_WORKSPACES = 4
@@ -173,10 +175,11 @@ class _Workspace:
     ``mode`` is ``"inference"``, ``"train"`` (a forward whose buffers a later
     backward reads: each chunk has its own) or ``"step"`` (a training step: the
     chunks of one worker run forward and backward one after another, on the same
-    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state.
+    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state if
+    ``small_chunks``.
     """
 
-    def __init__(self, layout, batch, steps, dtype, mode, threads):
+    def __init__(self, layout, batch, steps, dtype, mode, threads, small_chunks):
         H, G, L = layout.hidden_size, 4 * layout.hidden_size, layout.num_layers
         train = mode != "inference"
         # per layer: the width of [input, h]
@@ -193,7 +196,7 @@ class _Workspace:
             return chunk
 
         max_rows = MAX_CHUNK_ROWS
-        if train:  # every buffer of a chunk has a length proportional to its rows
+        if train and small_chunks:  # every buffer of a chunk has a length proportional to its rows
             row_bytes = _nbytes(chunk_shapes(1), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
@@ -241,7 +244,9 @@ class CPUBackend(Backend):
     blocked_gemm : bool, optional
         Run the GEMMs inside the time loop and the weight-gradient GEMM with the
         register-blocked kernel of :mod:`fastlstm.kernels.gemm_cpu` instead of
-        BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``).
+        BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``: SIMD of
+        256 bits or more, with FMA).  With our kernel, a row's results do not depend
+        on its place in the batch; with BLAS they may differ in the last bits.
     """
 
     name = "cpu"
@@ -310,7 +315,8 @@ class CPUBackend(Backend):
         key = (layout.key(), batch, steps, np.dtype(dtype).str, mode, self.num_threads)
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
-            ws = _Workspace(layout, batch, steps, dtype, mode, self.num_threads)
+            ws = _Workspace(layout, batch, steps, dtype, mode, self.num_threads,
+                            small_chunks=self.blocked_gemm)
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
         cache[key] = ws
