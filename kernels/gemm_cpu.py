@@ -2,9 +2,9 @@
 
 At one time step's shapes (a training chunk of 16 rows times a 156 x 512
 weight matrix, or 16 x 512 times 512 x 128 backwards) OpenBLAS reaches 61-78
-GFLOP/s on one core of the project's machine (Zen 4), and 95 at inference's
-128 rows; this kernel runs the same products at 110-113, and the weight
-gradient at 112 (OpenBLAS 101), without packing anything
+GFLOP/s on one core of the project's machine (Zen 4), and 95-98 at
+inference's 128 rows; this kernel runs the same products at 110-114, and the
+weight gradient at 112 (OpenBLAS 100-101), without packing anything
 (``python benchmarks/blas_peak.py``).
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
@@ -36,7 +36,7 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
 #: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
-#: with AVX-512 (110-113 GFLOP/s against OpenBLAS's 61-101), and built for AVX2 on the
+#: with AVX-512 (110-114 GFLOP/s against OpenBLAS's 61-101), and built for AVX2 on the
 #: same machine, with OpenBLAS on its Haswell kernels: 98-103 against 62-71 at the step
 #: GEMMs of a training chunk (85 against 107 at its weight gradient), a training step
 #: 0.79-0.82x the time of BLAS's, inference 2.5% faster.

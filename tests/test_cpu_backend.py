@@ -14,13 +14,19 @@ from conftest import make_problem, rel_err
 from test_backend_parity import TOLERANCE, run
 
 
+@pytest.mark.parametrize("small_chunks", [False, True], ids=["chunks-of-128", "smallest-chunks"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_any_thread_count_and_many_chunks_match_reference(threads):
+def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks, monkeypatch):
     # more rows than one chunk holds, an uneven split, several chunks per thread, 2 layers
+    if small_chunks:  # training chunks of one GEMM row block (inference keeps its own)
+        monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)
     shape = (3 * MAX_CHUNK_ROWS + 7, 4, 3, 5, 2, 3)
     problem = make_problem(shape, "cross_entropy", np.float64)
-    got = run(CPUBackend(threads), *problem, "cross_entropy")
+    backend = CPUBackend(threads)
+    got = run(backend, *problem, "cross_entropy")
     want = run(get_backend("reference"), *problem, "cross_entropy")
+    rows = backend._workspace(problem[0], shape[0], shape[1], np.float64, "train").rows
+    assert (max(hi - lo for lo, hi in rows) <= gemm_cpu.MR) == small_chunks
     for name in ("outputs", "inference", "x", "h0", "c0"):
         assert rel_err(got[name], want[name]) < TOLERANCE[np.float64], name
     for name in want["grads"]:

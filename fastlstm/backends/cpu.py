@@ -13,9 +13,10 @@ Per chunk and layer, forward: one GEMM per step ``[x_t, h_{t-1}] @ [W_ih,
 W_hh]^T`` and one fused pass for the gates (:func:`lstm_cpu.forward_layer`);
 backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
 gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
-Where it is the faster (AVX-512), the GEMMs of the time loop and the weight
-gradients run on the register-blocked kernel of :mod:`..kernels.gemm_cpu`
-instead of BLAS: 110-113 GFLOP/s per core against 61-101 at these shapes.
+Where it is the faster (AVX-512, or AVX2 with FMA), the GEMMs of the time loop
+and the weight gradients run on the register-blocked kernel of
+:mod:`..kernels.gemm_cpu` instead of BLAS: 110-114 GFLOP/s per core against
+61-101 for OpenBLAS at these shapes.
 
 In training, chunks are small (:data:`TRAIN_CHUNK_BYTES` of saved state), and in
 a training step the chunks of one thread run forward and backward one after
@@ -159,6 +160,15 @@ def _carve(shapes, dtype):
     return build(planned)
 
 
+def _nbytes(shapes, dtype):
+    """Bytes of the arrays of ``shapes`` (nested lists and dicts of shape tuples)."""
+    if isinstance(shapes, dict):
+        shapes = list(shapes.values())
+    if isinstance(shapes, list):
+        return sum(_nbytes(value, dtype) for value in shapes)
+    return math.prod(shapes) * np.dtype(dtype).itemsize
+
+
 def _loss_kernel(kind, dtype):
     """The head kernel of loss ``kind`` and the dtype its targets take (class indices for
     cross-entropy, values of ``dtype`` for squared error)."""
@@ -223,15 +233,6 @@ class _Workspace:
             self.chunks = [chunk for group in self.chunks for chunk in group]
         if train:
             self.dw = [dw[:, :, :G] for dw in self.dw]
-
-
-def _nbytes(shapes, dtype):
-    """Bytes of the arrays of ``shapes`` (nested lists and dicts of shape tuples)."""
-    if isinstance(shapes, dict):
-        shapes = list(shapes.values())
-    if isinstance(shapes, list):
-        return sum(_nbytes(value, dtype) for value in shapes)
-    return math.prod(shapes) * np.dtype(dtype).itemsize
 
 
 class CPUBackend(Backend):
