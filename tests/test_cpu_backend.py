@@ -5,6 +5,7 @@ import weakref
 import numpy as np
 import pytest
 
+from fastlstm import ParamLayout
 from fastlstm.backends import cpu, get_backend
 from fastlstm.backends.cpu import (HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _chunk_plan,
                                    _Overlay)
@@ -31,6 +32,20 @@ def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks,
         assert rel_err(got[name], want[name]) < TOLERANCE[np.float64], name
     for name in want["grads"]:
         assert rel_err(got["grads"][name], want["grads"][name]) < TOLERANCE[np.float64], name
+
+
+@pytest.mark.parametrize("hidden, blocked, small", [
+    (16, True, True),
+    (512, True, False),   # 4.4 MB of weights: each small chunk would stream them from L3
+    (16, False, False),   # BLAS is slow on small chunks
+])
+def test_training_chunks_are_small_where_that_pays_off(hidden, blocked, small, monkeypatch):
+    monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # as small as they come: one row block
+    backend = CPUBackend(num_threads=2, blocked_gemm=blocked)
+    layout = ParamLayout(28, hidden, 1, 10)
+    for mode in ("train", "step"):
+        rows = backend._workspace(layout, 64, 2, np.float32, mode).rows
+        assert max(hi - lo for lo, hi in rows) == (gemm_cpu.MR if small else 32)
 
 
 @pytest.mark.parametrize("rows, threads, max_rows, sizes", [

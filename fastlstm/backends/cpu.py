@@ -29,11 +29,13 @@ dropped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
@@ -47,11 +49,12 @@ MAX_CHUNK_ROWS = 128
 #: bytes that the saved state of one chunk (over all steps: inputs and hidden states,
 #: cells, gates and their gradients) may take in training.  The chunks of a thread run
 #: one after another on the same buffers, which then stay in cache between forward and
-#: backward: measured with two threads, the best sizes of a chunk were 8, 16 and 32 rows
-#: for H = 256, 128 and 64 at T = 28, and 8 rows for H = 128 at T = 56, each about 2.4 MB
-#: of state (H = 128, T = 28: a training step 8% faster than with 64-row chunks).  With
-#: BLAS for the step GEMMs, small chunks are slow (built for AVX2: 18.4 ms a step
-#: against 12.1 in 64-row chunks): there a chunk takes up to MAX_CHUNK_ROWS rows.
+#: backward: measured with two threads, the best sizes of a chunk were 16 and 32 rows for
+#: H = 128 and 64 at T = 28, and 8 rows for H = 128 at T = 56, each about 2.4 MB of state
+#: (H = 128, T = 28: a training step 8% faster than with 64-row chunks).  Every chunk
+#: reads the weights at every step, so this holds while they stay in the core's L2
+#: (:func:`_small_chunks_pay_off`).  With BLAS for the step GEMMs, small chunks are slow
+#: (built for AVX2: 18.4 ms a step against 12.1 in 64-row chunks).
 TRAIN_CHUNK_BYTES = 5 << 19
 #: workspaces kept per thread (a full batch and an epoch's last, smaller one, ...)
 MAX_WORKSPACES = 4
@@ -66,6 +69,27 @@ def default_num_threads():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def l2_cache_bytes():
+    """The L2 cache of one core, as Linux reports it, else 1 MiB (the project's machine's)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(text[:-1]) << {"K": 10, "M": 20}[text[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 1 << 20
+
+
+def _small_chunks_pay_off(weight_bytes):
+    """Whether training in chunks of :data:`TRAIN_CHUNK_BYTES` beats chunks of up to
+    :data:`MAX_CHUNK_ROWS` rows, for step GEMMs on ``weight_bytes`` of weights.
+
+    Measured on the project's machine (1 MiB of L2), training steps of H = 64 to 160
+    were 5-8% faster in small chunks, H = 192 (676 KB of weights) and 256 as fast,
+    H = 512 5% slower: each small chunk streams the weights from L3 at every step.
+    """
+    return weight_bytes <= l2_cache_bytes() // 2
 
 
 def _chunk_plan(rows, threads, max_rows, align):
@@ -185,11 +209,12 @@ class _Workspace:
     ``mode`` is ``"inference"``, ``"train"`` (a forward whose buffers a later
     backward reads: each chunk has its own) or ``"step"`` (a training step: the
     chunks of one worker run forward and backward one after another, on the same
-    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state if
-    ``small_chunks``.
+    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state where
+    that pays off: with ``own_gemm`` (the step GEMMs on :mod:`..kernels.gemm_cpu`) and
+    weights that stay in L2.
     """
 
-    def __init__(self, layout, batch, steps, dtype, mode, threads, small_chunks):
+    def __init__(self, layout, batch, steps, dtype, mode, threads, own_gemm):
         H, G, L = layout.hidden_size, 4 * layout.hidden_size, layout.num_layers
         train = mode != "inference"
         # per layer: the width of [input, h]
@@ -206,7 +231,9 @@ class _Workspace:
             return chunk
 
         max_rows = MAX_CHUNK_ROWS
-        if train and small_chunks:  # every buffer of a chunk has a length proportional to its rows
+        weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
+        if train and own_gemm and _small_chunks_pay_off(weight_bytes):
+            # every buffer of a chunk has a length proportional to its rows
             row_bytes = _nbytes(chunk_shapes(1), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
@@ -317,7 +344,7 @@ class CPUBackend(Backend):
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
             ws = _Workspace(layout, batch, steps, dtype, mode, self.num_threads,
-                            small_chunks=self.blocked_gemm)
+                            own_gemm=self.blocked_gemm)
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
         cache[key] = ws
