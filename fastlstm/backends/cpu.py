@@ -222,13 +222,13 @@ class _Workspace:
         S = steps + 1 if train else 2
 
         def chunk_shapes(R):
-            chunk = dict(layers=[dict(xh=(S, R, K), c=(S, R, H),
-                                      gates=(steps if train else 1, R, G),
-                                      hseq=(R, steps if k < L - 1 else 0, H), z=(R, G))
-                                 for k, K in enumerate(widths)])
-            if train:
-                chunk.update(dz=(steps, R, G), dh=(R, H), dc=(R, H))
-            return chunk
+            layers = [dict(xh=(S, R, K), c=(S, R, H), hseq=(R, steps if k < L - 1 else 0, H),
+                           z=(R, G)) for k, K in enumerate(widths)]
+            if not train:
+                return dict(layers=layers)
+            for layer in layers:
+                layer["gates"] = (steps, R, G)
+            return dict(layers=layers, dz=(steps, R, G), dh=(R, H), dc=(R, H))
 
         max_rows = MAX_CHUNK_ROWS
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
@@ -459,7 +459,7 @@ class CPUBackend(Backend):
                 buf["xh"][0, :, n_in:] = h0[k, lo:hi]
             buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
             lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
-                                   buf["gates"], buf["hseq"], buf["z"], h0 is None,
+                                   buf.get("gates"), buf["hseq"], buf["z"], h0 is None,
                                    self.blocked_gemm)
             inp = buf["hseq"]
         h_last = ws.h_last[lo:hi]
