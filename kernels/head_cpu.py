@@ -8,7 +8,11 @@ import math
 
 from numba import njit
 
-from .lstm_cpu import FASTMATH
+from . import lstm_cpu
+
+#: the dot products of :func:`linear` vectorise only where LLVM may reassociate their sums
+#: (no exp here whose range reduction that would spoil)
+FASTMATH = lstm_cpu.FASTMATH | {"reassoc"}
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)

@@ -7,18 +7,24 @@ import pytest
 from numba import njit
 
 from fastlstm.kernels.activations_cpu import sigmoid, tanh
+from fastlstm.kernels.lstm_cpu import FASTMATH
 
 
-@njit
-def apply(x, out_sigmoid, out_tanh):
+def _apply(x, out_sigmoid, out_tanh):
     for n in range(x.shape[0]):
         out_sigmoid[n] = sigmoid(x[n])
         out_tanh[n] = tanh(x[n])
 
 
-def evaluate(x):
+#: the functions are inlined into their callers and compiled with the callers' flags:
+#: checked as the LSTM kernels compile them (vectorised, fast-math) and plainly
+COMPILED = {"as in the kernels": njit(fastmath=FASTMATH, error_model="numpy")(_apply),
+            "plain": njit(_apply)}
+
+
+def evaluate(x, compiled="as in the kernels"):
     s, t = np.empty_like(x), np.empty_like(x)
-    apply(x, s, t)
+    COMPILED[compiled](x, s, t)
     return s, t
 
 
@@ -34,17 +40,19 @@ def ulp_error(actual, exact):
     return np.abs(actual.astype(np.float64) - exact) / spacing
 
 
-def test_float32_sigmoid_and_tanh_are_within_a_few_ulp():
+@pytest.mark.parametrize("compiled", sorted(COMPILED))
+def test_float32_sigmoid_and_tanh_are_within_a_few_ulp(compiled):
     x = float32_grid()
-    s, t = evaluate(x)
+    s, t = evaluate(x, compiled)
     x64 = x.astype(np.float64)
     assert s.dtype == t.dtype == np.float32
     assert ulp_error(s, 1.0 / (1.0 + np.exp(-x64))).max() <= 4
     assert ulp_error(t, np.tanh(x64)).max() <= 4
 
 
-def test_float32_special_values():
-    s, t = evaluate(np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32))
+@pytest.mark.parametrize("compiled", sorted(COMPILED))
+def test_float32_special_values(compiled):
+    s, t = evaluate(np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32), compiled)
     assert np.isnan(s[0]) and np.isnan(t[0])
     np.testing.assert_array_equal(s[1:], [1, 0, 0.5, 0.5])
     np.testing.assert_array_equal(t[1:], [1, -1, 0, 0])
