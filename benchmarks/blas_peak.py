@@ -8,6 +8,11 @@ register-blocked kernel of ``fastlstm.kernels.gemm_cpu`` (one thread; the
 backend runs it per thread).  The weight gradient is timed in the layout the
 backend uses: ``[x, h]^T`` is a transposed view.
 
+Then the ceiling of inference: one core's arithmetic peak (independent fused
+multiply-adds on registers only), and one inference chunk of the backend's
+shape (its rows, 28 steps) through ``lstm_cpu.forward_layer`` next to its step
+GEMMs alone: the samples/s of one core if the gate math cost nothing.
+
     python benchmarks/blas_peak.py [--size 2048]
 """
 
@@ -21,21 +26,76 @@ from _common import machine_description, summarize, time_call
 T, I, H = 28, 28, 128
 
 
-def step_shapes():
-    """``{name: (m, k, n, A transposed)}`` of the GEMMs of one chunk, in training and inference."""
+def chunk_rows():
+    """Rows of the CPU backend's first chunk of a training step (batch 128) and of inference
+    (batch 1000)."""
     from fastlstm import ParamLayout
     from fastlstm.backends.cpu import CPUBackend
 
     layout, backend = ParamLayout(I, H, 1, 10), CPUBackend()
     train, infer = (backend._workspace(layout, batch, T, np.float32, mode).rows[0]
                     for batch, mode in ((128, "step"), (1000, "inference")))
-    R, Ri = train[1] - train[0], infer[1] - infer[0]
+    return train[1] - train[0], infer[1] - infer[0]
+
+
+def step_shapes():
+    """``{name: (m, k, n, A transposed)}`` of the GEMMs of one chunk, in training and inference."""
+    R, Ri = chunk_rows()
     return {
         f"forward step [x,h] @ [W_ih,W_hh]^T, {R} rows": (R, I + H, 4 * H, False),
         f"backward step dz @ W_hh, {R} rows": (R, 4 * H, H, False),
         f"weight gradient [x,h]^T @ dz, {T} x {R} rows": (I + H, T * R, 4 * H, True),
         f"inference step, {Ri} rows": (Ri, I + H, 4 * H, False),
     }
+
+
+def fma_peak_gflops():
+    """One core's GFLOP/s on fused multiply-adds alone: 12 SIMD vectors of independent chains."""
+    from numba import njit
+    from fastlstm.kernels._cpu_features import vector_bits
+
+    lanes = 12 * max(vector_bits(), 128) // 32
+
+    @njit(fastmath={"contract"}, error_model="numpy")
+    def chains(start, rounds):
+        # a local copy and a trip count known when compiling: LLVM keeps ``acc`` in registers
+        acc = start.copy()
+        a, b = np.float32(0.999), np.float32(1e-3)
+        for _ in range(rounds):
+            for j in range(lanes):
+                acc[j] = acc[j] * a + b
+        return acc
+
+    start = np.ones(lanes, np.float32)
+    rounds = 200_000
+    chains(start, 1)
+    return gflops(lambda: chains(start, rounds), 1, start.size, rounds)
+
+
+def inference_split(rows):
+    """Seconds of one inference chunk of ``rows`` rows through ``forward_layer``, and of its
+    step GEMMs alone (the same calls), on one thread."""
+    from fastlstm.kernels import gemm_cpu, lstm_cpu
+
+    rng = np.random.default_rng(0)
+    K, G = I + H, 4 * H
+    x = rng.random((rows, T, I), dtype=np.float32)
+    w = (rng.standard_normal((K, G)) * 0.1).astype(np.float32)
+    bias = np.zeros(G, np.float32)
+    xh, c = np.zeros((2, rows, K), np.float32), np.zeros((2, rows, H), np.float32)
+    z, hseq = np.empty((rows, G), np.float32), np.empty((rows, 0, H), np.float32)
+    first = np.ascontiguousarray(x[:, 0])
+
+    def layer():
+        lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, z, True, True)
+
+    def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
+        gemm_cpu.gemm(first, w[:I], z, False)
+        for _ in range(T - 1):
+            gemm_cpu.gemm(xh[1], w, z, False)
+
+    with threadpool_limits(1, user_api="blas"):
+        return tuple(summarize(time_call(fn, 9, min_time=0.05))[0] for fn in (layer, gemms))
 
 
 def operands(m, k, n, transposed):
@@ -71,6 +131,18 @@ def main():
                 figures.append(gflops(lambda: np.matmul(a, b, out=out), m, k, n))
         figures.append(gflops(lambda: gemm_cpu.gemm(a, b, out, False), m, k, n))
         print(f"{name:48s} " + " ".join(f"{g:11.1f}" for g in figures))
+
+    peak = fma_peak_gflops()
+    rows = chunk_rows()[1]
+    layer, gemms = inference_split(rows)
+    flop = 2 * rows * 4 * H * (I + (T - 1) * (I + H))
+    print(f"\none core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s")
+    print(f"inference, one chunk of {rows} rows x {T} steps on one core: {layer * 1e3:.2f} ms, "
+          f"{rows / layer:,.0f} samples/s;\n  its step GEMMs alone {gemms * 1e3:.2f} ms "
+          f"({flop / gemms / 1e9:.1f} GFLOP/s, {flop / gemms / 1e9 / peak:.0%} of the peak), "
+          f"the gate math and copies {(layer - gemms) * 1e3:.2f} ms "
+          f"({(layer - gemms) / layer:.0%});\n  with free gate math: {rows / gemms:,.0f} samples/s"
+          f" per core, at the peak {rows * peak * 1e9 / flop:,.0f}")
 
 
 if __name__ == "__main__":
