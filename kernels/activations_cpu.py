@@ -15,8 +15,8 @@ degree-4 ``q`` fitted by least squares on Chebyshev nodes (relative error of
 the polynomial 4e-9, below float32's ulp) and evaluated in Estrin's scheme
 (three dependent operations, not Horner's four); the product with ``2**n`` is rounded
 once, so that subnormal results come out right: by ``ldexp`` where the target
-has AVX-512 (one ``vscalefps`` in place of shifts, adds and two products:
-sigmoid 5.9 -> 4.7 ns per 16 lanes), else by two powers of two built in the
+has AVX-512 (one ``vscalefps`` in place of shifts, adds and two products: a
+fifth of sigmoid's time), else by two powers of two built in the
 exponent bits (there ``ldexp`` is a library call per lane).  Both give the same
 bits.  ``sigmoid(z) = (1 or e) / (1 + e)`` with ``e = exp(-|z|)``: the
 numerator is chosen by the sign before the one division.
