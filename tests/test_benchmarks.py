@@ -1,0 +1,48 @@
+"""Smoke tests of the CPU benchmark scripts the README tells users to run, at tiny sizes.
+
+They check that each command runs to the end and writes what it promises, not how fast
+anything is (speed is reported by the benchmarks themselves, never asserted).
+``forward_backward.py`` is left out: its start-up part compiles every kernel in a fresh
+process with an empty cache, about ten seconds.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_microbench_times_every_op_and_writes_json(tmp_path):
+    out = tmp_path / "micro.json"
+    text = run("microbench.py", "-B", "4", "-T", "3", "-I", "5", "-H", "8", "--repeat", "2",
+               "--backends", "reference", "cpu", "--json", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["backend"], r["op"]) for r in rows} >= {
+        (b, op) for b in ("reference", "cpu")
+        for op in ("forward-train", "forward-infer", "backward", "head+loss", "adam")}
+    assert all(r["median_s"] > 0 for r in rows)
+    assert "GFLOP/s" in text
+
+
+def test_epoch_compares_and_writes_json(tmp_path):
+    out = tmp_path / "epoch.json"
+    run("epoch.py", "--samples", "256", "--batch", "64", "--hidden", "8", "--infer-samples", "64",
+        "--infer-batch", "32", "--repeat", "1", "--no-estimator", "--json", str(out))
+    medians = json.loads(out.read_text())["medians"]
+    assert medians["fastlstm"]["epoch_s"] > 0
+    assert medians["fastlstm"]["inference_samples_per_s"] > 0
+
+
+def test_blas_peak_reports_the_inference_ceiling():
+    text = run("blas_peak.py", "--size", "64")
+    assert "peak on fused multiply-adds alone" in text
+    assert "with free gate math" in text
