@@ -283,13 +283,14 @@ class BaseLSTM(BaseEstimator):
                 stratify=self._stratify(y))
         else:
             X_val = y_val = None
-        self._train(X, y, X_val, y_val, n_epochs=1 if incremental else self.max_iter,
-                    fresh_optimizer=not incremental)
+        backend = get_backend(self.device)
+        with backend.session():  # per-call setup of the backend, held for the whole fit
+            self._train(backend, X, y, X_val, y_val, n_epochs=1 if incremental else self.max_iter,
+                        fresh_optimizer=not incremental)
         return self
 
-    def _train(self, X, y, X_val, y_val, n_epochs, fresh_optimizer):
+    def _train(self, backend, X, y, X_val, y_val, n_epochs, fresh_optimizer):
         """The epoch loop; fitted state is committed to the host however it ends."""
-        backend = get_backend(self.device)
         layout = self._layout
         params = backend.asarray(self._params)
         adam = backend.adam_state(params)  # the backend's own kind (the GPU's counts on the GPU)
@@ -306,70 +307,68 @@ class BaseLSTM(BaseEstimator):
         if X_val is not None:  # each fit picks its best epoch on its own validation split
             self.validation_scores_ = self.validation_scores_ or []
             self.best_validation_score_ = -math.inf
-        with backend.session():  # per-call setup of the backend, held for the whole fit
-            try:
-                for _ in range(n_epochs):
-                    start = time.perf_counter()
-                    # a diverging epoch is rolled back to here (copies on the backend: no transfer)
-                    epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
-                    order = (backend.asarray(self._rng.permutation(n_samples)) if self.shuffle
-                             else None)
-                    progress = _ProgressBar(n_samples, f"epoch {self.n_iter_ + 1}") \
-                        if self.verbose >= 2 else None
-                    total = 0.0
-                    for lo in range(0, n_samples, batch_size):
-                        hi = lo + batch_size
-                        batch = order[lo:hi] if self.shuffle else slice(lo, hi)
-                        xb, yb = X_dev[batch], y_dev[batch]
-                        # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-                        loss = backend.train_step(
-                            layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                            self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
-                            self.clip_grad_norm)
-                        total = total + loss * xb.shape[0]
-                        if progress is not None:
-                            progress.update(xb.shape[0])
+        try:
+            for _ in range(n_epochs):
+                start = time.perf_counter()
+                # a diverging epoch is rolled back to here (copies on the backend: no transfer)
+                epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
+                order = backend.asarray(self._rng.permutation(n_samples)) if self.shuffle else None
+                progress = _ProgressBar(n_samples, f"epoch {self.n_iter_ + 1}") \
+                    if self.verbose >= 2 else None
+                total = 0.0
+                for lo in range(0, n_samples, batch_size):
+                    hi = lo + batch_size
+                    batch = order[lo:hi] if self.shuffle else slice(lo, hi)
+                    xb, yb = X_dev[batch], y_dev[batch]
+                    # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
+                    loss = backend.train_step(
+                        layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
+                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
+                        self.clip_grad_norm)
+                    total = total + loss * xb.shape[0]
                     if progress is not None:
-                        progress.close()
-                    epoch_loss = float(total) / n_samples
-                    if not math.isfinite(epoch_loss):
-                        params[...], adam.m[...], adam.v[...], adam.step = epoch_start
-                        raise FloatingPointError(
-                            f"the training loss of epoch {self.n_iter_ + 1} is {epoch_loss}; "
-                            "training stopped and the estimator keeps the weights it had before "
-                            f"that epoch (after {self.n_iter_} epochs). Lower learning_rate_init, "
-                            f"set clip_grad_norm (e.g. 1.0), or scale {self._what_to_scale}.")
-                    self.n_iter_ += 1
-                    self.loss_curve_.append(epoch_loss)
-                    if X_val is None:
-                        score = None
-                        improved = epoch_loss < self.best_loss_ - self.tol
-                        self.best_loss_ = min(self.best_loss_, epoch_loss)
-                    else:
-                        score = self._validation_score(
-                            self._forward(backend, params, X_val_dev), y_val)
-                        self.validation_scores_.append(score)
-                        improved = score > self.best_validation_score_ + self.tol
-                        if score > self.best_validation_score_:
-                            self.best_validation_score_ = score
-                            best_params = backend.to_host(params).copy()
-                    no_improvement = 0 if improved else no_improvement + 1
+                        progress.update(xb.shape[0])
+                if progress is not None:
+                    progress.close()
+                epoch_loss = float(total) / n_samples
+                if not math.isfinite(epoch_loss):
+                    params[...], adam.m[...], adam.v[...], adam.step = epoch_start
+                    raise FloatingPointError(
+                        f"the training loss of epoch {self.n_iter_ + 1} is {epoch_loss}; "
+                        "training stopped and the estimator keeps the weights it had before "
+                        f"that epoch (after {self.n_iter_} epochs). Lower learning_rate_init, "
+                        f"set clip_grad_norm (e.g. 1.0), or scale {self._what_to_scale}.")
+                self.n_iter_ += 1
+                self.loss_curve_.append(epoch_loss)
+                if X_val is None:
+                    score = None
+                    improved = epoch_loss < self.best_loss_ - self.tol
+                    self.best_loss_ = min(self.best_loss_, epoch_loss)
+                else:
+                    score = self._validation_score(
+                        self._forward(backend, params, X_val_dev), y_val)
+                    self.validation_scores_.append(score)
+                    improved = score > self.best_validation_score_ + self.tol
+                    if score > self.best_validation_score_:
+                        self.best_validation_score_ = score
+                        best_params = backend.to_host(params).copy()
+                no_improvement = 0 if improved else no_improvement + 1
+                if self.verbose:
+                    print(f"Epoch {self.n_iter_}: loss {epoch_loss:.4f}"
+                          + ("" if score is None else f", validation score {score:.4f}")
+                          + f", {time.perf_counter() - start:.1f} s", flush=True)
+                if no_improvement > self.n_iter_no_change:
                     if self.verbose:
-                        print(f"Epoch {self.n_iter_}: loss {epoch_loss:.4f}"
-                              + ("" if score is None else f", validation score {score:.4f}")
-                              + f", {time.perf_counter() - start:.1f} s", flush=True)
-                    if no_improvement > self.n_iter_no_change:
-                        if self.verbose:
-                            print(f"No improvement of more than tol={self.tol} for "
-                                  f"{self.n_iter_no_change} epochs: stopping.", flush=True)
-                        break
-            except KeyboardInterrupt:
-                warnings.warn(f"training interrupted by the user during epoch {self.n_iter_ + 1}; "
-                              "the estimator keeps the weights of the last completed step.",
-                              UserWarning, stacklevel=3)
-            finally:
-                self._params = backend.to_host(params) if best_params is None else best_params
-                self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
+                        print(f"No improvement of more than tol={self.tol} for "
+                              f"{self.n_iter_no_change} epochs: stopping.", flush=True)
+                    break
+        except KeyboardInterrupt:
+            warnings.warn(f"training interrupted by the user during epoch {self.n_iter_ + 1}; "
+                          "the estimator keeps the weights of the last completed step.",
+                          UserWarning, stacklevel=3)
+        finally:
+            self._params = backend.to_host(params) if best_params is None else best_params
+            self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
 
     # --------------------------------------------------------------- inference
     def _forward(self, backend, params, X, activation=None, prepare=None):
