@@ -1,6 +1,6 @@
 """Every CUDA source compiles for sm_80 and sm_90 without a single warning.
 
-Two compilers: ``nvcc`` (each ``kernels/*.cu`` as it is on disk, headers by ``-I``) wherever
+Two compilers: ``nvcc`` (each ``fastlstm/kernels/*.cu`` as it is on disk, headers by ``-I``) wherever
 nvcc is installed, and NVRTC through CuPy's own bindings and options (the exact text and path
 the CUDA backend compiles at run time, headers inlined) wherever CuPy and libnvrtc load; NVRTC
 needs no GPU.  Any warning fails the test and is shown: these sources are ours and stay clean.

@@ -1,6 +1,6 @@
 """The CUDA backend's own code and kernels, run on the CPU, against the NumPy reference.
 
-``cuda_emulator/`` compiles the real ``kernels/*.cu`` with g++ (each CUDA thread an OS
+``cuda_emulator/`` compiles the real ``fastlstm/kernels/*.cu`` with g++ (each CUDA thread an OS
 thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`` runs here:
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and

@@ -1,6 +1,6 @@
 """The launch plans of the CUDA recurrence kernels keep the invariants the kernels rely on.
 
-Pure Python (no GPU): ``kernels/lstm_core.cuh`` assumes that a chunk's warp tasks fit in the
+Pure Python (no GPU): ``fastlstm/kernels/lstm_core.cuh`` assumes that a chunk's warp tasks fit in the
 block, that chunks are whole warps, that the shared-memory layout it carves fits the bytes
 launched with, and that the grid covers every hidden unit and batch row.
 """

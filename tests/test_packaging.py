@@ -23,7 +23,7 @@ def test_wheel_ships_the_kernels_and_the_mnist_sample(tmp_path):
                    check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("fastlstm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    kernel_sources = sorted(p.name for p in (ROOT / "kernels").iterdir()
+    kernel_sources = sorted(p.name for p in (ROOT / "fastlstm" / "kernels").iterdir()
                             if p.suffix in {".py", ".cu", ".cuh"})
     assert kernel_sources, "no kernel sources found"
     for name in kernel_sources:

@@ -1,6 +1,6 @@
-"""CUDA backend: the hand-written kernels of ``kernels/*.cu`` through CuPy, cuBLAS for the GEMMs.
+"""CUDA backend: the hand-written kernels of ``fastlstm/kernels/*.cu`` through CuPy, cuBLAS for the GEMMs.
 
-Data flow of one training step (layouts in ``kernels/lstm_core.cuh``: feature-major, batch
+Data flow of one training step (layouts in ``fastlstm/kernels/lstm_core.cuh``: feature-major, batch
 fastest, so the kernels' warps make coalesced accesses):
 ``x`` (B, T, I) -> time-major copy (T*B, I) -> per layer: input projection of all steps as ONE
 cuBLAS GEMM into (4H, T*B) -> recurrence kernel (one persistent cooperative launch for all T
@@ -63,7 +63,7 @@ _kernels: dict = {}
 
 
 def _module(name):
-    """The RawModule of ``kernels/<name>.cu``, compiled once per process (CuPy caches on disk)."""
+    """The RawModule of ``fastlstm/kernels/<name>.cu``, compiled once per process (CuPy caches on disk)."""
     if name not in _modules:
         _modules[name] = cupy.RawModule(code=cuda_source(name), options=("-std=c++17",),
                                         enable_cooperative_groups=name == "lstm_persistent")

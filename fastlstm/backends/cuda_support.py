@@ -22,7 +22,7 @@ _PRAGMA_ONCE = re.compile(r"^#pragma once\s*$", re.MULTILINE)
 
 
 def cuda_source(name):
-    """The source of ``kernels/<name>.cu`` with its local ``#include "x.cuh"`` lines inlined.
+    """The source of ``fastlstm/kernels/<name>.cu`` with its local ``#include "x.cuh"`` lines inlined.
 
     Inlining (rather than ``-I``) makes the text CuPy hashes for its kernel cache the whole
     program, so an edited header is never served from a stale cache.  Each header is
@@ -54,7 +54,7 @@ class DeviceLimits:
 
 @dataclass(frozen=True)
 class RecurrencePlan:
-    """How the recurrence of one layer is launched (see ``kernels/lstm_core.cuh``).
+    """How the recurrence of one layer is launched (see ``fastlstm/kernels/lstm_core.cuh``).
 
     ``persistent``: one cooperative launch for all steps, else one launch per step.
     ``slice_units`` (JS): hidden units per block; ``chunk_rows`` (BC): batch rows per chunk;

@@ -1,6 +1,6 @@
 // Runs fastlstm's CUDA kernels on the CPU, for tests on machines without a GPU.
 //
-// Force-included (g++ -include) before a kernels/*.cu source compiled as C++: every CUDA thread
+// Force-included (g++ -include) before a fastlstm/kernels/*.cu source compiled as C++: every CUDA thread
 // becomes an OS thread, __syncthreads / warp shuffles / grid.sync become barriers.  A
 // non-cooperative launch runs its blocks one after another, so `__shared__` (static) arrays
 // are the running block's shared memory; a cooperative launch runs all blocks at once (the

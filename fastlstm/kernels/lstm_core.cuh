@@ -1,5 +1,5 @@
 // Device code shared by the per-step (lstm_step.cu) and persistent (lstm_persistent.cu)
-// recurrence kernels: the same equations as kernels/lstm_cpu.py, PyTorch's gate order (i, f, g, o).
+// recurrence kernels: the same equations as fastlstm/kernels/lstm_cpu.py, PyTorch's gate order (i, f, g, o).
 //
 // Layouts ("feature-major": batch is the fastest index, so a warp's 32 lanes, which own 32
 // consecutive batch rows, make coalesced accesses):

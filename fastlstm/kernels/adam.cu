@@ -1,6 +1,6 @@
 // The optimizer over the ONE flat parameter buffer: a sum-of-squares pass for the gradient norm
 // (per-block partial sums) and ONE Adam launch for all parameters, as torch.optim.Adam does it
-// (L2 weight_decay, bias-corrected), same formula as kernels/adam_cpu.py.
+// (L2 weight_decay, bias-corrected), same formula as fastlstm/kernels/adam_cpu.py.
 //
 // Everything a training step decides happens on the device, so a step never waits for the host:
 // every Adam block sums the partials (same order: identical result in every block), skips the

@@ -1,5 +1,5 @@
 // Head kernels: softmax, and the two losses with their gradient w.r.t. the outputs (same
-// definitions as kernels/head_cpu.py and fastlstm/reference.py).  The head's GEMMs go to cuBLAS.
+// definitions as fastlstm/kernels/head_cpu.py and fastlstm/reference.py).  The head's GEMMs go to cuBLAS.
 // The losses run as ONE block so that the mean is summed in a fixed order (deterministic) and
 // written to a device scalar: no host synchronisation.
 #include "reduce.cuh"

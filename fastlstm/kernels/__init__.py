@@ -1,8 +1,7 @@
 """Hand-written kernels of fastlstm.
 
 ``*_cpu.py`` are Numba kernels for the CPU backend; ``*.cu`` are CUDA sources
-compiled at run time by the CUDA backend.  This folder is installed as the
-package ``fastlstm.kernels``.
+compiled at run time by the CUDA backend.
 """
 
 from pathlib import Path
