@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import AdamState, Backend, Gradients
+from .base import AdamState, Backend, BackendUnavailable, Gradients
 
 __all__ = ["AdamState", "Backend", "BackendUnavailable", "Gradients", "available_backends",
            "get_backend", "BACKEND_NAMES"]
@@ -20,10 +20,6 @@ _MODULES = {"reference": ("reference", "ReferenceBackend"),
             "cpu": ("cpu", "CPUBackend"),
             "cuda": ("cuda", "CUDABackend")}
 _instances: dict[str, Backend] = {}
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot run on this machine (the message says why)."""
 
 
 def _load(name):

@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine (the message says why)."""
+
+
 @dataclass
 class Gradients:
     """What :meth:`Backend.backward` returns.

@@ -40,8 +40,7 @@ except Exception as exc:  # no driver, driver too old, no device: CuPy raises CU
 if _DEVICE_COUNT < 1:
     raise ImportError("CuPy finds no CUDA GPU")
 
-from . import BackendUnavailable  # noqa: E402
-from .base import AdamState, Backend, Gradients  # noqa: E402
+from .base import AdamState, Backend, BackendUnavailable, Gradients  # noqa: E402
 from .cuda_support import DeviceLimits, cuda_source, plan_recurrence  # noqa: E402
 
 __all__ = ["CUDABackend", "DeviceAdamState"]
