@@ -72,6 +72,31 @@ class DatasetUnavailable(OSError):
     """Dataset files are missing here and could not be downloaded."""
 
 
+class _DatasetBunch(Bunch):
+    """A scikit-learn ``Bunch`` that refuses to be iterated, and so to be unpacked.
+
+    Iterating a dict gives its keys, so ``X, y = load_mnist_sample()`` would bind the strings
+    ``"X"`` and ``"y"`` and fail much later, far from the mistake. Everything else is ``Bunch``:
+    attribute and key access, ``keys()``, ``items()``, ``dict(bunch)``, ``**bunch``, pickling
+    (which all go through the dict itself, not ``__iter__``).
+    """
+
+    def __iter__(self):
+        attributes = ", ".join(f".{key}" for key in self.keys())
+        raise TypeError(
+            "A dataset Bunch cannot be iterated or unpacked (iterating a dict gives its keys, "
+            "not its arrays): pass return_X_y=True to the loader to get a tuple, or read the "
+            f"arrays as attributes ({attributes}). For the key names, use .keys()."
+        )
+
+
+def _bunch_or_tuple(return_X_y, **arrays):
+    """``arrays`` as a tuple, in the order given, if ``return_X_y``; else as a Bunch."""
+    if return_X_y:
+        return tuple(arrays.values())
+    return _DatasetBunch(**arrays)
+
+
 @dataclass(frozen=True)
 class _IdxFile:
     """One IDX file of a dataset: its name (without ``.gz``), shape and checksum."""
@@ -407,7 +432,7 @@ def _unavailable(dataset, missing, folders, reason):
     return DatasetUnavailable("\n".join(lines))
 
 
-def _load(dataset, data_home, download):
+def _load(dataset, data_home, download, return_X_y):
     folders = _search_folders(dataset, data_home)
     paths = {f.name: _find(f, folders) for f in dataset.files}
     missing = [f for f in dataset.files if paths[f.name] is None]
@@ -438,7 +463,8 @@ def _load(dataset, data_home, download):
                 f"{exc}\nThe file is damaged or holds other data: delete it (missing files are "
                 "downloaded again) or replace it with the official file."
             ) from exc
-    return Bunch(
+    return _bunch_or_tuple(
+        return_X_y,
         X_train=arrays[dataset.train_images.name],
         y_train=arrays[dataset.train_labels.name].astype(np.int64),
         X_test=arrays[dataset.test_images.name],
@@ -463,12 +489,27 @@ _LOADER_DOC = """Load {title}: 60,000 training and 10,000 test images of 28 x 28
         Whether to download missing files. By default they are downloaded unless the environment
         variable ``FASTLSTM_OFFLINE`` is set to a non-empty value other than ``"0"``.
         ``download=False`` never touches the network.
+    return_X_y : bool, default=False
+        If True, return the tuple ``(X_train, y_train, X_test, y_test)`` instead of a Bunch.
 
     Returns
     -------
-    Bunch
-        ``X_train`` (uint8, shape (n_train, 28, 28)), ``y_train`` (int64, shape (n_train,)),
-        ``X_test`` and ``y_test`` likewise.
+    data : Bunch
+        Dictionary-like object with the attributes (and keys) below. It cannot be iterated or
+        unpacked: ``X_train, y_train, X_test, y_test = {name}()`` raises a ``TypeError``
+        (use ``return_X_y=True`` for that).
+
+        X_train : ndarray of uint8, shape (60000, 28, 28)
+            The training images, one row of 28 pixels per time step.
+        y_train : ndarray of int64, shape (60000,)
+            Their labels, 0 to 9.
+        X_test : ndarray of uint8, shape (10000, 28, 28)
+            The test images.
+        y_test : ndarray of int64, shape (10000,)
+            Their labels, 0 to 9.
+
+    (X_train, y_train, X_test, y_test) : tuple of ndarray if ``return_X_y`` is True
+        The same four arrays, in this order.
 
     Raises
     ------
@@ -480,43 +521,68 @@ _LOADER_DOC = """Load {title}: 60,000 training and 10,000 test images of 28 x 28
     """
 
 
-def load_mnist(data_home=None, *, download=None):
-    return _load(_MNIST, data_home, download)
+def load_mnist(data_home=None, *, download=None, return_X_y=False):
+    return _load(_MNIST, data_home, download, return_X_y)
 
 
-def load_fashion_mnist(data_home=None, *, download=None):
-    return _load(_FASHION_MNIST, data_home, download)
+def load_fashion_mnist(data_home=None, *, download=None, return_X_y=False):
+    return _load(_FASHION_MNIST, data_home, download, return_X_y)
 
 
 load_mnist.__doc__ = _LOADER_DOC.format(
     title="MNIST",
+    name="load_mnist",
     credit="Handwritten digits by Y. LeCun, C. Cortes and C. J. C. Burges (CC BY-SA 3.0).",
     subdir=_MNIST.subdir,
     system="",
 )
 load_fashion_mnist.__doc__ = _LOADER_DOC.format(
     title="Fashion-MNIST",
+    name="load_fashion_mnist",
     credit="Images of clothing by Zalando Research (MIT licence).",
     subdir=_FASHION_MNIST.subdir,
     system=", then Debian's ``/usr/share/datasets/fashion-mnist``",
 )
 
 
-def load_mnist_sample():
+def load_mnist_sample(*, return_X_y=False):
     """Load the MNIST test set bundled with fastlstm: 10,000 images, no download needed.
 
     The official MNIST test set (Y. LeCun, C. Cortes, C. J. C. Burges; CC BY-SA 3.0), shipped
     inside the package for offline use. Its digits come from other writers than MNIST's
     training set; split it yourself (e.g. 8,000 / 2,000) to train and test on it.
 
+    Parameters
+    ----------
+    return_X_y : bool, default=False
+        If True, return the tuple ``(X, y)`` instead of a Bunch.
+
     Returns
     -------
-    Bunch
-        ``X`` (uint8, shape (10000, 28, 28)) and ``y`` (int64, shape (10000,)).
+    data : Bunch
+        Dictionary-like object with the attributes (and keys) below. It cannot be iterated or
+        unpacked: ``X, y = load_mnist_sample()`` raises a ``TypeError`` (use
+        ``return_X_y=True`` for that).
+
+        X : ndarray of uint8, shape (10000, 28, 28)
+            The images, one row of 28 pixels per time step.
+        y : ndarray of int64, shape (10000,)
+            Their labels, 0 to 9.
+
+    (X, y) : tuple of ndarray if ``return_X_y`` is True
+        The same two arrays, in this order.
+
+    Examples
+    --------
+    >>> from fastlstm.datasets import load_mnist_sample
+    >>> data = load_mnist_sample()
+    >>> data.X.shape, data.y.shape
+    ((10000, 28, 28), (10000,))
+    >>> X, y = load_mnist_sample(return_X_y=True)
     """
     package_data = resources.files("fastlstm") / "data"
     arrays = []
     for idx_file in (_MNIST.test_images, _MNIST.test_labels):
         with resources.as_file(package_data / (idx_file.name + ".gz")) as path:
             arrays.append(_read_idx(path, idx_file))
-    return Bunch(X=arrays[0], y=arrays[1].astype(np.int64))
+    return _bunch_or_tuple(return_X_y, X=arrays[0], y=arrays[1].astype(np.int64))
