@@ -4,10 +4,13 @@ Downloads are exercised against HTTP servers on 127.0.0.1 that serve small gener
 every test runs behind a guard that fails it if anything tries to reach another address.
 """
 
+import copy
 import dataclasses
 import gzip
 import hashlib
 import http.server
+import inspect
+import pickle
 import socket
 import socketserver
 import struct
@@ -17,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from sklearn.utils import Bunch
 
 from fastlstm import datasets
 from fastlstm.datasets import (
@@ -413,6 +417,109 @@ def test_earlier_location_wins(monkeypatch, isolated_environment, fake_mnist, fi
     with pytest.raises(ValueError, match="delete it") as info:
         load_mnist(folders["home"] if first == "home" else None, download=False)
     assert str(damaged) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Return forms: a Bunch by default, a tuple with return_X_y=True (scikit-learn's convention)
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_TEST_KEYS = ["X_train", "y_train", "X_test", "y_test"]
+
+
+@pytest.fixture(params=["load_mnist", "load_fashion_mnist"])
+def fake_loader(request, monkeypatch, isolated_environment, fake_mnist):
+    """Each train/test loader, reading the fake files from data_home without downloading."""
+    if request.param == "load_fashion_mnist":
+        fashion = dataclasses.replace(datasets._MNIST, title="Fashion-MNIST",
+                                      subdir="fashion-mnist", mirrors=(), system_dirs=())
+        monkeypatch.setattr(datasets, "_FASHION_MNIST", fashion)
+    home = isolated_environment.root / "home"
+    place(fake_mnist, home / ("mnist" if request.param == "load_mnist" else "fashion-mnist"))
+    loader = getattr(datasets, request.param)
+    return lambda **kwargs: loader(home, download=False, **kwargs)
+
+
+@pytest.mark.parametrize("loader", [load_mnist, load_fashion_mnist, load_mnist_sample])
+def test_return_X_y_is_keyword_only_and_off_by_default(loader):
+    parameter = inspect.signature(loader).parameters["return_X_y"]
+    assert parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is False
+
+
+def test_train_test_loaders_return_a_bunch_by_default(fake_loader, fake_mnist):
+    data = fake_loader()
+    assert isinstance(data, Bunch) and list(data.keys()) == TRAIN_TEST_KEYS
+    assert_is_fake(data, fake_mnist)
+    assert all(data[key] is getattr(data, key) for key in TRAIN_TEST_KEYS)
+
+
+def test_train_test_loaders_return_a_tuple_with_return_X_y(fake_loader, fake_mnist):
+    result = fake_loader(return_X_y=True)
+    assert type(result) is tuple and len(result) == 4
+    X_train, y_train, X_test, y_test = result
+    assert_is_fake(SimpleNamespace(X_train=X_train, y_train=y_train,
+                                   X_test=X_test, y_test=y_test), fake_mnist)
+    assert y_test.dtype == np.int64 and X_test.dtype == np.uint8
+
+
+def test_sample_returns_a_bunch_by_default_and_X_y_with_return_X_y():
+    data = load_mnist_sample()
+    assert isinstance(data, Bunch) and list(data.keys()) == ["X", "y"]
+    result = load_mnist_sample(return_X_y=True)
+    assert type(result) is tuple and len(result) == 2
+    X, y = result
+    np.testing.assert_array_equal(X, data.X)
+    np.testing.assert_array_equal(y, data.y)
+    assert X.shape == (10000, 28, 28) and X.dtype == np.uint8
+    assert y.shape == (10000,) and y.dtype == np.int64
+
+
+def test_unpacking_the_sample_bunch_by_mistake_says_what_to_do():
+    data = load_mnist_sample()
+    with pytest.raises(TypeError, match=r"return_X_y=True.*\(\.X, \.y\)"):
+        X, y = data
+    with pytest.raises(TypeError, match="return_X_y=True"):
+        list(data)
+
+
+def test_unpacking_a_train_test_bunch_by_mistake_says_what_to_do(fake_loader):
+    data = fake_loader()
+    with pytest.raises(TypeError, match=r"return_X_y=True.*\.X_train, \.y_train, \.X_test"):
+        X_train, y_train, X_test, y_test = data
+    with pytest.raises(TypeError, match="return_X_y=True"):
+        for _ in data:
+            pass
+
+
+def test_the_bunch_keeps_the_rest_of_dict_and_bunch_behaviour():
+    data = load_mnist_sample()
+    assert len(data) == 2 and "X" in data and "X_train" not in data
+    assert list(data.keys()) == ["X", "y"] and [k for k, _ in data.items()] == ["X", "y"]
+    assert [v is data.X for v in data.values()] == [True, False]
+    plain = dict(data)
+    assert type(plain) is dict and list(plain) == ["X", "y"] and plain["X"] is data.X
+    assert sorted({**data}) == ["X", "y"]
+    assert (lambda **kwargs: sorted(kwargs))(**data) == ["X", "y"]
+    merged = {}
+    merged.update(data)
+    assert merged.keys() == data.keys()
+    assert data == plain and sorted(dir(data)) == ["X", "y"]
+    data.extra = 1  # attributes are keys, as in Bunch
+    assert data["extra"] == 1
+    del data["extra"]
+    with pytest.raises(AttributeError):
+        data.missing
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_bunch_pickles_and_copies_with_its_guard(protocol):
+    data = load_mnist_sample()
+    for clone in (pickle.loads(pickle.dumps(data, protocol)), copy.deepcopy(data),
+                  copy.copy(data)):
+        assert type(clone) is type(data) and list(clone.keys()) == ["X", "y"]
+        np.testing.assert_array_equal(clone.X, data.X)
+        np.testing.assert_array_equal(clone.y, data.y)
+        with pytest.raises(TypeError, match="return_X_y=True"):
+            X, y = clone
 
 
 # ---------------------------------------------------------------------------------------------
