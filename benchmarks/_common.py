@@ -63,29 +63,31 @@ def machine_description():
 
 
 def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, seed=0):
-    """Layout, parameters (PyTorch's init), random inputs and class labels."""
-    from fastlstm import ParamLayout
+    """The network's spec, parameters (PyTorch's init), random inputs and class labels."""
+    from fastlstm.model import ModelSpec
     rng = np.random.default_rng(seed)
-    layout = ParamLayout(inputs, hidden, 1, outputs)
-    params = layout.init(rng, dtype)
+    spec = ModelSpec(inputs, hidden, 1, outputs)
+    params = spec.layout.init(rng, dtype)
     x = rng.random((batch, steps, inputs), dtype=np.float64).astype(dtype)
     y = rng.integers(0, outputs, size=batch)
-    return layout, params, x, y
+    return spec, params, x, y
 
 
-def train_epoch(backend, layout, params, state, X, y, order, batch, lr):
+def train_epoch(backend, spec, params, state, X, y, order, batch, lr):
     """One epoch as the estimators run it: in one backend session, minibatches taken from
     ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
     ``train_step`` each.
 
     Returns the sum of the minibatch losses, left on the device (no synchronisation).
     """
+    from fastlstm.backends import AdamConfig
+    config = AdamConfig(lr)
     total = 0.0
     with backend.session():
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            total = total + backend.train_step(layout, params, state, X[idx], y[idx],
-                                               "cross_entropy", lr)
+            total = total + backend.train_step(spec, params, state, X[idx], y[idx],
+                                               "cross_entropy", config)
     return total
 
 

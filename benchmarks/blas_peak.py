@@ -29,11 +29,11 @@ T, I, H = 28, 28, 128
 def chunk_rows():
     """Rows of the CPU backend's first chunk of a training step (batch 128) and of inference
     (batch 1000)."""
-    from fastlstm import ParamLayout
     from fastlstm.backends.cpu import CPUBackend
+    from fastlstm.model import ModelSpec
 
-    layout, backend = ParamLayout(I, H, 1, 10), CPUBackend()
-    train, infer = (backend._workspace(layout, batch, T, np.float32, mode).rows[0]
+    spec, backend = ModelSpec(I, H, 1, 10), CPUBackend()
+    train, infer = (backend._workspace(spec, batch, T, np.float32, mode).rows[0]
                     for batch, mode in ((128, "step"), (1000, "inference")))
     return train[1] - train[0], infer[1] - infer[0]
 

@@ -140,29 +140,29 @@ def estimator_report(args):
 
 def fastlstm_epoch(X, y, batch, hidden, rng, lr):
     from _common import train_epoch
-    from fastlstm import ParamLayout
-    from fastlstm.backends import get_backend
+    from fastlstm.backends import AdamConfig, get_backend
+    from fastlstm.model import ModelSpec
     backend = get_backend("cpu")
-    layout = ParamLayout(X.shape[2], hidden, 1, 10)
-    params = layout.init(rng, np.float32)
+    spec = ModelSpec(X.shape[2], hidden, 1, 10)
+    params = spec.layout.init(rng, np.float32)
     state = backend.adam_state(params)
     X, y = backend.asarray(X), backend.asarray(y)
     # one untimed step: compile or load the Numba kernels
-    backend.train_step(layout, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
-                       "cross_entropy", lr)
+    backend.train_step(spec, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
+                       "cross_entropy", AdamConfig(lr))
     start, cpu_start = time.perf_counter(), time.process_time()
-    total = train_epoch(backend, layout, params, state, X, y, rng.permutation(len(X)), batch, lr)
+    total = train_epoch(backend, spec, params, state, X, y, rng.permutation(len(X)), batch, lr)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return seconds, cpu, float(total) / -(-len(X) // batch), (backend, layout, params)
+    return seconds, cpu, float(total) / -(-len(X) // batch), (backend, spec, params)
 
 
 def fastlstm_inference(model, X, batch):
-    backend, layout, params = model
-    backend.forward(layout, params, X[:batch])
+    backend, spec, params = model
+    backend.forward(spec, params, X[:batch])
     start = time.perf_counter()
     with backend.session():  # as the estimators' predict
         for b in range(0, len(X), batch):
-            backend.forward(layout, params, X[b:b + batch])
+            backend.forward(spec, params, X[b:b + batch])
     return len(X) / (time.perf_counter() - start)
 
 

@@ -25,10 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def fit_step(backend, layout, params, x, y):
-    outputs, cache = backend.forward(layout, params, x, train=True)
+def fit_step(backend, spec, params, x, y):
+    outputs, cache = backend.forward(spec, params, x, train=True)
     _, doutputs = backend.loss(outputs, y, "cross_entropy")
-    return backend.backward(layout, params, cache, doutputs)
+    return backend.backward(spec, params, cache, doutputs)
 
 
 def startup(args):
@@ -40,10 +40,10 @@ def startup(args):
     backend = get_backend("cpu")
     t2 = time.perf_counter()
     from _common import lstm_problem
-    layout, params, x, y = lstm_problem(args.batch, args.steps, args.inputs, args.hidden)
+    spec, params, x, y = lstm_problem(args.batch, args.steps, args.inputs, args.hidden)
     t3 = time.perf_counter()
-    fit_step(backend, layout, params, x, y)
-    backend.forward(layout, params, x, train=False)
+    fit_step(backend, spec, params, x, y)
+    backend.forward(spec, params, x, train=False)
     t4 = time.perf_counter()
     print(json.dumps(dict(import_fastlstm=t1 - t0, import_cpu_backend=t2 - t1,
                           first_call=t4 - t3)))
@@ -78,16 +78,16 @@ def main():
     print(machine_description())
     print(f"B={args.batch} T={args.steps} I={args.inputs} H={args.hidden} float32, "
           f"median of {args.repeat} calls after a warm-up (spread = (max-min)/median)\n")
-    layout, params, x, y = lstm_problem(args.batch, args.steps, args.inputs, args.hidden)
+    spec, params, x, y = lstm_problem(args.batch, args.steps, args.inputs, args.hidden)
     rows = []
     for name in ("reference", "cpu"):
         backend = get_backend(name)
         repeat = max(3, args.repeat // 4) if name == "reference" else args.repeat
         rows.append((f"{name}: forward + loss + backward",
-                     summarize(time_call(lambda: fit_step(backend, layout, params, x, y), repeat))))
+                     summarize(time_call(lambda: fit_step(backend, spec, params, x, y), repeat))))
     cpu = get_backend("cpu")
     rows.append(("cpu: inference forward",
-                 summarize(time_call(lambda: cpu.forward(layout, params, x), args.repeat))))
+                 summarize(time_call(lambda: cpu.forward(spec, params, x), args.repeat))))
     for label, (med, spread) in rows:
         print(f"  {label:<38} {med * 1e3:9.2f} ms  (spread {spread:5.1%})")
     print(f"  speed-up of cpu over reference (forward + backward): {rows[0][1][0] / rows[1][1][0]:.1f}x\n")

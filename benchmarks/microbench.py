@@ -59,16 +59,16 @@ def flops(op, B, T, I, H, n_params):
 
 def fastlstm_ops(name, B, T, I, H, dtype):
     """{op: zero-argument callable} for the fastlstm backend ``name``."""
-    from fastlstm.backends import get_backend
+    from fastlstm.backends import AdamConfig, get_backend
     backend = get_backend(name)
-    layout, params, x, y = lstm_problem(B, T, I, H, OUTPUTS, dtype)
+    spec, params, x, y = lstm_problem(B, T, I, H, OUTPUTS, dtype)
     xp = backend.xp
     params, x, y = backend.asarray(params), backend.asarray(x), backend.asarray(y)
-    outputs, cache = backend.forward(layout, params, x, train=True)
+    outputs, cache = backend.forward(spec, params, x, train=True)
     _, doutputs = backend.loss(outputs, y, "cross_entropy")
-    grads = backend.backward(layout, params, cache, doutputs).params
+    grads = backend.backward(spec, params, cache, doutputs).params
     state = backend.adam_state(params)
-    views = layout.views(params)
+    views = spec.layout.views(params)
     w, b = views["head.weight"], views["head.bias"]
     h = xp.asarray(np.random.default_rng(1).standard_normal((B, H)).astype(dtype))
     sync = lambda: None  # noqa: E731
@@ -87,12 +87,12 @@ def fastlstm_ops(name, B, T, I, H, dtype):
             sync()
         return call
 
-    ops = {"forward-train": lambda: backend.forward(layout, params, x, train=True),
-           "forward-infer": lambda: backend.forward(layout, params, x, train=False),
-           "backward": lambda: backend.backward(layout, params, cache, doutputs),
+    ops = {"forward-train": lambda: backend.forward(spec, params, x, train=True),
+           "forward-infer": lambda: backend.forward(spec, params, x, train=False),
+           "backward": lambda: backend.backward(spec, params, cache, doutputs),
            "head+loss": head_loss,
-           "adam": lambda: backend.adam_step(params, grads, state, 1e-3)}
-    return {op: synced(fn) for op, fn in ops.items()}, layout.size
+           "adam": lambda: backend.adam_step(params, grads, state, AdamConfig(1e-3))}
+    return {op: synced(fn) for op, fn in ops.items()}, spec.layout.size
 
 
 def torch_ops(B, T, I, H, dtype):

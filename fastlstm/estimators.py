@@ -31,8 +31,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted
 
-from .backends import AdamState, get_backend
-from .params import ParamLayout
+from .backends import AdamConfig, AdamState, get_backend
+from .model import ModelSpec
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
     to_float32
 
@@ -166,19 +166,20 @@ class BaseLSTM(BaseEstimator):
         raise NotImplementedError
 
     # ------------------------------------------------------------ fitted state
-    def _initialize(self, layout, params=None):
-        """Start a new training history from ``params`` (a flat host buffer of ``layout``).
+    def _initialize(self, spec, params=None):
+        """Start a new training history of the network ``spec`` from ``params`` (a flat
+        host buffer of ``spec.layout``).
 
-        Without ``params``, the weights are drawn by ``layout.init``.  Either way
+        Without ``params``, the weights are drawn by ``spec.layout.init``.  Either way
         the estimator's generator (weights, shuffling, validation split) is
         seeded afresh from ``random_state``.
         """
         self._rng = np.random.default_rng(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        self._layout = layout
-        self._params = layout.init(self._rng, DTYPE) if params is None else params
+        self._spec = spec
+        self._params = spec.layout.init(self._rng, DTYPE) if params is None else params
         self._adam = None
-        self.input_size_ = layout.input_size
+        self.input_size_ = spec.input_size
         self.n_iter_ = 0
         self.loss_curve_ = []
         self.best_loss_ = math.inf
@@ -197,7 +198,7 @@ class BaseLSTM(BaseEstimator):
             ``nn.Linear`` named ``lstm`` and ``head`` hold.
         """
         check_is_fitted(self)
-        return {name: view.copy() for name, view in self._layout.views(self._params).items()}
+        return {name: view.copy() for name, view in self._spec.layout.views(self._params).items()}
 
     def load_state_dict(self, state_dict):
         """Set the weights from a mapping such as :meth:`state_dict` returns.
@@ -213,34 +214,27 @@ class BaseLSTM(BaseEstimator):
         self
         """
         state = {name: np.asarray(value) for name, value in state_dict.items()}
-        if "lstm.weight_ih_l0" not in state or "head.weight" not in state:
-            raise ValueError("state_dict needs PyTorch's names 'lstm.weight_ih_l0', ..., "
-                             f"'head.weight', 'head.bias'; got {sorted(state)}")
-        num_layers = sum(name.startswith("lstm.weight_ih_l") for name in state)
-        input_size = state["lstm.weight_ih_l0"].shape[-1]
-        hidden_size = state["head.weight"].shape[-1]
-        n_outputs = state["head.weight"].shape[0]
-        if (hidden_size, num_layers) != (self.hidden_size, self.num_layers):
+        spec = ModelSpec.from_state_dict(state)
+        if (spec.hidden_size, spec.num_layers) != (self.hidden_size, self.num_layers):
             raise ValueError(
-                f"state_dict has hidden size {hidden_size} and {num_layers} layer(s), but this "
-                f"estimator has hidden_size={self.hidden_size}, num_layers={self.num_layers}; "
-                "set them with set_params first.")
+                f"state_dict has hidden size {spec.hidden_size} and {spec.num_layers} layer(s), "
+                f"but this estimator has hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}; set them with set_params first.")
         fitted = hasattr(self, "_params")
-        if fitted and (input_size, n_outputs) != (self.input_size_, self._n_outputs):
+        if fitted and (spec.input_size, spec.output_size) != (self.input_size_, self._n_outputs):
             raise ValueError(
-                f"state_dict has {input_size} inputs and {n_outputs} outputs, but this estimator "
-                f"was fitted with {self.input_size_} and {self._n_outputs}; load it into an "
-                "unfitted estimator instead.")
-        layout = ParamLayout(input_size, hidden_size, num_layers, n_outputs)
-        params = layout.from_state_dict(state, dtype=DTYPE)
+                f"state_dict has {spec.input_size} inputs and {spec.output_size} outputs, but "
+                f"this estimator was fitted with {self.input_size_} and {self._n_outputs}; load "
+                "it into an unfitted estimator instead.")
+        params = spec.layout.from_state_dict(state, dtype=DTYPE)
         if not np.isfinite(params).all():
-            bad = [name for name, view in layout.views(params).items()
+            bad = [name for name, view in spec.layout.views(params).items()
                    if not np.isfinite(view).all()]
             raise ValueError(f"state_dict has NaN or infinite values (or values beyond float32's "
                              f"range) in {bad}; load weights from a model that trained well.")
         if not fitted:
-            self._targets_from_state_dict(n_outputs)
-        self._initialize(layout, params)
+            self._targets_from_state_dict(spec.output_size)
+        self._initialize(spec, params)
         return self
 
     # ---------------------------------------------------------------- training
@@ -270,12 +264,12 @@ class BaseLSTM(BaseEstimator):
         X = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
         check_same_length(X, y)
-        layout = ParamLayout(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
+        spec = ModelSpec(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
         if first:
-            self._initialize(layout)
-        elif layout != self._layout:
+            self._initialize(spec)
+        elif spec != self._spec:
             raise ValueError(
-                f"cannot continue training a {self._layout!r} as a {layout!r}: the data or "
+                f"cannot continue training a {self._spec!r} as a {spec!r}: the data or "
                 "hidden_size/num_layers changed; set warm_start=False to start afresh.")
         if self.early_stopping and not incremental:
             X, X_val, y, y_val = train_test_split(
@@ -291,7 +285,7 @@ class BaseLSTM(BaseEstimator):
 
     def _train(self, backend, X, y, X_val, y_val, n_epochs, fresh_optimizer):
         """The epoch loop; fitted state is committed to the host however it ends."""
-        layout = self._layout
+        spec = self._spec
         params = backend.asarray(self._params)
         adam = backend.adam_state(params)  # the backend's own kind (the GPU's counts on the GPU)
         if not fresh_optimizer and self._adam is not None:
@@ -320,11 +314,8 @@ class BaseLSTM(BaseEstimator):
                     hi = lo + batch_size
                     batch = order[lo:hi] if self.shuffle else slice(lo, hi)
                     xb, yb = X_dev[batch], y_dev[batch]
-                    # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-                    loss = backend.train_step(
-                        layout, params, adam, xb, yb, self._loss, self.learning_rate_init,
-                        self.beta_1, self.beta_2, self.epsilon, self.alpha / xb.shape[0],
-                        self.clip_grad_norm)
+                    loss = backend.train_step(spec, params, adam, xb, yb, self._loss,
+                                              self._adam_config(xb.shape[0]))
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -370,6 +361,12 @@ class BaseLSTM(BaseEstimator):
             self._params = backend.to_host(params) if best_params is None else best_params
             self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
 
+    def _adam_config(self, batch_length):
+        """The optimizer's settings for a minibatch of ``batch_length`` samples."""
+        # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
+        return AdamConfig(self.learning_rate_init, self.beta_1, self.beta_2, self.epsilon,
+                          self.alpha / batch_length, self.clip_grad_norm)
+
     # --------------------------------------------------------------- inference
     def _forward(self, backend, params, X, activation=None, prepare=None):
         """Network outputs for ``X`` in batches, as a float64 host array (computed in float32).
@@ -379,12 +376,12 @@ class BaseLSTM(BaseEstimator):
         a time this way, so its memory does not grow with ``len(X)``).
         ``activation`` (e.g. ``backend.softmax``) is applied on the backend.
         """
-        outputs = np.empty((len(X), self._layout.output_size))
+        outputs = np.empty((len(X), self._spec.output_size))
         with backend.session():
             for lo in range(0, len(X), PREDICT_BATCH_SIZE):
                 hi = lo + PREDICT_BATCH_SIZE
                 xb = X[lo:hi] if prepare is None else backend.asarray(prepare(lo, hi))
-                out, _ = backend.forward(self._layout, params, xb)
+                out, _ = backend.forward(self._spec, params, xb)
                 if activation is not None:
                     out = activation(out)
                 outputs[lo:hi] = backend.to_host(out)

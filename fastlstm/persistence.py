@@ -61,14 +61,14 @@ def save(estimator, path):
                 object_arrays.append(name)
         else:
             attributes[name] = _json_value(name, value)
-    layout = estimator._layout
+    spec = estimator._spec
     metadata = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
         "fastlstm_version": __version__,
         "estimator": type(estimator).__name__,
         "params": _hyper_parameters(estimator),
-        "layout": [layout.input_size, layout.hidden_size, layout.num_layers, layout.output_size],
+        "layout": [spec.input_size, spec.hidden_size, spec.num_layers, spec.output_size],
         "adam_step": None if adam is None else int(adam.step),
         "rng_state": estimator._rng.bit_generator.state,
         "attributes": attributes,
@@ -153,10 +153,9 @@ def load(path):
 
 def _restore(estimator, metadata, arrays):
     from .backends import AdamState
-    from .params import ParamLayout
+    from .model import ModelSpec
 
-    layout = ParamLayout(*metadata["layout"])
-    estimator._layout = layout
+    estimator._spec = ModelSpec(*metadata["layout"])
     estimator._params = arrays.pop("params")
     estimator._adam = None if metadata["adam_step"] is None else \
         AdamState(arrays.pop("adam_m"), arrays.pop("adam_v"), metadata["adam_step"])

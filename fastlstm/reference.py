@@ -9,9 +9,11 @@ textbook equations with PyTorch's gate order (i, f, g, o)::
     h_t = o * tanh(c_t)
 
 A stack of such layers is followed by a linear head on the top layer's last
-hidden state.  Every other implementation is tested against this module, and
-this module is tested against central finite differences in float64.  It works
-in whatever floating dtype the parameters and inputs have.
+hidden state, trained with Adam.  Every other implementation is tested against
+this module, and this module is tested against central finite differences in
+float64.  It works in whatever floating dtype the parameters and inputs have.
+It is written from the equations on purpose, not on the network program of
+:mod:`fastlstm.model` that every backend runs, so that it can check that program.
 
 Parameters are passed as a ``{name: array}`` mapping with PyTorch's names (see
 :class:`fastlstm.params.ParamLayout`); initial states ``h0`` and ``c0`` have
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sigmoid", "forward", "backward", "loss", "loss_and_grad", "LOSSES"]
+__all__ = ["sigmoid", "forward", "backward", "loss", "loss_and_grad", "softmax", "adam", "LOSSES"]
 
 LOSSES = ("cross_entropy", "squared_error")
 
@@ -165,3 +167,23 @@ def loss_and_grad(params, x, y, kind, h0=None, c0=None):
     value, doutputs = loss(outputs, y, kind)
     grads, dx, dh0, dc0 = backward(params, cache, doutputs)
     return value, grads, dx, dh0, dc0, outputs
+
+
+def softmax(outputs):
+    """Row-wise softmax."""
+    e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def adam(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0, grad_scale=1.0):
+    """Adam update number ``step`` (counted from 1) of ``params``, ``m`` and ``v`` in place.
+
+    As ``torch.optim.Adam`` with L2 ``weight_decay``; the gradient used is
+    ``grad_scale * grads + weight_decay * params``.
+    """
+    g = grad_scale * grads + weight_decay * params
+    m[...] = beta1 * m + (1 - beta1) * g
+    v[...] = beta2 * v + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1 ** step)
+    v_hat = v / (1 - beta2 ** step)
+    params -= lr * m_hat / (np.sqrt(v_hat) + eps)

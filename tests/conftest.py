@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fastlstm import ParamLayout
+from fastlstm.model import ModelSpec
 from fastlstm.backends import available_backends, get_backend
 
 #: (batch, steps, inputs, hidden, layers, outputs): the edge cases and a few ordinary shapes
@@ -23,8 +23,8 @@ def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, sca
     """Random parameters, inputs, targets and initial states for ``shape``."""
     B, T, I, H, L, O = shape
     rng = np.random.default_rng(seed)
-    layout = ParamLayout(I, H, L, O)
-    params = (layout.init(rng, np.float64) * 2 * scale).astype(dtype)
+    spec = ModelSpec(I, H, L, O)
+    params = (spec.layout.init(rng, np.float64) * 2 * scale).astype(dtype)
     x = rng.standard_normal((B, T, I)).astype(dtype)
     if loss == "cross_entropy":
         y = rng.integers(0, O, size=B)
@@ -34,7 +34,7 @@ def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, sca
     if initial_states:
         h0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
         c0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
-    return layout, params, x, y, h0, c0
+    return spec, params, x, y, h0, c0
 
 
 def in_float64(*arrays):
@@ -59,7 +59,7 @@ def rel_err(actual, expected):
     return diff / scale if scale > 0 else diff
 
 
-@pytest.fixture(params=[name for name in available_backends() if name != "reference"])
+@pytest.fixture(params=available_backends())
 def backend(request):
-    """Every backend that runs here, except the reference it is compared with."""
+    """Every backend that runs here (each is compared with the oracle, ``oracle.ORACLE``)."""
     return get_backend(request.param)

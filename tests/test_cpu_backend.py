@@ -5,13 +5,14 @@ import weakref
 import numpy as np
 import pytest
 
-from fastlstm import ParamLayout
-from fastlstm.backends import cpu, get_backend
+from fastlstm.backends import AdamConfig, cpu, get_backend
+from fastlstm.model import ModelSpec
 from fastlstm.backends.cpu import (HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _chunk_plan,
                                    _Overlay)
 from fastlstm.kernels import gemm_cpu
 
 from conftest import make_problem, rel_err
+from oracle import ORACLE
 from test_backend_parity import TOLERANCE, run
 
 
@@ -25,7 +26,7 @@ def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks,
     problem = make_problem(shape, "cross_entropy", np.float64)
     backend = CPUBackend(threads)
     got = run(backend, *problem, "cross_entropy")
-    want = run(get_backend("reference"), *problem, "cross_entropy")
+    want = run(ORACLE, *problem, "cross_entropy")
     rows = backend._workspace(problem[0], shape[0], shape[1], np.float64, "train").rows
     assert (max(hi - lo for lo, hi in rows) <= gemm_cpu.MR) == small_chunks
     for name in ("outputs", "inference", "x", "h0", "c0"):
@@ -41,10 +42,10 @@ def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks,
 ])
 def test_training_chunks_are_small_where_that_pays_off(hidden, blocked, small, monkeypatch):
     monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # as small as they come: one row block
-    backend = CPUBackend(num_threads=2, blocked_gemm=blocked)
-    layout = ParamLayout(28, hidden, 1, 10)
+    backend = CPUBackend(num_threads=2, own_gemm=blocked)
+    spec = ModelSpec(28, hidden, 1, 10)
     for mode in ("train", "step"):
-        rows = backend._workspace(layout, 64, 2, np.float32, mode).rows
+        rows = backend._workspace(spec, 64, 2, np.float32, mode).rows
         assert max(hi - lo for lo, hi in rows) == (gemm_cpu.MR if small else 32)
 
 
@@ -66,20 +67,20 @@ def test_chunk_plan_covers_the_batch_in_order(rows, threads, max_rows, sizes):
 
 def test_a_training_cache_survives_later_calls():
     backend = get_backend("cpu")
-    layout, params, x, y, h0, c0 = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
-    outputs, cache = backend.forward(layout, params, x, train=True)
+    spec, params, x, y, h0, c0 = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
+    outputs, cache = backend.forward(spec, params, x, train=True)
     _, doutputs = backend.loss(outputs, y, "cross_entropy")
-    before = backend.backward(layout, params, cache, doutputs).params.copy()
-    backend.forward(layout, params, 2 * x, train=True)
-    backend.forward(layout, params, 3 * x)
+    before = backend.backward(spec, params, cache, doutputs).params.copy()
+    backend.forward(spec, params, 2 * x, train=True)
+    backend.forward(spec, params, 3 * x)
     state = backend.adam_state(params.copy())
-    backend.train_step(layout, params.copy(), state, 4 * x, y, "cross_entropy", 1e-2)
-    np.testing.assert_array_equal(backend.backward(layout, params, cache, doutputs).params, before)
+    backend.train_step(spec, params.copy(), state, 4 * x, y, "cross_entropy", AdamConfig(1e-2))
+    np.testing.assert_array_equal(backend.backward(spec, params, cache, doutputs).params, before)
 
 
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["a-chunk-a-thread", "small-chunks"])
 def test_train_step_reuses_its_buffers_and_matches_forward_backward(small_chunks, monkeypatch):
-    layout, params, x, y, _, _ = make_problem((23, 5, 3, 4, 2, 3), "cross_entropy", np.float64)
+    spec, params, x, y, _, _ = make_problem((23, 5, 3, 4, 2, 3), "cross_entropy", np.float64)
     if small_chunks:  # the smallest chunks allowed, 3 rows: 23 rows in 2 or 3, four per thread
         monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)
         monkeypatch.setattr(cpu.gemm_cpu, "MR", 3)
@@ -87,14 +88,14 @@ def test_train_step_reuses_its_buffers_and_matches_forward_backward(small_chunks
     p_step, p_ref = params.copy(), params.copy()
     s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
     for _ in range(3):
-        loss = backend.train_step(layout, p_step, s_step, x, y, "cross_entropy", 1e-2)
-        outputs, cache = backend.forward(layout, p_ref, x, train=True)
+        loss = backend.train_step(spec, p_step, s_step, x, y, "cross_entropy", AdamConfig(1e-2))
+        outputs, cache = backend.forward(spec, p_ref, x, train=True)
         value, doutputs = backend.loss(outputs, y, "cross_entropy")
-        grads = backend.backward(layout, p_ref, cache, doutputs).params
-        backend.adam_step(p_ref, grads, s_ref, 1e-2)
+        grads = backend.backward(spec, p_ref, cache, doutputs).params
+        backend.adam_step(p_ref, grads, s_ref, AdamConfig(1e-2))
         assert loss == value
     np.testing.assert_array_equal(p_step, p_ref)
-    ws = backend._workspace(layout, 23, 5, np.float64, "step")
+    ws = backend._workspace(spec, 23, 5, np.float64, "step")
     if small_chunks:
         assert [len(group) for group in ws.groups] == [4, 4]
         # a thread's chunks lie on the same memory, the threads' do not overlap
@@ -116,13 +117,13 @@ def _span(buffers):
 
 def test_a_dropped_training_cache_gives_its_buffers_to_the_next_forward():
     backend = get_backend("cpu")
-    layout, params, x, _, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
-    _, cache = backend.forward(layout, params, x, train=True)
+    spec, params, x, _, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy", np.float32)
+    _, cache = backend.forward(spec, params, x, train=True)
     first = weakref.ref(cache["ws"])
     del cache
-    _, cache = backend.forward(layout, params, x, train=True)
+    _, cache = backend.forward(spec, params, x, train=True)
     assert cache["ws"] is first()
-    _, held = backend.forward(layout, params, x, train=True)
+    _, held = backend.forward(spec, params, x, train=True)
     assert held["ws"] is not cache["ws"]
 
 
@@ -165,16 +166,16 @@ def test_sessions_hold_blas_on_one_thread_and_restore_it():
 
     backend = get_backend("cpu")
     before = blas_threads()
-    layout, params, x, _, _, _ = make_problem((6, 5, 3, 4, 1, 3), "cross_entropy", np.float32)
+    spec, params, x, _, _, _ = make_problem((6, 5, 3, 4, 1, 3), "cross_entropy", np.float32)
     with backend.session():
         assert set(blas_threads()) == {1}
         with backend.session():  # sessions nest
-            backend.forward(layout, params, x)
+            backend.forward(spec, params, x)
             assert set(blas_threads()) == {1}
-        backend.forward(layout, params, x)
+        backend.forward(spec, params, x)
         assert set(blas_threads()) == {1}
     assert blas_threads() == before
-    backend.forward(layout, params, x)  # a call on its own restores too
+    backend.forward(spec, params, x)  # a call on its own restores too
     assert blas_threads() == before
 
 
@@ -183,11 +184,11 @@ def test_a_rows_outputs_do_not_depend_on_its_place_in_the_batch():
     # BLAS computing a one-output head, some rows came out an ulp apart.  The property
     # of our GEMM, used by default wherever the CPU has FMA; BLAS does not promise it
     # (OpenBLAS's Haswell kernels give such rows in the time loop too)
-    layout, params, x, _, _, _ = make_problem((20, 4, 3, 8, 1, 1), "squared_error", np.float32)
+    spec, params, x, _, _, _ = make_problem((20, 4, 3, 8, 1, 1), "squared_error", np.float32)
     backend = CPUBackend(num_threads=2)
-    assert backend.blocked_gemm == gemm_cpu.PAYS_OFF
-    outputs, _ = backend.forward(layout, params, x)
+    assert backend.own_gemm == gemm_cpu.PAYS_OFF
+    outputs, _ = backend.forward(spec, params, x)
     for seed in range(20):
         order = np.random.default_rng(seed).permutation(len(x))
-        shuffled, _ = backend.forward(layout, params, x[order])
+        shuffled, _ = backend.forward(spec, params, x[order])
         np.testing.assert_array_equal(shuffled, outputs[order])

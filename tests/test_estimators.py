@@ -42,9 +42,9 @@ def count_steps(monkeypatch):
     lengths = []
     original = backend.train_step
 
-    def counting(layout, params, state, x, *args, **kwargs):
+    def counting(spec, params, state, x, *args, **kwargs):
         lengths.append(x.shape[0])
-        return original(layout, params, state, x, *args, **kwargs)
+        return original(spec, params, state, x, *args, **kwargs)
 
     monkeypatch.setattr(backend, "train_step", counting)
     return lengths

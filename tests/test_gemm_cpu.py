@@ -9,6 +9,7 @@ from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_cpu
 
 from conftest import in_float64, make_problem, rel_err
+from oracle import ORACLE
 
 MR, NR = gemm_cpu.MR, gemm_cpu.NR
 #: (M, K, N): empty, single, remainders of every block size, exact panels, LSTM step shapes
@@ -67,21 +68,21 @@ def test_gemm_keeps_non_finite_values():
     assert np.isposinf(out[0]).all() and np.isnan(out[1]).all()
 
 
-@pytest.mark.parametrize("blocked", [False, True], ids=["blas", "blocked"])
+@pytest.mark.parametrize("own_gemm", [False, True], ids=["blas", "own"])
 @pytest.mark.parametrize("shape", [(128, 28, 28, 128, 1, 10), (5, 6, 3, 40, 3, 4)],
                          ids=["mnist", "3-layers"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_cpu_backend_matches_reference_with_either_gemm(blocked, shape, dtype):
-    layout, params, x, y, h0, c0 = make_problem(shape, "cross_entropy", dtype)
-    want_backend = get_backend("reference")
+def test_cpu_backend_matches_reference_with_either_gemm(own_gemm, shape, dtype):
+    spec, params, x, y, h0, c0 = make_problem(shape, "cross_entropy", dtype)
+    want_backend = ORACLE
     results = []
-    for backend, args in ((CPUBackend(blocked_gemm=blocked), (params, x, h0, c0)),
+    for backend, args in ((CPUBackend(own_gemm=own_gemm), (params, x, h0, c0)),
                           (want_backend, in_float64(params, x, h0, c0))):
         p, xx, hh, cc = args
-        outputs, cache = backend.forward(layout, p, xx, hh, cc, train=True)
+        outputs, cache = backend.forward(spec, p, xx, hh, cc, train=True)
         _, doutputs = backend.loss(outputs, y, "cross_entropy")
-        grads = backend.backward(layout, p, cache, doutputs, input_grads=True)
-        inference, _ = backend.forward(layout, p, xx)  # h0 = 0: the first step's shortcut
+        grads = backend.backward(spec, p, cache, doutputs, input_grads=True)
+        inference, _ = backend.forward(spec, p, xx)  # h0 = 0: the first step's shortcut
         results.append([outputs, inference, grads.params, grads.x, grads.h0, grads.c0])
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for got, want in zip(*results):

@@ -29,8 +29,8 @@ def numeric_grad(fn, array):
 @pytest.mark.parametrize("loss", reference.LOSSES)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=shape_id)
 def test_gradients_match_finite_differences(shape, loss):
-    layout, flat, x, y, h0, c0 = make_problem(shape, loss)
-    params = layout.views(flat)
+    spec, flat, x, y, h0, c0 = make_problem(shape, loss)
+    params = spec.layout.views(flat)
 
     def value():
         return reference.loss(reference.forward(params, x, h0, c0)[0], y, loss)[0]
@@ -44,8 +44,8 @@ def test_gradients_match_finite_differences(shape, loss):
 
 
 def test_zero_initial_states_equal_omitted():
-    layout, flat, x, y, _, _ = make_problem((2, 3, 2, 3, 2, 2), "cross_entropy", initial_states=False)
-    params = layout.views(flat)
+    spec, flat, x, y, _, _ = make_problem((2, 3, 2, 3, 2, 2), "cross_entropy", initial_states=False)
+    params = spec.layout.views(flat)
     zeros = np.zeros((2, 2, 3))
     np.testing.assert_array_equal(reference.forward(params, x)[0],
                                   reference.forward(params, x, zeros, zeros)[0])
@@ -58,9 +58,9 @@ def test_sigmoid_and_forward_stay_finite_for_huge_inputs(dtype):
         s = reference.sigmoid(z)
     assert s.dtype == dtype
     np.testing.assert_allclose(s[[0, 3, 6]], [0.0, 0.5, 1.0])
-    layout, flat, x, y, h0, c0 = make_problem((2, 3, 2, 3, 1, 2), "cross_entropy", dtype)
+    spec, flat, x, y, h0, c0 = make_problem((2, 3, 2, 3, 1, 2), "cross_entropy", dtype)
     with np.errstate(over="raise", invalid="raise"):
-        out, _ = reference.forward(layout.views(flat), x * 1e4, h0, c0)
+        out, _ = reference.forward(spec.layout.views(flat), x * 1e4, h0, c0)
     assert np.isfinite(out).all()
 
 

@@ -36,13 +36,13 @@ def steps(monkeypatch):
     class Steps:
         weights_before, losses, fail_at = [], [], None
 
-    def recording(layout, params, *args, **kwargs):
+    def recording(spec, params, *args, **kwargs):
         Steps.weights_before.append(np.array(params, copy=True))
         k = len(Steps.weights_before)
         if Steps.fail_at is not None and Steps.fail_at[0] == k \
                 and isinstance(Steps.fail_at[1], BaseException):
             raise Steps.fail_at[1]
-        Steps.losses.append(original(layout, params, *args, **kwargs))
+        Steps.losses.append(original(spec, params, *args, **kwargs))
         if Steps.fail_at is not None and Steps.fail_at[0] == k:
             return Steps.fail_at[1]
         return Steps.losses[-1]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 
-from .base import AdamState, Backend, BackendUnavailable, Gradients
+from .base import LOSSES, AdamConfig, AdamState, Backend, BackendUnavailable, Gradients, get_loss
 
-__all__ = ["AdamState", "Backend", "BackendUnavailable", "Gradients", "available_backends",
-           "get_backend", "BACKEND_NAMES"]
+__all__ = ["AdamConfig", "AdamState", "Backend", "BackendUnavailable", "Gradients", "LOSSES",
+           "available_backends", "get_backend", "get_loss", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("reference", "cpu", "cuda")
 

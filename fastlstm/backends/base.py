@@ -1,11 +1,13 @@
-"""The interface every backend implements (reference, Numba CPU, CUDA).
+"""The interface every backend implements (NumPy reference, Numba CPU, CUDA).
 
-Arrays live in the backend's own memory (NumPy or CuPy).  Parameters are ONE
-flat buffer laid out by :class:`fastlstm.params.ParamLayout`; gradients come
-back in a buffer of the same layout, so the optimizer is one pass over one
-buffer.  Inputs are batch-first ``(batch, steps, inputs)``; initial states have
-PyTorch's shape ``(num_layers, batch, hidden)``.  Tests and benchmarks call
-these methods on every backend and compare against ``reference``.
+Arrays live in the backend's own memory (NumPy or CuPy).  A network is described by
+a :class:`fastlstm.model.ModelSpec`; its parameters are ONE flat buffer laid out by
+``spec.layout``; gradients come back in a buffer of the same layout, so the optimizer
+is one pass over one buffer.  Inputs are batch-first ``(batch, steps, inputs)``;
+initial states have PyTorch's shape ``(num_layers, batch, hidden)``.  Every backend
+runs the network program of :mod:`fastlstm.model` over its own primitives; tests and
+benchmarks call these methods on every backend and compare against the oracle,
+:mod:`fastlstm.reference`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,62 @@ class Gradients:
     x: Any = None
     h0: Any = None
     c0: Any = None
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """The settings of an Adam step, as ``torch.optim.Adam`` names them, and clipping.
+
+    Parameters
+    ----------
+    learning_rate : float
+    beta1, beta2 : float
+        Decay rates of the first and second moment estimates.
+    eps : float
+        Added to the denominator.
+    weight_decay : float
+        L2 penalty: ``weight_decay * params`` is added to the gradient.
+    clip_grad_norm : float or None
+        In :meth:`Backend.train_step`, the gradient is scaled down to this Euclidean
+        norm where it is larger; ``None``: no clipping.
+    """
+
+    learning_rate: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+
+    def __post_init__(self):
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be positive, got {self.clip_grad_norm!r}")
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss of the head: its kernels carry its ``name`` on every backend."""
+
+    name: str
+    #: the targets are class indices (else values of the outputs' shape and dtype)
+    class_targets: bool
+
+    def target_dtype(self, dtype):
+        """The dtype the targets take for outputs of ``dtype``."""
+        return np.dtype(np.int64) if self.class_targets else np.dtype(dtype)
+
+
+#: the losses every backend implements
+LOSSES = {loss.name: loss for loss in (Loss("cross_entropy", class_targets=True),
+                                       Loss("squared_error", class_targets=False))}
+
+
+def get_loss(name):
+    """The :class:`Loss` called ``name``."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None
 
 
 @dataclass
@@ -71,8 +129,8 @@ class Backend:
         """
         return contextlib.nullcontext()
 
-    def forward(self, layout, params, x, h0=None, c0=None, train=False):
-        """Run the LSTM stack and the head on ``x`` of shape (batch, steps, inputs).
+    def forward(self, spec, params, x, h0=None, c0=None, train=False):
+        """Run the network of ``spec`` on ``x`` of shape (batch, steps, inputs).
 
         Returns ``(outputs, cache)``: ``outputs`` of shape (batch, output_size);
         ``cache`` holds what :meth:`backward` needs when ``train`` is true, and
@@ -80,15 +138,15 @@ class Backend:
         """
         raise NotImplementedError
 
-    def backward(self, layout, params, cache, doutputs, input_grads=False):
+    def backward(self, spec, params, cache, doutputs, input_grads=False):
         """Backpropagate ``doutputs`` through the head and the stack; returns :class:`Gradients`."""
         raise NotImplementedError
 
     def loss(self, outputs, y, kind):
         """``(loss, doutputs)``: mean loss over the batch and its gradient w.r.t. ``outputs``.
 
-        ``kind`` is ``"cross_entropy"`` (``y``: int class indices) or
-        ``"squared_error"`` (``y``: targets of the shape of ``outputs``).
+        ``kind`` names one of :data:`LOSSES`: ``"cross_entropy"`` (``y``: int class
+        indices) or ``"squared_error"`` (``y``: targets of the shape of ``outputs``).
         The loss is a Python float on the CPU; a backend on a device may
         return a 0-d device array so that the caller decides when to synchronise.
         """
@@ -106,41 +164,39 @@ class Backend:
         """Euclidean norm of the gradient buffer."""
         return float(self.xp.sqrt(self.xp.dot(grads, grads)))
 
-    def adam_step(self, params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                  weight_decay=0.0, grad_scale=1.0):
+    def adam_step(self, params, grads, state, config, grad_scale=1.0):
         """One Adam update of ``params`` in place, as ``torch.optim.Adam`` does it.
 
-        The gradient used is ``grad_scale * grads + weight_decay * params``
-        (``grad_scale`` serves gradient-norm clipping without another pass).
-        ``state.step`` is incremented.
+        ``config`` is an :class:`AdamConfig` (its ``clip_grad_norm`` is not used
+        here).  The gradient used is ``grad_scale * grads + config.weight_decay *
+        params`` (``grad_scale`` serves gradient-norm clipping without another
+        pass).  ``state.step`` is incremented.
         """
         raise NotImplementedError
 
-    def train_step(self, layout, params, state, x, y, loss, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                   weight_decay=0.0, clip_grad_norm=None):
+    def train_step(self, spec, params, state, x, y, loss, config):
         """One minibatch step: forward, loss, backward, optional clipping, Adam, in place.
 
+        ``loss`` names one of :data:`LOSSES`; ``config`` is an :class:`AdamConfig`.
         If the loss or the gradient is not finite, ``params`` and ``state`` are
         left untouched, so a diverging run never corrupts the weights.  Returns
         the loss (a float here; a device backend may return a 0-d device array
         and keep the whole step on the device, e.g. as a replayed CUDA graph).
         """
-        outputs, cache = self.forward(layout, params, x, train=True)
+        outputs, cache = self.forward(spec, params, x, train=True)
         value, doutputs = self.loss(outputs, y, loss)
         if not math.isfinite(value):
             return value
-        grads = self.backward(layout, params, cache, doutputs).params
-        self._apply_gradients(params, grads, state, lr, beta1, beta2, eps, weight_decay,
-                              clip_grad_norm)
+        grads = self.backward(spec, params, cache, doutputs).params
+        self._apply_gradients(params, grads, state, config)
         return value
 
-    def _apply_gradients(self, params, grads, state, lr, beta1, beta2, eps, weight_decay,
-                         clip_grad_norm):
+    def _apply_gradients(self, params, grads, state, config):
         """The end of :meth:`train_step`: clip, then Adam, unless the gradient is not finite."""
         norm = self.grad_norm(grads)
         if not math.isfinite(norm):
             return
         scale = 1.0
-        if clip_grad_norm is not None and norm > clip_grad_norm:
-            scale = clip_grad_norm / norm
-        self.adam_step(params, grads, state, lr, beta1, beta2, eps, weight_decay, scale)
+        if config.clip_grad_norm is not None and norm > config.clip_grad_norm:
+            scale = config.clip_grad_norm / norm
+        self.adam_step(params, grads, state, config, scale)

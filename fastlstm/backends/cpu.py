@@ -41,8 +41,9 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
 from threadpoolctl import ThreadpoolController
 
+from .. import model
 from ..kernels import adam_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
-from .base import Backend, Gradients
+from .base import Backend, Gradients, get_loss
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
@@ -193,16 +194,6 @@ def _nbytes(shapes, dtype):
     return math.prod(shapes) * np.dtype(dtype).itemsize
 
 
-def _loss_kernel(kind, dtype):
-    """The head kernel of loss ``kind`` and the dtype its targets take (class indices for
-    cross-entropy, values of ``dtype`` for squared error)."""
-    if kind == "cross_entropy":
-        return head_cpu.cross_entropy, np.intp
-    if kind == "squared_error":
-        return head_cpu.squared_error, dtype
-    raise ValueError(f"unknown loss {kind!r}; expected 'cross_entropy' or 'squared_error'")
-
-
 class _Workspace:
     """Every buffer one forward (+ backward) of a given shape needs, per chunk and layer.
 
@@ -214,11 +205,12 @@ class _Workspace:
     weights that stay in L2.
     """
 
-    def __init__(self, layout, batch, steps, dtype, mode, threads, own_gemm):
-        H, G, L = layout.hidden_size, 4 * layout.hidden_size, layout.num_layers
+    def __init__(self, spec, batch, steps, dtype, mode, threads, own_gemm):
+        H, G, L = spec.hidden_size, 4 * spec.hidden_size, spec.num_layers
         train = mode != "inference"
+        self.steps = steps
         # per layer: the width of [input, h]
-        widths = [(layout.input_size if k == 0 else H) + H for k in range(L)]
+        widths = [spec.layer_input_size(k) + H for k in range(L)]
         S = steps + 1 if train else 2
 
         def chunk_shapes(R):
@@ -254,7 +246,7 @@ class _Workspace:
             shapes["dw"] = [(workers, K, G + _ROW_PAD) for K in widths]
             shapes["db"] = [(workers, G)] * L
             # the head's outputs and their gradient, in train_step
-            shapes["outputs"] = shapes["doutputs"] = (batch, layout.output_size)
+            shapes["outputs"] = shapes["doutputs"] = (batch, spec.output_size)
         self.__dict__.update(_carve(shapes, dtype))
         if mode == "step":
             self.chunks = [chunk for group in self.chunks for chunk in group]
@@ -269,9 +261,9 @@ class CPUBackend(Backend):
     ----------
     num_threads : int, optional
         Threads to use; default :func:`default_num_threads`.
-    blocked_gemm : bool, optional
-        Run the GEMMs inside the time loop and the weight-gradient GEMM with the
-        register-blocked kernel of :mod:`fastlstm.kernels.gemm_cpu` instead of
+    own_gemm : bool, optional
+        Run the GEMMs inside the time loop and the weight-gradient GEMM with our own
+        register-blocked kernel (:mod:`fastlstm.kernels.gemm_cpu`) instead of
         BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``: SIMD of
         256 bits or more, with FMA).  With our kernel, a row's results do not depend
         on its place in the batch; with BLAS they may differ in the last bits.
@@ -279,9 +271,9 @@ class CPUBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, num_threads=None, blocked_gemm=None):
+    def __init__(self, num_threads=None, own_gemm=None):
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
-        self.blocked_gemm = gemm_cpu.PAYS_OFF if blocked_gemm is None else bool(blocked_gemm)
+        self.own_gemm = gemm_cpu.PAYS_OFF if own_gemm is None else bool(own_gemm)
         self._pool = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
@@ -331,7 +323,7 @@ class CPUBackend(Backend):
     def session(self):
         return self._single_threaded_blas()
 
-    def _workspace(self, layout, batch, steps, dtype, mode):
+    def _workspace(self, spec, batch, steps, dtype, mode):
         """A workspace for this shape and mode (see :class:`_Workspace`): the last one,
         unless a forward cache still holds it.
 
@@ -340,11 +332,10 @@ class CPUBackend(Backend):
         so a training loop or a benchmark does not pay for fresh memory on every step.
         """
         cache = self._local.__dict__.setdefault("workspaces", {})
-        key = (layout.key(), batch, steps, np.dtype(dtype).str, mode, self.num_threads)
+        key = (spec, batch, steps, np.dtype(dtype).str, mode, self.num_threads)
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
-            ws = _Workspace(layout, batch, steps, dtype, mode, self.num_threads,
-                            own_gemm=self.blocked_gemm)
+            ws = _Workspace(spec, batch, steps, dtype, mode, self.num_threads, self.own_gemm)
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
         cache[key] = ws
@@ -356,57 +347,60 @@ class CPUBackend(Backend):
     # GEMMs of the head: BLAS's own threads, once woken, spin for a while and take
     # the cores from ours.
 
-    def forward(self, layout, params, x, h0=None, c0=None, train=False):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False):
         with self._single_threaded_blas():
-            return self._forward(layout, params, x, h0, c0, train)
+            return self._forward(spec, params, x, h0, c0, train)
 
-    def backward(self, layout, params, cache, doutputs, input_grads=False):
+    def backward(self, spec, params, cache, doutputs, input_grads=False):
         with self._single_threaded_blas():
-            return self._backward(layout, params, cache, doutputs, input_grads)
+            return self._backward(spec, params, cache, doutputs, input_grads)
 
-    def _forward(self, layout, params, x, h0, c0, train):
-        views, x, ws = self._prepare(layout, params, x, "train" if train else "inference")
-        outputs = np.empty((x.shape[0], layout.output_size), params.dtype)
+    def _forward(self, spec, params, x, h0, c0, train):
+        views, x, ws = self._prepare(spec, params, x, "train" if train else "inference")
+        outputs = np.empty((x.shape[0], spec.output_size), params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
-                self._forward_chunk(views, ws, ci, x, h0, c0, outputs)
+                model.forward(_ChunkOps(self, spec, views, ws, ci, outputs), spec, x, h0, c0)
 
         self._run(work, ws.groups)
-        cache = dict(ws=ws, steps=x.shape[1], h0_zero=h0 is None) if train else None
+        cache = dict(ws=ws, h0_zero=h0 is None) if train else None
         return outputs, cache
 
-    def _backward(self, layout, params, cache, doutputs, input_grads):
-        views = self._views(layout, params)
-        ws, T = cache["ws"], cache["steps"]
-        L, H = layout.num_layers, layout.hidden_size
+    def _backward(self, spec, params, cache, doutputs, input_grads):
+        views = self._views(spec.layout, params)
+        ws = cache["ws"]
+        L, H, T = spec.num_layers, spec.hidden_size, ws.steps
         doutputs = np.ascontiguousarray(doutputs, dtype=params.dtype)
         B = doutputs.shape[0]
         inputs = None
         if input_grads:
-            inputs = (np.empty((B, T, layout.input_size), params.dtype),
+            inputs = (np.empty((B, T, spec.input_size), params.dtype),
                       np.empty((L, B, H), params.dtype), np.empty((L, B, H), params.dtype))
 
         def work(worker, chunk_ids):
             for n, ci in enumerate(chunk_ids):
-                self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, inputs,
-                                     cache["h0_zero"])
+                ops = _ChunkOps(self, spec, views, ws, ci, None, worker, n == 0,
+                                cache["h0_zero"], inputs)
+                dx = model.backward(ops, spec, doutputs, input_grads)
+                if input_grads:
+                    lo, hi = ws.rows[ci]
+                    inputs[0][lo:hi] = dx.transpose(1, 0, 2)
 
         self._run(work, ws.groups)
         grads = np.empty_like(params)
-        self._sum_gradients(layout, ws, doutputs, grads)
+        self._sum_gradients(spec, ws, doutputs, grads)
         return Gradients(grads) if inputs is None else Gradients(grads, *inputs)
 
-    def train_step(self, layout, params, state, x, y, loss, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                   weight_decay=0.0, clip_grad_norm=None):
+    def train_step(self, spec, params, state, x, y, loss, config):
         # The step of the base class with ONE meeting of the threads: the head and the
         # gradient of the loss are per row too, so each thread runs forward, head, loss
         # gradient and backward for its chunks; the loss value and the gradient sums
         # come after.  Every piece computes what forward/loss/backward do, in the same
         # order, so the two give identical results.  Buffers are reused between steps.
-        kernel, y_dtype = _loss_kernel(loss, params.dtype)
+        kernel, y_dtype = self._loss_kernel(loss, params.dtype)
         with self._single_threaded_blas():
-            views, x, ws = self._prepare(layout, params, x, "step")
+            views, x, ws = self._prepare(spec, params, x, "step")
             B = x.shape[0]
             y = np.asarray(y, dtype=y_dtype)
             outputs, doutputs = ws.outputs, ws.doutputs
@@ -417,30 +411,31 @@ class CPUBackend(Backend):
                 # is per thread, hence set in each).
                 with np.errstate(over="ignore", invalid="ignore"):
                     for n, ci in enumerate(chunk_ids):
-                        self._forward_chunk(views, ws, ci, x, None, None, outputs)
+                        ops = _ChunkOps(self, spec, views, ws, ci, outputs, worker, n == 0)
+                        model.forward(ops, spec, x)
                         lo, hi = ws.rows[ci]
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
-                        self._backward_chunk(views, ws, ci, worker, n == 0, doutputs, None, True)
+                        model.backward(ops, spec, doutputs)
 
             self._run(work, ws.groups)
             value = float(kernel(outputs, y, doutputs, B))  # the batch's loss, summed in order
             if not math.isfinite(value):
                 return value
             grads = self._grad_buffer(params)
-            self._sum_gradients(layout, ws, doutputs, grads)
-            self._apply_gradients(params, grads, state, lr, beta1, beta2, eps, weight_decay,
-                                  clip_grad_norm)
+            self._sum_gradients(spec, ws, doutputs, grads)
+            self._apply_gradients(params, grads, state, config)
         return value
 
     # -- the pieces of a step ------------------------------------------------------------
 
-    def _prepare(self, layout, params, x, mode):
+    def _prepare(self, spec, params, x, mode):
         """Views of ``params``, ``x`` contiguous in their dtype, and a workspace of ``mode``
         whose concatenated transposed weights and summed biases are filled in."""
+        layout = spec.layout
         views = self._views(layout, params)
         x = np.ascontiguousarray(x, dtype=params.dtype)
-        ws = self._workspace(layout, x.shape[0], x.shape[1], params.dtype, mode)
-        for k in range(layout.num_layers):
+        ws = self._workspace(spec, x.shape[0], x.shape[1], params.dtype, mode)
+        for k in range(spec.num_layers):
             w_ih, w_hh, b_ih, b_hh = layout.layer(views, k)
             n_in = w_ih.shape[1]
             ws.w_cat_t[k][:n_in] = w_ih.T
@@ -448,84 +443,13 @@ class CPUBackend(Backend):
             np.add(b_ih, b_hh, out=ws.bias[k])
         return views, x, ws
 
-    def _forward_chunk(self, views, ws, ci, x, h0, c0, outputs):
-        """Every layer and the head over the rows of chunk ``ci``: their last hidden
-        state into ``ws.h_last``, the head's outputs into ``outputs``."""
-        chunk, (lo, hi) = ws.chunks[ci], ws.rows[ci]
-        inp = x[lo:hi]
-        for k, buf in enumerate(chunk["layers"]):
-            n_in = inp.shape[2]
-            if h0 is not None:  # else nothing reads that slot: see forward_layer's h0_zero
-                buf["xh"][0, :, n_in:] = h0[k, lo:hi]
-            buf["c"][0] = 0 if c0 is None else c0[k, lo:hi]
-            lstm_cpu.forward_layer(inp, ws.w_cat_t[k], ws.bias[k], buf["xh"], buf["c"],
-                                   buf.get("gates"), buf["hseq"], buf["z"], h0 is None,
-                                   self.blocked_gemm)
-            inp = buf["hseq"]
-        h_last = ws.h_last[lo:hi]
-        h_last[...] = buf["xh"][x.shape[1] % buf["xh"].shape[0], :, n_in:]
-        head_cpu.linear(h_last, views["head.weight"], views["head.bias"], outputs[lo:hi])
-
-    def _backward_chunk(self, views, ws, ci, worker, first, doutputs, inputs, h0_zero):
-        """Backpropagate chunk ``ci`` from ``doutputs`` (the whole batch's; its rows are used).
-
-        Its LSTM weight and bias gradients are written (``first`` chunk of this
-        worker) or added to the worker's partial sums; ``inputs``, if not None, is
-        ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk are filled in.
-        ``h0_zero``: the forward pass started from ``h0 = 0``.
-        """
-        chunk, (lo, hi) = ws.chunks[ci], ws.rows[ci]
-        dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
-        T, R, G = dz.shape
-        L = len(chunk["layers"])
-        np.matmul(doutputs[lo:hi], views["head.weight"], out=dh)
-        dc[...] = 0
-        dh_seq = np.empty((0, 1, G // 4), dz.dtype)
-        for k in reversed(range(L)):
-            buf = chunk["layers"][k]
-            w_ih = views[f"lstm.weight_ih_l{k}"]
-            w_hh = views[f"lstm.weight_hh_l{k}"]
-            dw, db = ws.dw[k][worker], ws.db[k][worker]
-            if first:
-                db[...] = 0
-            lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
-                                    inputs is not None, self.blocked_gemm)
-            dz2 = dz.reshape(T * R, G)
-            xh2 = buf["xh"][:T].reshape(T * R, -1)
-            # with h0 = 0 the h part of the first step is zero: one GEMM over the other
-            # steps, then the first step's x part alone (not two GEMMs over all steps:
-            # each pass streams dz from L3)
-            skip = R if h0_zero else 0
-            self._weight_gradient(xh2[skip:], dz2[skip:], dw, first)
-            if skip:
-                n_in = xh2.shape[1] - G // 4
-                self._weight_gradient(xh2[:skip, :n_in], dz2[:skip], dw[:n_in], False)
-            if inputs is not None:
-                inputs[1][k, lo:hi] = dh
-                inputs[2][k, lo:hi] = dc
-            if k > 0 or inputs is not None:
-                dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
-            if k > 0:  # the layer below starts from the gradient of the sequence alone
-                dh[...] = 0
-                dc[...] = 0
-        if inputs is not None:
-            inputs[0][lo:hi] = dh_seq.transpose(1, 0, 2)
-
-    def _weight_gradient(self, rows, dz2, out, first):
-        """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""
-        if self.blocked_gemm:
-            gemm_cpu.gemm(rows.T, dz2, out, not first)
-        elif first:
-            np.matmul(rows.T, dz2, out=out)
-        else:
-            out += np.matmul(rows.T, dz2)
-
-    def _sum_gradients(self, layout, ws, doutputs, grads):
+    def _sum_gradients(self, spec, ws, doutputs, grads):
         """The head's gradients and the sums of the workers' partial LSTM gradients,
         into ``grads``."""
+        layout = spec.layout
         gviews = self._views(layout, grads)
         head_cpu.linear_gradients(doutputs, ws.h_last, gviews["head.weight"], gviews["head.bias"])
-        for k in range(layout.num_layers):
+        for k in range(spec.num_layers):
             dw, db = ws.dw[k], ws.db[k]
             w_ih, w_hh, b_ih, b_hh = layout.layer(gviews, k)
             n_in = w_ih.shape[1]
@@ -554,8 +478,14 @@ class CPUBackend(Backend):
             buf = self._local.grads = np.empty_like(params)
         return buf
 
+    @staticmethod
+    def _loss_kernel(kind, dtype):
+        """The head kernel of loss ``kind`` and the dtype its targets take."""
+        loss = get_loss(kind)
+        return getattr(head_cpu, loss.name), loss.target_dtype(dtype)
+
     def loss(self, outputs, y, kind):
-        kernel, y_dtype = _loss_kernel(kind, outputs.dtype)
+        kernel, y_dtype = self._loss_kernel(kind, outputs.dtype)
         doutputs = np.empty_like(outputs)
         value = kernel(outputs, np.asarray(y, dtype=y_dtype), doutputs, len(outputs))
         return float(value), doutputs
@@ -565,9 +495,121 @@ class CPUBackend(Backend):
         head_cpu.softmax(outputs, probs)
         return probs
 
-    def adam_step(self, params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                  weight_decay=0.0, grad_scale=1.0):
+    def adam_step(self, params, grads, state, config, grad_scale=1.0):
         state.step += 1
-        adam_cpu.adam_update(params, grads, state.m, state.v, float(lr), float(beta1),
-                             float(beta2), float(eps), float(weight_decay),
-                             float(grad_scale), state.step)
+        adam_cpu.adam_update(params, grads, state.m, state.v, float(config.learning_rate),
+                             float(config.beta1), float(config.beta2), float(config.eps),
+                             float(config.weight_decay), float(grad_scale), state.step)
+
+
+class _ChunkOps:
+    """The primitives of :mod:`fastlstm.model` on the rows of chunk ``ci`` of a workspace.
+
+    A sequence is the buffer dict of the layer that made it (the input: ``hseq``
+    alone); the gradient of one is the gradient w.r.t. each step's hidden state,
+    time-major, with the last step's part (of the top layer) in the chunk's ``dh``.
+
+    Parameters
+    ----------
+    backend : CPUBackend
+    spec : ModelSpec
+    views : dict
+        Named views of the parameters.
+    ws : _Workspace
+    ci : int
+        The chunk.
+    outputs : array or None
+        The head's outputs of the whole batch (forward).
+    worker : int
+        The thread's number: its partial weight gradients are ``ws.dw[k][worker]``.
+    first : bool
+        This is the worker's first chunk: its gradients are written, not added.
+    h0_zero : bool
+        The forward pass started from ``h0 = 0`` (backward skips that product).
+    dinputs : tuple or None
+        ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk backward fills
+        (``dh0`` and ``dc0``; ``dx`` is what :func:`fastlstm.model.backward` returns).
+    """
+
+    def __init__(self, backend, spec, views, ws, ci, outputs, worker=0, first=True,
+                 h0_zero=True, dinputs=None):
+        self.own_gemm, self.layout, self.views, self.ws = backend.own_gemm, spec.layout, views, ws
+        self.chunk, (self.lo, self.hi) = ws.chunks[ci], ws.rows[ci]
+        self.outputs, self.worker, self.first = outputs, worker, first
+        self.h0_zero, self.dinputs = h0_zero, dinputs
+
+    def inputs(self, x):
+        return dict(hseq=x[self.lo:self.hi])
+
+    def recurrence(self, k, seq, h0, c0):
+        buf, inp, lo, hi = self.chunk["layers"][k], seq["hseq"], self.lo, self.hi
+        n_in = inp.shape[2]
+        if h0 is not None:  # else nothing reads that slot: see forward_layer's h0_zero
+            buf["xh"][0, :, n_in:] = h0[lo:hi]
+        buf["c"][0] = 0 if c0 is None else c0[lo:hi]
+        lstm_cpu.forward_layer(inp, self.ws.w_cat_t[k], self.ws.bias[k], buf["xh"], buf["c"],
+                               buf.get("gates"), buf["hseq"], buf["z"], h0 is None,
+                               self.own_gemm)
+        return buf
+
+    def readout(self, seq):
+        xh = seq["xh"]
+        h_last = self.ws.h_last[self.lo:self.hi]
+        h_last[...] = xh[self.ws.steps % xh.shape[0], :, xh.shape[2] - h_last.shape[1]:]
+        return h_last
+
+    def head(self, h):
+        out = self.outputs[self.lo:self.hi]
+        head_cpu.linear(h, self.views["head.weight"], self.views["head.bias"], out)
+        return out
+
+    def head_backward(self, doutputs):
+        dh = self.chunk["dh"]
+        np.matmul(doutputs[self.lo:self.hi], self.views["head.weight"], out=dh)
+        return dh
+
+    def readout_backward(self, dh):
+        self.chunk["dc"][...] = 0
+        return np.empty((0, 1, dh.shape[1]), dh.dtype)  # the top layer's gradient is in dh
+
+    def recurrence_backward(self, k, dh_seq, input_grads):
+        """Backward through layer ``k``; its weight and bias gradients are written (the
+        worker's ``first`` chunk) or added to the worker's partial sums."""
+        chunk, ws, lo, hi = self.chunk, self.ws, self.lo, self.hi
+        dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
+        T, R, G = dz.shape
+        buf = chunk["layers"][k]
+        w_ih, w_hh = self.layout.layer(self.views, k)[:2]
+        dw, db = ws.dw[k][self.worker], ws.db[k][self.worker]
+        if self.first:
+            db[...] = 0
+        lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
+                                self.dinputs is not None, self.own_gemm)
+        dz2 = dz.reshape(T * R, G)
+        xh2 = buf["xh"][:T].reshape(T * R, -1)
+        # with h0 = 0 the h part of the first step is zero: one GEMM over the other
+        # steps, then the first step's x part alone (not two GEMMs over all steps:
+        # each pass streams dz from L3)
+        skip = R if self.h0_zero else 0
+        self._weight_gradient(xh2[skip:], dz2[skip:], dw, self.first)
+        if skip:
+            n_in = xh2.shape[1] - G // 4
+            self._weight_gradient(xh2[:skip, :n_in], dz2[:skip], dw[:n_in], False)
+        if self.dinputs is not None:
+            self.dinputs[1][k, lo:hi] = dh
+            self.dinputs[2][k, lo:hi] = dc
+        if input_grads:
+            dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
+        if k > 0:  # the layer below starts from the gradient of the sequence alone
+            dh[...] = 0
+            dc[...] = 0
+        return dh_seq if input_grads else None
+
+    def _weight_gradient(self, rows, dz2, out, first):
+        """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""
+        if self.own_gemm:
+            gemm_cpu.gemm(rows.T, dz2, out, not first)
+        elif first:
+            np.matmul(rows.T, dz2, out=out)
+        else:
+            out += np.matmul(rows.T, dz2)
