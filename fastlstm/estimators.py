@@ -31,6 +31,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted
 
+from ._version import __version__
 from .backends import AdamState, get_backend
 from .params import ParamLayout
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
@@ -132,8 +133,6 @@ class BaseLSTM(BaseEstimator):
         save(self, path)
 
     def __getstate__(self):
-        from . import __version__
-
         return {**super().__getstate__(), "_fastlstm_version": __version__}
 
     def __setstate__(self, state):

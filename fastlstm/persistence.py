@@ -24,6 +24,8 @@ import zipfile
 
 import numpy as np
 
+from ._version import __version__
+
 __all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "load", "save"]
 
 #: version of the file layout written by :func:`save`; bumped on any incompatible change
@@ -43,7 +45,6 @@ class InconsistentVersionWarning(UserWarning):
 
 def save(estimator, path):
     """Write the fitted ``estimator`` to ``path`` (see :meth:`BaseLSTM.save`)."""
-    from . import __version__
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(estimator)
@@ -246,8 +247,6 @@ def _write_atomically(path, arrays):
 
 
 def _warn_if_other_version(version, what):
-    from . import __version__
-
     if version != __version__:
         warnings.warn(
             f"{what} was written by fastlstm {version or '(unknown version)'} and is loaded by "
