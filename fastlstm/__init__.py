@@ -1,8 +1,7 @@
 """fastlstm: fast LSTM sequence models with hand-written Numba and CUDA kernels."""
 
 from ._version import __version__
-from .estimators import LSTMClassifier, LSTMRegressor
+from .estimators import LSTMClassifier, LSTMRegressor, load
 from .params import ParamLayout
-from .persistence import load
 
 __all__ = ["LSTMClassifier", "LSTMRegressor", "ParamLayout", "__version__", "load"]
