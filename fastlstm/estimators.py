@@ -11,6 +11,10 @@ and the flat parameter buffer are moved to the backend once per ``fit``, one
 :meth:`~fastlstm.backends.Backend.train_step` per minibatch, the loss is
 brought to the host once per epoch.  Fitted weights always live on the host
 (NumPy), so a model trained on a GPU pickles and predicts on a CPU-only box.
+
+:meth:`BaseLSTM.save` hands its state to :mod:`fastlstm.persistence` as plain
+data, and :func:`load` turns what that module reads back into the estimator
+class named in the file.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted
 
+from ._version import __version__
 from .backends import AdamConfig, AdamState, get_backend
 from .model import ModelSpec
+from .persistence import _warn_if_other_version, load_state, save_state
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
     to_float32
 
-__all__ = ["BaseLSTM", "LSTMClassifier", "LSTMRegressor"]
+__all__ = ["BaseLSTM", "LSTMClassifier", "LSTMRegressor", "load"]
 
 #: samples per forward pass at inference: bounds memory whatever the size of X
 PREDICT_BATCH_SIZE = 1024
@@ -127,21 +133,86 @@ class BaseLSTM(BaseEstimator):
         path : str or path-like
             Where to write (an existing file is replaced only once the new one is complete).
         """
-        from .persistence import save
+        save_state(self._get_fitted_state(), path)
 
-        save(self, path)
+    def _get_fitted_state(self):
+        """The fitted model as plain data, for :func:`~fastlstm.persistence.save_state`.
+
+        Returns
+        -------
+        state : dict
+            ``"metadata"``: JSON-encodable class name, hyper-parameters,
+            fitted attributes, network layout, Adam's step count and the
+            state of the training generator; ``"arrays"``: the weights,
+            Adam's moments and the fitted attributes that are arrays.
+        """
+        check_is_fitted(self)
+        adam = self._adam  # None until trained (weights set by load_state_dict)
+        arrays = {"params": self._params}
+        if adam is not None:
+            arrays.update(adam_m=adam.m, adam_v=adam.v)
+        attributes = {}
+        for name, value in vars(self).items():
+            if not name.endswith("_") or name.startswith("_"):
+                continue  # hyper-parameters and private state are saved below
+            if isinstance(value, np.ndarray):
+                arrays[name] = value
+            else:
+                attributes[name] = _json_value(name, value)
+        params = self.get_params(deep=False)
+        if not (params["random_state"] is None or isinstance(params["random_state"], int)):
+            # stacklevel 3: the line that called save
+            warnings.warn("random_state is a RandomState instance, which a model file cannot "
+                          "hold; it is saved as None (the fitted weights and the state of the "
+                          "training generator are saved exactly).", UserWarning, stacklevel=3)
+            params["random_state"] = None
+        spec = self._spec
+        metadata = {
+            "estimator": type(self).__name__,
+            "params": {name: _json_value(name, value) for name, value in params.items()},
+            "layout": [spec.input_size, spec.hidden_size, spec.num_layers, spec.output_size],
+            "adam_step": None if adam is None else int(adam.step),
+            "rng_state": self._rng.bit_generator.state,
+            "attributes": attributes,
+        }
+        return {"metadata": metadata, "arrays": arrays}
+
+    @classmethod
+    def _from_fitted_state(cls, state):
+        """The fitted estimator that ``state`` describes (inverse of :meth:`_get_fitted_state`).
+
+        Parameters
+        ----------
+        state : dict
+            ``"metadata"`` and ``"arrays"``, as :meth:`_get_fitted_state`
+            returns them or :func:`~fastlstm.persistence.load_state` reads them.
+
+        Returns
+        -------
+        estimator : BaseLSTM
+            An instance of ``cls`` that predicts and goes on training as the described one.
+        """
+        metadata, arrays = state["metadata"], dict(state["arrays"])
+        estimator = cls(**metadata["params"])
+        estimator._spec = ModelSpec(*metadata["layout"])
+        estimator._params = arrays.pop("params")
+        estimator._adam = None if metadata["adam_step"] is None else \
+            AdamState(arrays.pop("adam_m"), arrays.pop("adam_v"), metadata["adam_step"])
+        estimator._rng = np.random.default_rng()
+        estimator._rng.bit_generator.state = metadata["rng_state"]
+        for name, value in metadata["attributes"].items():
+            setattr(estimator, name, value)
+        for name, value in arrays.items():
+            setattr(estimator, name, value)
+        return estimator
 
     def __getstate__(self):
-        from . import __version__
-
         return {**super().__getstate__(), "_fastlstm_version": __version__}
 
     def __setstate__(self, state):
-        from .persistence import _warn_if_other_version
-
         state = dict(state)
         _warn_if_other_version(state.pop("_fastlstm_version", None),
-                               f"this pickled {type(self).__name__}")
+                               f"this pickled {type(self).__name__}", stacklevel=2)
         super().__setstate__(state)
 
     # ---------------------------------------------------------- subclass hooks
@@ -658,6 +729,49 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+def load(path):
+    """Load an estimator written by ``est.save(path)``; never runs code from the file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :meth:`LSTMClassifier.save` or :meth:`LSTMRegressor.save`.
+
+    Returns
+    -------
+    LSTMClassifier or LSTMRegressor
+        The fitted estimator: same hyper-parameters, weights and fitted
+        attributes, so it predicts exactly as the saved one and can go on
+        training (``partial_fit``, ``warm_start``).
+
+    Raises
+    ------
+    ~fastlstm.persistence.ModelFileError
+        The file is not a fastlstm model, is truncated or corrupted, was
+        edited, or was written by a newer fastlstm (format version).
+
+    Warns
+    -----
+    ~fastlstm.persistence.InconsistentVersionWarning
+        The file was written by another fastlstm version.
+    """
+    state = load_state(path)
+    classes = {cls.__name__: cls for cls in (LSTMClassifier, LSTMRegressor)}
+    return classes[state["metadata"]["estimator"]]._from_fitted_state(state)
+
+
+def _json_value(name, value):
+    """``value`` as JSON (NumPy scalars become Python numbers), or a ``TypeError`` naming it."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(name, item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"the fitted attribute {name} (a {type(value).__name__}) cannot be saved "
+                    "in a model file; pickle the model instead.")
 
 
 class _ProgressBar:

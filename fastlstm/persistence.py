@@ -2,12 +2,18 @@
 
 ``est.save(path)`` writes a ``.npz`` archive (NumPy's zip of ``.npy`` arrays)
 holding only numeric, boolean and string arrays, and a JSON document of the
-hyper-parameters and fitted attributes; :func:`load` reads it back with
+hyper-parameters and fitted attributes; ``fastlstm.load`` reads it back with
 ``allow_pickle=False``, so unlike a pickle, loading a model never executes
 code from the file.  The metadata carries a format version (files from a newer
 version are refused) and a SHA-256 digest of the metadata and of every array,
 so a truncated, corrupted or edited file is refused with a clear error rather
 than giving a silently different model.
+
+This module knows the file, not the estimators (it imports none of them): an
+estimator hands :func:`save_state` its state as plain data (JSON-encodable
+metadata and named arrays), and :func:`load_state` gives that data back for
+the estimator class named in it to rebuild the model (see
+:func:`fastlstm.estimators.load`).
 
 Pickles (``pickle``/``joblib``) keep working too; they record the fastlstm
 version and warn when loaded by another one (see :class:`InconsistentVersionWarning`).
@@ -24,11 +30,16 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "load", "save"]
+from ._version import __version__
 
-#: version of the file layout written by :func:`save`; bumped on any incompatible change
+__all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "load_state",
+           "save_state"]
+
+#: version of the file layout written by :func:`save_state`; bumped on any incompatible change
 FORMAT_VERSION = 1
 _FORMAT = "fastlstm-model"
+#: metadata keys that the file writes around the estimator's own
+_FILE_KEYS = frozenset({"format", "format_version", "fastlstm_version", "object_arrays", "arrays"})
 #: what a native array's dtype kind may be: bool, int, unsigned, float, unicode string
 _NATIVE_KINDS = "biufU"
 
@@ -41,37 +52,40 @@ class InconsistentVersionWarning(UserWarning):
     """A model was saved or pickled by another fastlstm version than the one loading it."""
 
 
-def save(estimator, path):
-    """Write the fitted ``estimator`` to ``path`` (see :meth:`BaseLSTM.save`)."""
-    from . import __version__
-    from sklearn.utils.validation import check_is_fitted
+def save_state(state, path):
+    """Write ``state``, the plain data an estimator hands over, to ``path`` as a model file.
 
-    check_is_fitted(estimator)
-    adam = estimator._adam  # None until trained (weights set by load_state_dict)
-    arrays = {"params": estimator._params}
-    if adam is not None:
-        arrays.update(adam_m=adam.m, adam_v=adam.v)
-    attributes, object_arrays = {}, []
-    for name, value in vars(estimator).items():
-        if not name.endswith("_") or name.startswith("_"):
-            continue  # hyper-parameters and private state are saved below
-        if isinstance(value, np.ndarray):
-            arrays[name], was_object = _native_array(name, value)
-            if was_object:
-                object_arrays.append(name)
-        else:
-            attributes[name] = _json_value(name, value)
-    spec = estimator._spec
+    Parameters
+    ----------
+    state : dict
+        ``"metadata"``: a dict that JSON encodes, none of whose keys is one
+        the file itself writes (the format, its version, the fastlstm
+        version, the list of arrays); ``"arrays"``: ndarrays by name, of bool,
+        integer, float or string dtype, or ``object`` arrays of such values.
+    path : str or path-like
+        Where to write (an existing file is replaced only once the new one is complete).
+
+    Raises
+    ------
+    TypeError
+        An ``object`` array holds values that a file cannot store without pickle.
+    ValueError
+        A key of the metadata is one the file writes itself.
+    """
+    taken = _FILE_KEYS & state["metadata"].keys()
+    if taken:
+        raise ValueError(f"the metadata keys {sorted(taken)} are written by the file format "
+                         "itself; rename them.")
+    arrays, object_arrays = {}, []
+    for name, array in state["arrays"].items():
+        arrays[name], was_object = _native_array(name, array)
+        if was_object:
+            object_arrays.append(name)
     metadata = {
+        **state["metadata"],
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
         "fastlstm_version": __version__,
-        "estimator": type(estimator).__name__,
-        "params": _hyper_parameters(estimator),
-        "layout": [spec.input_size, spec.hidden_size, spec.num_layers, spec.output_size],
-        "adam_step": None if adam is None else int(adam.step),
-        "rng_state": estimator._rng.bit_generator.state,
-        "attributes": attributes,
         "object_arrays": object_arrays,
         "arrays": {name: [array.dtype.str, list(array.shape)] for name, array in arrays.items()},
     }
@@ -81,29 +95,32 @@ def save(estimator, path):
                              "sha256": np.array(digest)})
 
 
-def load(path):
-    """Load an estimator written by ``est.save(path)``; never runs code from the file.
+def load_state(path):
+    """The state :func:`save_state` wrote to ``path``, checked; never runs code from the file.
 
     Parameters
     ----------
     path : str or path-like
-        A file written by :meth:`LSTMClassifier.save` or :meth:`LSTMRegressor.save`.
+        A file written by :func:`save_state` (``est.save(path)``).
 
     Returns
     -------
-    LSTMClassifier or LSTMRegressor
-        The fitted estimator: same hyper-parameters, weights and fitted
-        attributes, so it predicts exactly as the saved one and can go on
-        training (``partial_fit``, ``warm_start``).
+    state : dict
+        ``"metadata"`` and ``"arrays"`` as they were saved (through JSON:
+        tuples come back as lists); ``object`` arrays come back as ``object``
+        arrays of equal items.
 
     Raises
     ------
     ModelFileError
         The file is not a fastlstm model, is truncated or corrupted, was
         edited, or was written by a newer fastlstm (format version).
-    """
-    from .estimators import LSTMClassifier, LSTMRegressor
 
+    Warns
+    -----
+    InconsistentVersionWarning
+        The file was written by another fastlstm version.
+    """
     path = os.fspath(path)
     try:
         archive = np.load(path, allow_pickle=False)
@@ -145,28 +162,12 @@ def load(path):
             f"{path} fails its integrity check (SHA-256 of its contents differs from the one "
             "recorded when it was saved): the file is corrupted or was edited. Save the model "
             "again from a fitted estimator.")
-    _warn_if_other_version(metadata["fastlstm_version"], f"model file {path}")
-    classes = {cls.__name__: cls for cls in (LSTMClassifier, LSTMRegressor)}
-    estimator = classes[metadata["estimator"]](**metadata["params"])
-    return _restore(estimator, metadata, contents)
-
-
-def _restore(estimator, metadata, arrays):
-    from .backends import AdamState
-    from .model import ModelSpec
-
-    estimator._spec = ModelSpec(*metadata["layout"])
-    estimator._params = arrays.pop("params")
-    estimator._adam = None if metadata["adam_step"] is None else \
-        AdamState(arrays.pop("adam_m"), arrays.pop("adam_v"), metadata["adam_step"])
-    estimator._rng = np.random.default_rng()
-    estimator._rng.bit_generator.state = metadata["rng_state"]
-    for name, value in metadata["attributes"].items():
-        setattr(estimator, name, value)
-    for name, value in arrays.items():
-        setattr(estimator, name, value.astype(object) if name in metadata["object_arrays"]
-                else value)
-    return estimator
+    # stacklevel 3: the line that called fastlstm.load (which calls this function)
+    _warn_if_other_version(metadata["fastlstm_version"], f"model file {path}", stacklevel=3)
+    arrays = {name: value.astype(object) if name in metadata["object_arrays"] else value
+              for name, value in contents.items()}
+    return {"metadata": {key: value for key, value in metadata.items() if key not in _FILE_KEYS},
+            "arrays": arrays}
 
 
 def _native_array(name, array):
@@ -197,28 +198,6 @@ def _native_array(name, array):
         "load pickles you trust).")
 
 
-def _json_value(name, value):
-    """``value`` as JSON (NumPy scalars become Python numbers), or a ``TypeError`` naming it."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(name, item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"the fitted attribute {name} (a {type(value).__name__}) cannot be saved "
-                    "in a model file; pickle the model instead.")
-
-
-def _hyper_parameters(estimator):
-    params = estimator.get_params(deep=False)
-    if not (params["random_state"] is None or isinstance(params["random_state"], int)):
-        warnings.warn("random_state is a RandomState instance, which a model file cannot hold; "
-                      "it is saved as None (the fitted weights and the state of the training "
-                      "generator are saved exactly).", UserWarning, stacklevel=3)
-        params["random_state"] = None
-    return {name: _json_value(name, value) for name, value in params.items()}
-
-
 def _digest(metadata_json, arrays):
     """SHA-256 of the metadata and of every array's name, dtype, shape and bytes."""
     sha = hashlib.sha256(metadata_json.encode())
@@ -244,11 +223,14 @@ def _write_atomically(path, arrays):
         raise
 
 
-def _warn_if_other_version(version, what):
-    from . import __version__
+def _warn_if_other_version(version, what, stacklevel):
+    """Warn that ``what`` was written by fastlstm ``version`` if it is not this one.
 
+    ``stacklevel`` is that of :func:`warnings.warn` as seen from the caller
+    of this function (2: the line that called the caller).
+    """
     if version != __version__:
         warnings.warn(
             f"{what} was written by fastlstm {version or '(unknown version)'} and is loaded by "
             f"fastlstm {__version__}; predictions may differ. Refit the model or save it again "
-            "with this version.", InconsistentVersionWarning, stacklevel=3)
+            "with this version.", InconsistentVersionWarning, stacklevel=stacklevel + 1)

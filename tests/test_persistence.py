@@ -8,13 +8,17 @@ error; pickles carry the fastlstm version and warn on a mismatch.
 import json
 import pickle
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
 import fastlstm
+import fastlstm.estimators
 from fastlstm import LSTMClassifier, LSTMRegressor
 from fastlstm.persistence import FORMAT_VERSION, InconsistentVersionWarning, ModelFileError, \
     _digest
@@ -283,3 +287,72 @@ def test_pickle_from_another_version_warns_and_still_loads(version, shown):
                       match=re.escape(f"pickled LSTMClassifier was written by fastlstm {shown}")):
         loaded.__setstate__(state)
     np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
+
+
+def test_warnings_point_at_the_line_that_saved_or_loaded(saved, monkeypatch):
+    path, arrays = saved
+    metadata = json.loads(str(arrays["metadata"]))
+    metadata["fastlstm_version"] = "0.0.1"
+    rewrite(path, arrays, metadata)
+    with pytest.warns(InconsistentVersionWarning) as record:
+        fastlstm.load(path)
+    assert record[0].filename == __file__
+    clf = LSTMClassifier(**{**TINY, "random_state": np.random.RandomState(0)})
+    clf.fit(X, np.arange(40) % 2)
+    with pytest.warns(UserWarning, match="random_state") as record:
+        clf.save(path)
+    assert record[0].filename == __file__
+    monkeypatch.setattr(fastlstm.estimators, "__version__", "0.0.1")
+    data = pickle.dumps(clf)
+    monkeypatch.undo()
+    with pytest.warns(InconsistentVersionWarning) as record:
+        pickle.loads(data)
+    assert record[0].filename == __file__
+
+
+# ------------------------------------------------------------------ layering
+#: run with the package folder and a file path: writes and reads a state with
+#: fastlstm.persistence alone, then prints the fastlstm modules that got imported
+PERSISTENCE_ALONE = """
+import sys
+import types
+
+import numpy as np
+
+# a bare package in place of fastlstm/__init__.py, which imports the estimators
+package = types.ModuleType("fastlstm")
+package.__path__ = [sys.argv[1]]
+sys.modules["fastlstm"] = package
+from fastlstm import persistence
+
+state = {"metadata": {"estimator": "Anything", "sizes": [1, 2]},
+         "arrays": {"w": np.arange(3.0), "labels": np.array(["a", "b"], dtype=object)}}
+persistence.save_state(state, sys.argv[2])
+back = persistence.load_state(sys.argv[2])
+assert back["metadata"] == state["metadata"], back["metadata"]
+assert back["arrays"]["labels"].dtype == object, back["arrays"]["labels"].dtype
+assert back["arrays"]["labels"].tolist() == ["a", "b"]
+np.testing.assert_array_equal(back["arrays"]["w"], state["arrays"]["w"])
+np.savez(sys.argv[2], other=np.zeros(1))
+try:
+    persistence.load_state(sys.argv[2])
+except persistence.ModelFileError:
+    pass
+print(" ".join(sorted(name for name in sys.modules if name.partition(".")[0] == "fastlstm")))
+"""
+
+
+def test_persistence_works_without_importing_the_estimators(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", PERSISTENCE_ALONE, str(Path(fastlstm.__file__).parent),
+         str(tmp_path / "state.npz")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fastlstm", "fastlstm._version", "fastlstm.persistence"]
+
+
+def test_metadata_keys_of_the_file_format_are_refused(tmp_path):
+    from fastlstm.persistence import save_state
+
+    with pytest.raises(ValueError, match=r"\['arrays', 'format'\] are written by the file"):
+        save_state({"metadata": {"format": 0, "arrays": 1}, "arrays": {}}, tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
