@@ -82,17 +82,22 @@ def inference_split(rows):
     x = rng.random((rows, T, I), dtype=np.float32)
     w = (rng.standard_normal((K, G)) * 0.1).astype(np.float32)
     bias = np.zeros(G, np.float32)
-    xh, c = np.zeros((2, rows, K), np.float32), np.zeros((2, rows, H), np.float32)
+    xh, c = np.zeros((2 * rows, K), np.float32), np.zeros((2 * rows, H), np.float32)
     z, hseq = np.empty((rows, G), np.float32), np.empty((rows, 0, H), np.float32)
+    h_last, zeros = np.empty((rows, H), np.float32), np.zeros((rows, H), np.float32)
+    # every row active at every step, two slots in turn: the CPU backend's inference
+    active = np.append(np.full(T, rows), 0)
+    slot = (np.arange(T + 1) % 2) * rows
     first = np.ascontiguousarray(x[:, 0])
 
     def layer():
-        lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, z, True, True)
+        lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active,
+                               slot, slot, True, False, True)
 
     def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
         gemm_cpu.gemm(first, w[:I], z, False)
         for _ in range(T - 1):
-            gemm_cpu.gemm(xh[1], w, z, False)
+            gemm_cpu.gemm(xh[rows:], w, z, False)
 
     with threadpool_limits(1, user_api="blas"):
         return tuple(summarize(time_call(fn, 9, min_time=0.05))[0] for fn in (layer, gemms))

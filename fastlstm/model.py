@@ -29,25 +29,31 @@ __all__ = ["ModelSpec", "Ops", "forward", "backward"]
 class ModelSpec:
     """A stacked LSTM read over the time steps, and a linear head on its last hidden state.
 
-    Exactly ``torch.nn.LSTM(batch_first=True)`` followed by ``torch.nn.Linear``,
-    with PyTorch's parameter names and gate order (i, f, g, o).
+    Exactly ``torch.nn.LSTM(batch_first=True, bidirectional=...)`` followed by
+    ``torch.nn.Linear``, with PyTorch's parameter names and gate order (i, f, g, o).
 
     Parameters
     ----------
     input_size : int
         Inputs per time step of the first layer.
     hidden_size : int
-        Hidden units of every layer.
+        Hidden units of every layer and direction.
     num_layers : int
         Stacked layers; layer ``k + 1`` reads the hidden states of layer ``k``.
     output_size : int
         Outputs of the head (classes, or regression targets).
+    bidirectional : bool, default=False
+        Every layer also runs from each sequence's last valid step back to its
+        first; the layer above reads ``[h_forward, h_reverse]`` at each step, and
+        the head ``cat(h_n[-2], h_n[-1])``, the top layer's last state of each
+        direction (PyTorch's ``h_n``).
     """
 
     input_size: int
     hidden_size: int
     num_layers: int
     output_size: int
+    bidirectional: bool = False
 
     def __post_init__(self):
         for name in ("input_size", "hidden_size", "num_layers", "output_size"):
@@ -55,15 +61,22 @@ class ModelSpec:
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "bidirectional", bool(self.bidirectional))
 
     @functools.cached_property
     def layout(self) -> ParamLayout:
         """The flat parameter buffer of this network: names, shapes, offsets."""
-        return ParamLayout(self.input_size, self.hidden_size, self.num_layers, self.output_size)
+        return ParamLayout(self.input_size, self.hidden_size, self.num_layers, self.output_size,
+                           self.bidirectional)
+
+    @property
+    def num_directions(self):
+        """2 for a bidirectional network, else 1."""
+        return 2 if self.bidirectional else 1
 
     def layer_input_size(self, k):
         """Inputs per step of layer ``k``."""
-        return self.input_size if k == 0 else self.hidden_size
+        return self.input_size if k == 0 else self.num_directions * self.hidden_size
 
     @classmethod
     def from_state_dict(cls, state):
@@ -75,28 +88,38 @@ class ModelSpec:
         if "lstm.weight_ih_l0" not in state or "head.weight" not in state:
             raise ValueError("state_dict needs PyTorch's names 'lstm.weight_ih_l0', ..., "
                              f"'head.weight', 'head.bias'; got {sorted(state)}")
-        head = state["head.weight"].shape
-        return cls(input_size=state["lstm.weight_ih_l0"].shape[-1], hidden_size=head[-1],
-                   num_layers=sum(name.startswith("lstm.weight_ih_l") for name in state),
-                   output_size=head[0])
+        return cls(input_size=state["lstm.weight_ih_l0"].shape[-1],
+                   hidden_size=state["lstm.weight_hh_l0"].shape[-1] if "lstm.weight_hh_l0" in
+                   state else state["head.weight"].shape[-1],
+                   num_layers=sum(name.startswith("lstm.weight_ih_l")
+                                  and not name.endswith("_reverse") for name in state),
+                   output_size=state["head.weight"].shape[0],
+                   bidirectional="lstm.weight_ih_l0_reverse" in state)
 
 
 class Ops(Protocol):
     """The primitives a backend gives the network program, bound to one set of rows.
 
     ``Seq`` and ``Grad`` are the backend's own handles (buffers, layouts); the
-    program only passes them from one primitive to the next.
+    program only passes them from one primitive to the next.  ``lengths`` (one per
+    row, or ``None``: every row has all steps) are given to :meth:`inputs`; every
+    recurrence then reads each row up to its length only, as
+    ``torch.nn.utils.rnn.pack_padded_sequence``.
     """
 
-    def inputs(self, x) -> Any:
+    def inputs(self, x, lengths) -> Any:
         """The handle of the network's input sequence ``x`` (these rows)."""
 
-    def recurrence(self, k, seq, h0, c0) -> Any:
-        """Layer ``k`` over all steps of ``seq`` from the initial states ``h0``, ``c0``
-        (arrays of the whole batch, or ``None`` for zeros); its output sequence."""
+    def recurrence(self, k, seq, h0, c0, reverse) -> Any:
+        """Layer ``k`` over ``seq`` from the initial states ``h0``, ``c0`` (arrays of the
+        whole batch, or ``None`` for zeros), from each row's last valid step back to
+        its first where ``reverse``; its output sequence."""
 
-    def readout(self, seq) -> Any:
-        """Each row's hidden state after its last step."""
+    def join(self, outs) -> Any:
+        """The directions' output sequences side by side: the next layer's input."""
+
+    def readout(self, outs) -> Any:
+        """Each row's last hidden state of each direction in ``outs``, side by side."""
 
     def head(self, h) -> Any:
         """The head's outputs for hidden states ``h``."""
@@ -104,25 +127,38 @@ class Ops(Protocol):
     def head_backward(self, doutputs) -> Any:
         """The gradient w.r.t. the hidden states the head read."""
 
-    def readout_backward(self, dh) -> Any:
-        """The gradient w.r.t. the top layer's output sequence, from ``dh``."""
+    def readout_backward(self, dh) -> list:
+        """The gradient w.r.t. each direction's output sequence of the top layer."""
 
-    def recurrence_backward(self, k, dseq, input_grads) -> Any:
-        """Backward through layer ``k`` from ``dseq``, its weight gradients included;
-        the gradient w.r.t. its input sequence where ``input_grads`` (else ``None``)."""
+    def recurrence_backward(self, k, dseq, reverse, input_grads) -> Any:
+        """Backward through one direction of layer ``k`` from ``dseq``, its weight
+        gradients included; its part of the gradient w.r.t. the layer's input where
+        ``input_grads`` (else ``None``)."""
+
+    def join_backward(self, dins, parts) -> list:
+        """The gradient w.r.t. a layer's input, summed over its directions' parts
+        ``dins``, cut into the ``parts`` sequences that were joined into it."""
 
 
-def forward(ops: Ops, spec: ModelSpec, x, h0=None, c0=None):
-    """The network on ``x``: every layer in turn, then the head on the last hidden state.
+def _initial(state, n):
+    return None if state is None else state[n]
 
-    ``h0`` and ``c0`` have PyTorch's shape ``(num_layers, batch, hidden)``, or are
-    ``None`` for zeros.  Returns the head's outputs, in the backend's memory.
+
+def forward(ops: Ops, spec: ModelSpec, x, h0=None, c0=None, lengths=None):
+    """The network on ``x``: every layer and direction in turn, then the head.
+
+    ``h0`` and ``c0`` have PyTorch's shape ``(num_layers * num_directions, batch,
+    hidden)``, or are ``None`` for zeros; ``lengths`` gives each row's number of
+    valid steps (``None``: all).  Returns the head's outputs, in the backend's memory.
     """
-    seq = ops.inputs(x)
+    seq = ops.inputs(x, lengths)
+    D = spec.num_directions
     for k in range(spec.num_layers):
-        seq = ops.recurrence(k, seq, None if h0 is None else h0[k],
-                             None if c0 is None else c0[k])
-    return ops.head(ops.readout(seq))
+        outs = [ops.recurrence(k, seq, _initial(h0, k * D + d), _initial(c0, k * D + d),
+                               reverse=d == 1) for d in range(D)]
+        if k < spec.num_layers - 1:
+            seq = outs[0] if D == 1 else ops.join(outs)
+    return ops.head(ops.readout(outs))
 
 
 def backward(ops: Ops, spec: ModelSpec, doutputs, input_grads=False):
@@ -131,7 +167,12 @@ def backward(ops: Ops, spec: ModelSpec, doutputs, input_grads=False):
     Weight gradients land where the backend's ops keep them.  Returns the gradient
     w.r.t. the input sequence where ``input_grads`` (else ``None``).
     """
-    dseq = ops.readout_backward(ops.head_backward(doutputs))
+    D = spec.num_directions
+    dseqs = ops.readout_backward(ops.head_backward(doutputs))
     for k in reversed(range(spec.num_layers)):
-        dseq = ops.recurrence_backward(k, dseq, input_grads=input_grads or k > 0)
-    return dseq
+        wanted = input_grads or k > 0
+        dins = [ops.recurrence_backward(k, dseqs[d], reverse=d == 1, input_grads=wanted)
+                for d in reversed(range(D))][::-1]
+        if wanted:
+            dseqs = dins if D == 1 else ops.join_backward(dins, D if k > 0 else 1)
+    return dseqs[0] if input_grads else None

@@ -5,7 +5,8 @@ ONE contiguous 1-D array, so the optimizer is a single pass over a single
 buffer and a state dict is just a set of views into it.  The names, shapes and
 gate order (i, f, g, o) are exactly those of ``torch.nn.LSTM(batch_first=True)``
 followed by ``torch.nn.Linear``: ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``,
-``lstm.bias_ih_l0``, ``lstm.bias_hh_l0``, ..., ``head.weight``, ``head.bias``.
+``lstm.bias_ih_l0``, ``lstm.bias_hh_l0``, ..., ``head.weight``, ``head.bias``; a
+bidirectional network adds ``lstm.weight_ih_l0_reverse``, ... after each layer's own.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ class ParamLayout:
         Number of stacked LSTM layers.
     output_size : int
         Number of outputs of the linear head (classes, or regression targets).
+    bidirectional : bool
+        Every layer also runs backwards in time (parameters ``..._reverse``); the
+        layer above and the head read both directions, ``2 * hidden_size`` values.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, output_size: int):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, output_size: int,
+                 bidirectional: bool = False):
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers), ("output_size", output_size)):
             if int(value) != value or value < 1:
@@ -41,16 +46,19 @@ class ParamLayout:
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
         self.output_size = int(output_size)
+        self.bidirectional = bool(bidirectional)
 
         H = self.hidden_size
+        D = 2 if self.bidirectional else 1
         shapes = {}
         for k in range(self.num_layers):
-            in_k = self.input_size if k == 0 else H
-            shapes[f"lstm.weight_ih_l{k}"] = (4 * H, in_k)
-            shapes[f"lstm.weight_hh_l{k}"] = (4 * H, H)
-            shapes[f"lstm.bias_ih_l{k}"] = (4 * H,)
-            shapes[f"lstm.bias_hh_l{k}"] = (4 * H,)
-        shapes["head.weight"] = (self.output_size, H)
+            in_k = self.input_size if k == 0 else D * H
+            for suffix in ("", "_reverse")[:D]:
+                shapes[f"lstm.weight_ih_l{k}{suffix}"] = (4 * H, in_k)
+                shapes[f"lstm.weight_hh_l{k}{suffix}"] = (4 * H, H)
+                shapes[f"lstm.bias_ih_l{k}{suffix}"] = (4 * H,)
+                shapes[f"lstm.bias_hh_l{k}{suffix}"] = (4 * H,)
+        shapes["head.weight"] = (self.output_size, D * H)
         shapes["head.bias"] = (self.output_size,)
         self.shapes = shapes
 
@@ -63,7 +71,8 @@ class ParamLayout:
 
     def __repr__(self):
         return (f"ParamLayout(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-                f"num_layers={self.num_layers}, output_size={self.output_size})")
+                f"num_layers={self.num_layers}, output_size={self.output_size}"
+                + (", bidirectional=True)" if self.bidirectional else ")"))
 
     def __eq__(self, other):
         return isinstance(other, ParamLayout) and self.key() == other.key()
@@ -72,11 +81,8 @@ class ParamLayout:
         return hash(self.key())
 
     def key(self):
-        return (self.input_size, self.hidden_size, self.num_layers, self.output_size)
-
-    @property
-    def names(self):
-        return list(self.shapes)
+        return (self.input_size, self.hidden_size, self.num_layers, self.output_size,
+                self.bidirectional)
 
     def views(self, flat):
         """Named views into ``flat`` (NumPy or CuPy), without copying."""
@@ -88,10 +94,12 @@ class ParamLayout:
             out[name] = flat[start:start + math.prod(shape)].reshape(shape)
         return out
 
-    def layer(self, views, k):
-        """``(weight_ih, weight_hh, bias_ih, bias_hh)`` of layer ``k`` from ``views``."""
-        return (views[f"lstm.weight_ih_l{k}"], views[f"lstm.weight_hh_l{k}"],
-                views[f"lstm.bias_ih_l{k}"], views[f"lstm.bias_hh_l{k}"])
+    def layer(self, views, k, reverse=False):
+        """``(weight_ih, weight_hh, bias_ih, bias_hh)`` of layer ``k`` from ``views`` (of its
+        backward-in-time direction where ``reverse``)."""
+        suffix = "_reverse" if reverse else ""
+        return (views[f"lstm.weight_ih_l{k}{suffix}"], views[f"lstm.weight_hh_l{k}{suffix}"],
+                views[f"lstm.bias_ih_l{k}{suffix}"], views[f"lstm.bias_hh_l{k}{suffix}"])
 
     def init(self, random_state=None, dtype=np.float32):
         """A new flat NumPy buffer initialised as PyTorch does.

@@ -36,11 +36,25 @@ def sigmoid(z):
 
 
 def _num_layers(params):
-    return sum(1 for name in params if name.startswith("lstm.weight_ih_l"))
+    return sum(1 for name in params if name.startswith("lstm.weight_ih_l")
+               and not name.endswith("_reverse"))
 
 
-def forward(params, x, h0=None, c0=None):
+def _directions(params):
+    return ("", "_reverse") if "lstm.weight_ih_l0_reverse" in params else ("",)
+
+
+def forward(params, x, h0=None, c0=None, lengths=None):
     """Run the stacked LSTM and the head.
+
+    A bidirectional network (parameters ``..._reverse``) runs a second recurrence
+    per layer from each sample's last valid step back to step 0; the next layer
+    reads both directions' hidden states side by side, and the head reads
+    ``cat(h_n[-2], h_n[-1])``, PyTorch's last states of the top layer.
+    ``lengths`` (one per sample, ``1 <= length <= steps``) makes each sample end
+    there, as ``torch.nn.utils.rnn.pack_padded_sequence``: its later steps are
+    not read, and its state stays as it was (here: masked, not skipped).
+    ``h0`` and ``c0`` have PyTorch's shape ``(num_layers * directions, batch, hidden)``.
 
     Returns
     -------
@@ -51,33 +65,40 @@ def forward(params, x, h0=None, c0=None):
     """
     x = np.asarray(x)
     B, T, _ = x.shape
-    L = _num_layers(params)
+    L, dirs = _num_layers(params), _directions(params)
+    valid = np.ones((B, T), bool) if lengths is None else \
+        np.arange(T)[None, :] < np.asarray(lengths)[:, None]
     layers = []
     inp = x
     for k in range(L):
-        W_ih, W_hh = params[f"lstm.weight_ih_l{k}"], params[f"lstm.weight_hh_l{k}"]
-        b = params[f"lstm.bias_ih_l{k}"] + params[f"lstm.bias_hh_l{k}"]
-        H = W_hh.shape[1]
-        h = np.zeros((B, H), x.dtype) if h0 is None else h0[k]
-        c = np.zeros((B, H), x.dtype) if c0 is None else c0[k]
-        steps = []
-        hs = []
-        for t in range(T):
-            z = inp[:, t] @ W_ih.T + h @ W_hh.T + b
-            i = sigmoid(z[:, :H])
-            f = sigmoid(z[:, H:2 * H])
-            g = np.tanh(z[:, 2 * H:3 * H])
-            o = sigmoid(z[:, 3 * H:])
-            c_new = f * c + i * g
-            h_new = o * np.tanh(c_new)
-            steps.append(dict(h_prev=h, c_prev=c, i=i, f=f, g=g, o=o, c=c_new))
-            h, c = h_new, c_new
-            hs.append(h)
-        layers.append(dict(inp=inp, steps=steps))
-        inp = np.stack(hs, axis=1)
-    h_last = inp[:, -1]
+        outs = []
+        for d, suffix in enumerate(dirs):
+            W_ih, W_hh = params[f"lstm.weight_ih_l{k}{suffix}"], params[f"lstm.weight_hh_l{k}{suffix}"]
+            b = params[f"lstm.bias_ih_l{k}{suffix}"] + params[f"lstm.bias_hh_l{k}{suffix}"]
+            H = W_hh.shape[1]
+            n = k * len(dirs) + d
+            h = np.zeros((B, H), x.dtype) if h0 is None else h0[n]
+            c = np.zeros((B, H), x.dtype) if c0 is None else c0[n]
+            steps = {}
+            out = np.zeros((B, T, H), x.dtype)
+            for t in (reversed(range(T)) if suffix else range(T)):
+                m = valid[:, t, None]
+                z = inp[:, t] @ W_ih.T + h @ W_hh.T + b
+                i = sigmoid(z[:, :H])
+                f = sigmoid(z[:, H:2 * H])
+                g = np.tanh(z[:, 2 * H:3 * H])
+                o = sigmoid(z[:, 3 * H:])
+                c_new = f * c + i * g
+                h_new = o * np.tanh(c_new)
+                steps[t] = dict(h_prev=h, c_prev=c, i=i, f=f, g=g, o=o, c=c_new, m=m)
+                h, c = np.where(m, h_new, h), np.where(m, c_new, c)
+                out[:, t] = np.where(m, h_new, 0)
+            layers.append(dict(inp=inp, steps=steps, k=k, suffix=suffix, h_n=h))
+            outs.append(out)
+        inp = np.concatenate(outs, axis=2)
+    h_last = np.concatenate([layer["h_n"] for layer in layers[-len(dirs):]], axis=1)
     outputs = h_last @ params["head.weight"].T + params["head.bias"]
-    return outputs, dict(layers=layers, h_last=h_last)
+    return outputs, dict(layers=layers, h_last=h_last, directions=len(dirs), steps=T)
 
 
 def backward(params, cache, doutputs):
@@ -88,31 +109,35 @@ def backward(params, cache, doutputs):
     grads : dict
         Gradient of every parameter, same names and shapes as ``params``.
     dx : ndarray of shape (batch, steps, input_size)
-    dh0, dc0 : ndarray of shape (num_layers, batch, hidden)
+    dh0, dc0 : ndarray of shape (num_layers * directions, batch, hidden)
     """
     grads = {name: np.zeros_like(value) for name, value in params.items()}
     grads["head.weight"] = doutputs.T @ cache["h_last"]
     grads["head.bias"] = doutputs.sum(axis=0)
 
-    layers = cache["layers"]
-    L = len(layers)
-    dh0 = [None] * L
-    dc0 = [None] * L
-    # Gradient w.r.t. every hidden state the layer emitted: from the head for the top layer.
-    top = layers[-1]["steps"]
-    d_out = np.zeros((doutputs.shape[0], len(top), top[0]["c"].shape[1]), doutputs.dtype)
-    d_out[:, -1] = doutputs @ params["head.weight"]
-    for k in reversed(range(L)):
-        W_ih, W_hh = params[f"lstm.weight_ih_l{k}"], params[f"lstm.weight_hh_l{k}"]
-        inp, steps = layers[k]["inp"], layers[k]["steps"]
-        dW_ih, dW_hh = grads[f"lstm.weight_ih_l{k}"], grads[f"lstm.weight_hh_l{k}"]
+    layers, D, T = cache["layers"], cache["directions"], cache["steps"]
+    dh0 = [None] * len(layers)
+    dc0 = [None] * len(layers)
+    d_last = np.split(doutputs @ params["head.weight"], D, axis=1)
+    B, H = d_last[0].shape
+    # the gradient w.r.t. each direction's hidden states, as the layer above read them
+    d_out = [np.zeros((B, T, H), doutputs.dtype) for _ in range(D)]
+    for n in reversed(range(len(layers))):
+        layer = layers[n]
+        k, suffix, steps = layer["k"], layer["suffix"], layer["steps"]
+        d = n % D
+        W_ih, W_hh = params[f"lstm.weight_ih_l{k}{suffix}"], params[f"lstm.weight_hh_l{k}{suffix}"]
+        dW_ih, dW_hh = grads[f"lstm.weight_ih_l{k}{suffix}"], grads[f"lstm.weight_hh_l{k}{suffix}"]
+        inp = layer["inp"]
         db = np.zeros(W_ih.shape[0], doutputs.dtype)
-        d_inp = np.zeros_like(inp)
-        dh_next = np.zeros_like(steps[0]["c"])
-        dc_next = np.zeros_like(steps[0]["c"])
-        for t in reversed(range(len(steps))):
+        if d == D - 1:
+            d_inp = np.zeros_like(inp)
+        dh_next = d_last[d] if k == len(layers) // D - 1 else np.zeros((B, H), doutputs.dtype)
+        dc_next = np.zeros((B, H), doutputs.dtype)
+        for t in (range(T) if suffix else reversed(range(T))):
             s = steps[t]
-            dh = d_out[:, t] + dh_next
+            m = s["m"]
+            dh = np.where(m, d_out[d][:, t], 0) + dh_next
             tc = np.tanh(s["c"])
             do = dh * tc
             dc = dc_next + dh * s["o"] * (1 - tc * tc)
@@ -123,17 +148,20 @@ def backward(params, cache, doutputs):
                                  df * s["f"] * (1 - s["f"]),
                                  dg * (1 - s["g"] * s["g"]),
                                  do * s["o"] * (1 - s["o"])], axis=1)
+            dz = np.where(m, dz, 0)
             dW_ih += dz.T @ inp[:, t]
             dW_hh += dz.T @ s["h_prev"]
             db += dz.sum(axis=0)
-            d_inp[:, t] = dz @ W_ih
-            dh_next = dz @ W_hh
-            dc_next = dc * s["f"]
-        grads[f"lstm.bias_ih_l{k}"] = db
-        grads[f"lstm.bias_hh_l{k}"] = db.copy()
-        dh0[k], dc0[k] = dh_next, dc_next
-        d_out = d_inp
-    return grads, d_out, np.stack(dh0), np.stack(dc0)
+            d_inp[:, t] += dz @ W_ih
+            dh_next = np.where(m, dz @ W_hh, dh_next)
+            dc_next = np.where(m, dc * s["f"], dc_next)
+        grads[f"lstm.bias_ih_l{k}{suffix}"] = db
+        grads[f"lstm.bias_hh_l{k}{suffix}"] = db.copy()
+        dh0[n], dc0[n] = dh_next, dc_next
+        if d == 0:
+            d_out = np.split(d_inp, D, axis=2) if k > 0 else d_out
+            dx = d_inp
+    return grads, dx, np.stack(dh0), np.stack(dc0)
 
 
 def loss(outputs, y, kind):
@@ -158,12 +186,12 @@ def loss(outputs, y, kind):
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
 
 
-def loss_and_grad(params, x, y, kind, h0=None, c0=None):
+def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None):
     """Forward, loss and backward in one call.
 
     Returns ``(loss, grads, dx, dh0, dc0, outputs)``.
     """
-    outputs, cache = forward(params, x, h0, c0)
+    outputs, cache = forward(params, x, h0, c0, lengths)
     value, doutputs = loss(outputs, y, kind)
     grads, dx, dh0, dc0 = backward(params, cache, doutputs)
     return value, grads, dx, dh0, dc0, outputs

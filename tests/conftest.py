@@ -19,11 +19,13 @@ def shape_id(shape):
     return "B{}-T{}-I{}-H{}-L{}-O{}".format(*shape)
 
 
-def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, scale=1.0):
+def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, scale=1.0,
+                 bidirectional=False):
     """Random parameters, inputs, targets and initial states for ``shape``."""
     B, T, I, H, L, O = shape
     rng = np.random.default_rng(seed)
-    spec = ModelSpec(I, H, L, O)
+    spec = ModelSpec(I, H, L, O, bidirectional)
+    L *= spec.num_directions  # the initial states: one per layer and direction
     params = (spec.layout.init(rng, np.float64) * 2 * scale).astype(dtype)
     x = rng.standard_normal((B, T, I)).astype(dtype)
     if loss == "cross_entropy":
@@ -35,6 +37,25 @@ def make_problem(shape, loss, dtype=np.float64, seed=0, initial_states=True, sca
         h0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
         c0 = (0.5 * rng.standard_normal((L, B, H))).astype(dtype)
     return spec, params, x, y, h0, c0
+
+
+#: the kinds of lengths the variable-length tests use: the edge cases and a random mix
+LENGTH_KINDS = ("random", "ones", "full", "one-short")
+
+
+def make_lengths(batch, steps, kind, seed=0):
+    """Lengths of ``kind`` for a batch: random (unsorted, the longest equal to ``steps``,
+    so the batch is not just shorter), all 1, all ``steps``, or all but one ``steps``."""
+    if kind == "random":
+        lengths = np.random.default_rng(seed + 1).integers(1, steps + 1, batch)
+        lengths[batch // 2] = steps
+        return lengths
+    if kind == "ones":
+        return np.ones(batch, np.int64)
+    lengths = np.full(batch, steps, np.int64)
+    if kind == "one-short" and steps > 1:
+        lengths[batch // 3] = steps - 1
+    return lengths
 
 
 def in_float64(*arrays):

@@ -16,8 +16,8 @@ class Oracle(Backend):
 
     name = "oracle"
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False):
-        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0)
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
+        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0, lengths)
         return outputs, (cache if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):

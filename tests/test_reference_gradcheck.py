@@ -5,7 +5,7 @@ import pytest
 
 from fastlstm import reference
 
-from conftest import SMALL_SHAPES, make_problem, rel_err, shape_id
+from conftest import LENGTH_KINDS, SMALL_SHAPES, make_lengths, make_problem, rel_err, shape_id
 
 # Step near the cube root of float64 epsilon: balances truncation and round-off error.
 EPS = 1e-5
@@ -41,6 +41,43 @@ def test_gradients_match_finite_differences(shape, loss):
     for name, (analytic, array) in checks.items():
         err = rel_err(analytic, numeric_grad(value, array))
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("lengths_kind", LENGTH_KINDS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 3, 1, 2), (4, 5, 2, 2, 2, 3), (1, 1, 1, 1, 1, 2)],
+                         ids=shape_id)
+def test_lengths_and_directions_match_finite_differences(shape, bidirectional, lengths_kind):
+    spec, flat, x, y, h0, c0 = make_problem(shape, "cross_entropy", bidirectional=bidirectional)
+    params = spec.layout.views(flat)
+    lengths = make_lengths(shape[0], shape[1], lengths_kind)
+
+    def value():
+        return reference.loss(reference.forward(params, x, h0, c0, lengths)[0], y,
+                              "cross_entropy")[0]
+
+    _, grads, dx, dh0, dc0, _ = reference.loss_and_grad(params, x, y, "cross_entropy", h0, c0,
+                                                        lengths)
+    checks = {name: (grads[name], params[name]) for name in params}
+    checks.update(x=(dx, x), h0=(dh0, h0), c0=(dc0, c0))
+    for name, (analytic, array) in checks.items():
+        err = rel_err(analytic, numeric_grad(value, array))
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+    # the steps past a sample's length are not read: their gradient is exactly zero
+    past = np.arange(shape[1])[None, :] >= lengths[:, None]
+    assert not dx[past].any()
+
+
+def test_a_sample_past_its_length_is_not_read():
+    spec, flat, x, _, _, _ = make_problem((3, 5, 2, 3, 2, 2), "cross_entropy",
+                                          initial_states=False, bidirectional=True)
+    params = spec.layout.views(flat)
+    lengths = np.array([5, 2, 3])
+    changed = x.copy()
+    changed[1, 2:] = 1e3
+    changed[2, 3:] = np.nan
+    np.testing.assert_array_equal(reference.forward(params, x, lengths=lengths)[0],
+                                  reference.forward(params, changed, lengths=lengths)[0])
 
 
 def test_zero_initial_states_equal_omitted():

@@ -129,8 +129,12 @@ class Backend:
         """
         return contextlib.nullcontext()
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         """Run the network of ``spec`` on ``x`` of shape (batch, steps, inputs).
+
+        ``lengths`` (a host array of ints, ``1 <= lengths <= steps``, or ``None``: all
+        steps) ends each row there, as ``torch.nn.utils.rnn.pack_padded_sequence``:
+        its later steps are neither read nor computed.
 
         Returns ``(outputs, cache)``: ``outputs`` of shape (batch, output_size);
         ``cache`` holds what :meth:`backward` needs when ``train`` is true, and
@@ -174,16 +178,17 @@ class Backend:
         """
         raise NotImplementedError
 
-    def train_step(self, spec, params, state, x, y, loss, config):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None):
         """One minibatch step: forward, loss, backward, optional clipping, Adam, in place.
 
-        ``loss`` names one of :data:`LOSSES`; ``config`` is an :class:`AdamConfig`.
+        ``loss`` names one of :data:`LOSSES`; ``config`` is an :class:`AdamConfig`;
+        ``lengths`` as in :meth:`forward`.
         If the loss or the gradient is not finite, ``params`` and ``state`` are
         left untouched, so a diverging run never corrupts the weights.  Returns
         the loss (a float here; a device backend may return a 0-d device array
         and keep the whole step on the device, e.g. as a replayed CUDA graph).
         """
-        outputs, cache = self.forward(spec, params, x, train=True)
+        outputs, cache = self.forward(spec, params, x, train=True, lengths=lengths)
         value, doutputs = self.loss(outputs, y, loss)
         if not math.isfinite(value):
             return value

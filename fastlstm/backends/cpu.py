@@ -206,21 +206,25 @@ class _Workspace:
     """
 
     def __init__(self, spec, batch, steps, dtype, mode, threads, own_gemm):
-        H, G, L = spec.hidden_size, 4 * spec.hidden_size, spec.num_layers
+        H, G, L, D = spec.hidden_size, 4 * spec.hidden_size, spec.num_layers, spec.num_directions
         train = mode != "inference"
         self.steps = steps
         # per layer: the width of [input, h]
         widths = [spec.layer_input_size(k) + H for k in range(L)]
-        S = steps + 1 if train else 2
+        # rows of the step buffers: every step kept (packed) in training, two in turn else
+        slots = steps if train else 2
 
         def chunk_shapes(R):
-            layers = [dict(xh=(S, R, K), c=(S, R, H), hseq=(R, steps if k < L - 1 else 0, H),
-                           z=(R, G)) for k, K in enumerate(widths)]
-            if not train:
-                return dict(layers=layers)
-            for layer in layers:
-                layer["gates"] = (steps, R, G)
-            return dict(layers=layers, dz=(steps, R, G), dh=(R, H), dc=(R, H))
+            layers = [[dict(xh=(slots * R, K), c=(slots * R, H), z=(R, G), h_last=(R, H))
+                       for _ in range(D)] for K in widths]
+            if train:
+                for layer in layers:
+                    for run in layer:
+                        run["gates"] = (steps * R, G)
+            shapes = dict(layers=layers, hseq=[(R, steps, D * H)] * (L - 1))
+            if train:
+                shapes.update(dz=(steps * R, G), dh=(R, H), dc=(R, H), dlast=(R, D * H))
+            return shapes
 
         max_rows = MAX_CHUNK_ROWS
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
@@ -234,24 +238,46 @@ class _Workspace:
                       for group in self.groups]
         else:
             chunks = [chunk_shapes(hi - lo) for lo, hi in self.rows]
-        shapes = dict(chunks=chunks, h_last=(batch, H), w_cat_t=[(K, G) for K in widths],
-                      bias=[(G,)] * L)
+        runs = L * D  # one recurrence per layer and direction
+        shapes = dict(chunks=chunks, h_last=(batch, D * H), w_cat_t=[(K, G) for K in widths
+                                                                   for _ in range(D)],
+                      bias=[(G,)] * runs, zeros=(max(hi - lo for lo, hi in self.rows), H))
         if train:
-            # per layer, for each worker: the weight gradient of its rows (transposed,
-            # as ``w_cat_t``) and their bias gradient.  The rows of the weight
-            # gradient are padded: 4H floats are a power of two, and the transposed
-            # sum into the gradient, which walks its columns, then hit a few sets
-            # of the cache only (H=128: 150 us a step instead of 26 for the copy).
+            # per layer and direction, for each worker: the weight gradient of its rows
+            # (transposed, as ``w_cat_t``) and their bias gradient.  The rows of the
+            # weight gradient are padded: 4H floats are a power of two, and the
+            # transposed sum into the gradient, which walks its columns, then hit a
+            # few sets of the cache only.
             workers = len(self.groups)
-            shapes["dw"] = [(workers, K, G + _ROW_PAD) for K in widths]
-            shapes["db"] = [(workers, G)] * L
+            shapes["dw"] = [(workers, K, G + _ROW_PAD) for K in widths for _ in range(D)]
+            shapes["db"] = [(workers, G)] * runs
             # the head's outputs and their gradient, in train_step
             shapes["outputs"] = shapes["doutputs"] = (batch, spec.output_size)
         self.__dict__.update(_carve(shapes, dtype))
+        self.zeros[...] = 0  # the initial states of rows that start from zero
         if mode == "step":
             self.chunks = [chunk for group in self.chunks for chunk in group]
         if train:
             self.dw = [dw[:, :, :G] for dw in self.dw]
+
+    def order(self, lengths):
+        """The order of the batch's rows for ``lengths`` (or ``None``: as they are).
+
+        Rows are dealt in turn to the workers, longest first, so each worker gets an
+        even share of the steps and each chunk's rows are sorted longest first (the
+        rows still active at a step are then a prefix of the chunk).
+        """
+        if lengths is None:
+            return None
+        sizes = [sum(self.rows[i][1] - self.rows[i][0] for i in group) for group in self.groups]
+        dealt = [[] for _ in sizes]
+        w = 0
+        for row in np.argsort(-lengths, kind="stable"):
+            while len(dealt[w]) == sizes[w]:
+                w = (w + 1) % len(sizes)
+            dealt[w].append(row)
+            w = (w + 1) % len(sizes)
+        return np.concatenate(dealt)
 
 
 class CPUBackend(Backend):
@@ -347,52 +373,64 @@ class CPUBackend(Backend):
     # GEMMs of the head: BLAS's own threads, once woken, spin for a while and take
     # the cores from ours.
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         with self._single_threaded_blas():
-            return self._forward(spec, params, x, h0, c0, train)
+            return self._forward(spec, params, x, h0, c0, train, lengths)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):
         with self._single_threaded_blas():
             return self._backward(spec, params, cache, doutputs, input_grads)
 
-    def _forward(self, spec, params, x, h0, c0, train):
-        views, x, ws = self._prepare(spec, params, x, "train" if train else "inference")
+    def _forward(self, spec, params, x, h0, c0, train, lengths):
+        views, x, ws, order, lengths = self._prepare(spec, params, x, lengths,
+                                                     "train" if train else "inference")
+        if order is not None:
+            x = x[order]
+            h0, c0 = (None if a is None else a[:, order] for a in (h0, c0))
         outputs = np.empty((x.shape[0], spec.output_size), params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
-                model.forward(_ChunkOps(self, spec, views, ws, ci, outputs), spec, x, h0, c0)
+                ops = _ChunkOps(self, spec, views, ws, ci, outputs)
+                model.forward(ops, spec, x, h0, c0, _rows(lengths, ws.rows[ci]))
 
         self._run(work, ws.groups)
-        cache = dict(ws=ws, h0_zero=h0 is None) if train else None
-        return outputs, cache
+        cache = dict(ws=ws, h0_zero=h0 is None, c0=c0, lengths=lengths, order=order) \
+            if train else None
+        return _unordered(outputs, order), cache
 
     def _backward(self, spec, params, cache, doutputs, input_grads):
         views = self._views(spec.layout, params)
-        ws = cache["ws"]
-        L, H, T = spec.num_layers, spec.hidden_size, ws.steps
+        ws, order, lengths = cache["ws"], cache["order"], cache["lengths"]
+        L, H, T = spec.num_layers * spec.num_directions, spec.hidden_size, ws.steps
         doutputs = np.ascontiguousarray(doutputs, dtype=params.dtype)
+        if order is not None:
+            doutputs = doutputs[order]
         B = doutputs.shape[0]
-        inputs = None
+        dinputs = None
         if input_grads:
-            inputs = (np.empty((B, T, spec.input_size), params.dtype),
-                      np.empty((L, B, H), params.dtype), np.empty((L, B, H), params.dtype))
+            dinputs = (np.zeros((B, T, spec.input_size), params.dtype),
+                       np.empty((L, B, H), params.dtype), np.empty((L, B, H), params.dtype))
 
         def work(worker, chunk_ids):
             for n, ci in enumerate(chunk_ids):
                 ops = _ChunkOps(self, spec, views, ws, ci, None, worker, n == 0,
-                                cache["h0_zero"], inputs)
+                                cache["h0_zero"], cache["c0"], dinputs)
+                ops.inputs(None, _rows(lengths, ws.rows[ci]))
                 dx = model.backward(ops, spec, doutputs, input_grads)
                 if input_grads:
-                    lo, hi = ws.rows[ci]
-                    inputs[0][lo:hi] = dx.transpose(1, 0, 2)
+                    ops.scatter(dx, dinputs[0])
 
         self._run(work, ws.groups)
         grads = np.empty_like(params)
         self._sum_gradients(spec, ws, doutputs, grads)
-        return Gradients(grads) if inputs is None else Gradients(grads, *inputs)
+        if dinputs is None:
+            return Gradients(grads)
+        dx, dh0, dc0 = dinputs
+        return Gradients(grads, _unordered(dx, order), _unordered(dh0, order, axis=1),
+                         _unordered(dc0, order, axis=1))
 
-    def train_step(self, spec, params, state, x, y, loss, config):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None):
         # The step of the base class with ONE meeting of the threads: the head and the
         # gradient of the loss are per row too, so each thread runs forward, head, loss
         # gradient and backward for its chunks; the loss value and the gradient sums
@@ -400,9 +438,11 @@ class CPUBackend(Backend):
         # order, so the two give identical results.  Buffers are reused between steps.
         kernel, y_dtype = self._loss_kernel(loss, params.dtype)
         with self._single_threaded_blas():
-            views, x, ws = self._prepare(spec, params, x, "step")
+            views, x, ws, order, lengths = self._prepare(spec, params, x, lengths, "step")
             B = x.shape[0]
             y = np.asarray(y, dtype=y_dtype)
+            if order is not None:
+                x, y = x[order], y[order]
             outputs, doutputs = ws.outputs, ws.doutputs
 
             def work(worker, chunk_ids):
@@ -412,7 +452,7 @@ class CPUBackend(Backend):
                 with np.errstate(over="ignore", invalid="ignore"):
                     for n, ci in enumerate(chunk_ids):
                         ops = _ChunkOps(self, spec, views, ws, ci, outputs, worker, n == 0)
-                        model.forward(ops, spec, x)
+                        model.forward(ops, spec, x, lengths=_rows(lengths, ws.rows[ci]))
                         lo, hi = ws.rows[ci]
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
                         model.backward(ops, spec, doutputs)
@@ -428,20 +468,30 @@ class CPUBackend(Backend):
 
     # -- the pieces of a step ------------------------------------------------------------
 
-    def _prepare(self, spec, params, x, mode):
-        """Views of ``params``, ``x`` contiguous in their dtype, and a workspace of ``mode``
-        whose concatenated transposed weights and summed biases are filled in."""
+    def _prepare(self, spec, params, x, lengths, mode):
+        """Views of ``params``, ``x`` contiguous in their dtype, a workspace of ``mode``
+        whose concatenated transposed weights and summed biases are filled in, and the
+        order of the rows with their lengths (``None`` where every row has all steps:
+        the rows then keep their order)."""
         layout = spec.layout
         views = self._views(layout, params)
         x = np.ascontiguousarray(x, dtype=params.dtype)
         ws = self._workspace(spec, x.shape[0], x.shape[1], params.dtype, mode)
         for k in range(spec.num_layers):
-            w_ih, w_hh, b_ih, b_hh = layout.layer(views, k)
-            n_in = w_ih.shape[1]
-            ws.w_cat_t[k][:n_in] = w_ih.T
-            ws.w_cat_t[k][n_in:] = w_hh.T
-            np.add(b_ih, b_hh, out=ws.bias[k])
-        return views, x, ws
+            for d in range(spec.num_directions):
+                w_ih, w_hh, b_ih, b_hh = layout.layer(views, k, reverse=d == 1)
+                n, n_in = k * spec.num_directions + d, w_ih.shape[1]
+                ws.w_cat_t[n][:n_in] = w_ih.T
+                ws.w_cat_t[n][n_in:] = w_hh.T
+                np.add(b_ih, b_hh, out=ws.bias[n])
+        if lengths is not None:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if lengths.shape != (x.shape[0],) or lengths.min() < 1 or lengths.max() > x.shape[1]:
+                raise ValueError(f"lengths must be {x.shape[0]} integers from 1 to {x.shape[1]}")
+            if lengths.min() == x.shape[1]:
+                lengths = None  # every row has every step: the fixed-length path, bit for bit
+        order = ws.order(lengths)
+        return views, x, ws, order, None if order is None else lengths[order]
 
     def _sum_gradients(self, spec, ws, doutputs, grads):
         """The head's gradients and the sums of the workers' partial LSTM gradients,
@@ -450,13 +500,15 @@ class CPUBackend(Backend):
         gviews = self._views(layout, grads)
         head_cpu.linear_gradients(doutputs, ws.h_last, gviews["head.weight"], gviews["head.bias"])
         for k in range(spec.num_layers):
-            dw, db = ws.dw[k], ws.db[k]
-            w_ih, w_hh, b_ih, b_hh = layout.layer(gviews, k)
-            n_in = w_ih.shape[1]
-            reduce_cpu.sum_transposed(dw[:, :n_in], w_ih)
-            reduce_cpu.sum_transposed(dw[:, n_in:], w_hh)
-            reduce_cpu.sum_rows(db, b_ih)
-            b_hh[...] = b_ih
+            for d in range(spec.num_directions):
+                n = k * spec.num_directions + d
+                dw, db = ws.dw[n], ws.db[n]
+                w_ih, w_hh, b_ih, b_hh = layout.layer(gviews, k, reverse=d == 1)
+                n_in = w_ih.shape[1]
+                reduce_cpu.sum_transposed(dw[:, :n_in], w_ih)
+                reduce_cpu.sum_transposed(dw[:, n_in:], w_hh)
+                reduce_cpu.sum_rows(db, b_ih)
+                b_hh[...] = b_ih
 
     def _views(self, layout, flat):
         """``layout.views(flat)``, remembered for the last few buffers: a training loop
@@ -502,12 +554,48 @@ class CPUBackend(Backend):
                              float(config.weight_decay), float(grad_scale), state.step)
 
 
+def _rows(lengths, bounds):
+    """The lengths of the rows ``bounds`` (``None`` stays ``None``)."""
+    return None if lengths is None else lengths[bounds[0]:bounds[1]]
+
+
+def _unordered(a, order, axis=0):
+    """``a``, whose rows along ``axis`` are in ``order``, back in the caller's order."""
+    if order is None:
+        return a
+    out = np.empty_like(a)
+    index = [slice(None)] * a.ndim
+    index[axis] = order
+    out[tuple(index)] = a
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _full_steps(rows, steps, reverse, ring):
+    return _packed_steps(np.full(steps, rows), rows, ring)
+
+
+def _packed_steps(active, rows, ring):
+    """``(active, slot, cslot)`` of :func:`lstm_cpu.forward_layer` for ``active`` rows per
+    step: training packs the steps one after another, inference alternates two slots."""
+    S = len(active)
+    active = np.append(active, 0).astype(np.int64)
+    if ring:
+        slot = (np.arange(S + 1) % 2) * rows
+        return active, slot, slot
+    slot = np.zeros(S + 1, np.int64)
+    np.cumsum(active[:-1], out=slot[1:])
+    return active, slot, np.concatenate([[0], slot[:-1]])
+
+
 class _ChunkOps:
     """The primitives of :mod:`fastlstm.model` on the rows of chunk ``ci`` of a workspace.
 
-    A sequence is the buffer dict of the layer that made it (the input: ``hseq``
-    alone); the gradient of one is the gradient w.r.t. each step's hidden state,
-    time-major, with the last step's part (of the top layer) in the chunk's ``dh``.
+    The rows are sorted by length, longest first (see :meth:`_Workspace.order`).  A
+    sequence is a list of the recurrences that made it (the input: the array
+    ``x`` of these rows); the gradient of one is, per recurrence, the gradient
+    w.r.t. each valid step's hidden state, packed as that recurrence's steps, or
+    ``None`` for the top layer, whose gradient comes from the head.
 
     Parameters
     ----------
@@ -521,41 +609,62 @@ class _ChunkOps:
     outputs : array or None
         The head's outputs of the whole batch (forward).
     worker : int
-        The thread's number: its partial weight gradients are ``ws.dw[k][worker]``.
+        The thread's number: its partial weight gradients are ``ws.dw[n][worker]``.
     first : bool
         This is the worker's first chunk: its gradients are written, not added.
     h0_zero : bool
         The forward pass started from ``h0 = 0`` (backward skips that product).
+    c0 : array or None
+        The initial cell states of the whole batch that forward started from (backward).
     dinputs : tuple or None
         ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk backward fills
-        (``dh0`` and ``dc0``; ``dx`` is what :func:`fastlstm.model.backward` returns).
+        (``dh0`` and ``dc0``; ``dx`` by :meth:`scatter`).
     """
 
     def __init__(self, backend, spec, views, ws, ci, outputs, worker=0, first=True,
-                 h0_zero=True, dinputs=None):
-        self.own_gemm, self.layout, self.views, self.ws = backend.own_gemm, spec.layout, views, ws
+                 h0_zero=True, c0=None, dinputs=None):
+        self.own_gemm, self.spec, self.views, self.ws = backend.own_gemm, spec, views, ws
         self.chunk, (self.lo, self.hi) = ws.chunks[ci], ws.rows[ci]
         self.outputs, self.worker, self.first = outputs, worker, first
-        self.h0_zero, self.dinputs = h0_zero, dinputs
+        self.h0_zero, self.c0, self.dinputs = h0_zero, c0, dinputs
+        self.ring = "gates" not in self.chunk["layers"][0][0]
 
-    def inputs(self, x):
-        return dict(hseq=x[self.lo:self.hi])
+    def inputs(self, x, lengths):
+        R, T = self.hi - self.lo, self.ws.steps
+        if lengths is None:
+            self.steps = [_full_steps(R, T, False, self.ring)] * 2
+        else:  # rows longest first: the active rows of a step are a prefix of the chunk
+            active = np.searchsorted(-lengths, -np.arange(lengths[0]), "left")
+            self.steps = [_packed_steps(a, R, self.ring) for a in (active, active[::-1])]
+        return None if x is None else x[self.lo:self.hi]
 
-    def recurrence(self, k, seq, h0, c0):
-        buf, inp, lo, hi = self.chunk["layers"][k], seq["hseq"], self.lo, self.hi
-        n_in = inp.shape[2]
-        if h0 is not None:  # else nothing reads that slot: see forward_layer's h0_zero
-            buf["xh"][0, :, n_in:] = h0[lo:hi]
-        buf["c"][0] = 0 if c0 is None else c0[lo:hi]
-        lstm_cpu.forward_layer(inp, self.ws.w_cat_t[k], self.ws.bias[k], buf["xh"], buf["c"],
-                               buf.get("gates"), buf["hseq"], buf["z"], h0 is None,
-                               self.own_gemm)
-        return buf
+    def _run(self, k, reverse):
+        return self.chunk["layers"][k][reverse], k * self.spec.num_directions + reverse
 
-    def readout(self, seq):
-        xh = seq["xh"]
-        h_last = self.ws.h_last[self.lo:self.hi]
-        h_last[...] = xh[self.ws.steps % xh.shape[0], :, xh.shape[2] - h_last.shape[1]:]
+    def recurrence(self, k, seq, h0, c0, reverse):
+        (run, n), lo, hi = self._run(k, reverse), self.lo, self.hi
+        H, D = self.spec.hidden_size, self.spec.num_directions
+        zeros = self.ws.zeros[:hi - lo]
+        if k < self.spec.num_layers - 1:
+            hseq = self.chunk["hseq"][k][:, :, reverse * H:(reverse + 1) * H]
+        else:
+            hseq = np.empty((hi - lo, 0, H), zeros.dtype)  # the top layer's is not kept
+        active, slot, cslot = self.steps[reverse]
+        lstm_cpu.forward_layer(seq, self.ws.w_cat_t[n], self.ws.bias[n], run["xh"], run["c"],
+                               run.get("gates"), hseq, run["h_last"], run["z"],
+                               zeros if h0 is None else h0[lo:hi],
+                               zeros if c0 is None else c0[lo:hi], active, slot, cslot,
+                               h0 is None, reverse, self.own_gemm)
+        return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
+
+    def join(self, outs):
+        return outs[0]  # the directions write their halves of one buffer
+
+    def readout(self, outs):
+        h_last, H = self.ws.h_last[self.lo:self.hi], self.spec.hidden_size
+        top = self.spec.num_layers - 1
+        for d in range(len(outs)):
+            h_last[:, d * H:(d + 1) * H] = self._run(top, d)[0]["h_last"]
         return h_last
 
     def head(self, h):
@@ -564,46 +673,70 @@ class _ChunkOps:
         return out
 
     def head_backward(self, doutputs):
-        dh = self.chunk["dh"]
-        np.matmul(doutputs[self.lo:self.hi], self.views["head.weight"], out=dh)
-        return dh
+        dlast = self.chunk["dlast"]
+        np.matmul(doutputs[self.lo:self.hi], self.views["head.weight"], out=dlast)
+        return dlast
 
     def readout_backward(self, dh):
-        self.chunk["dc"][...] = 0
-        return np.empty((0, 1, dh.shape[1]), dh.dtype)  # the top layer's gradient is in dh
+        return [None] * self.spec.num_directions
 
-    def recurrence_backward(self, k, dh_seq, input_grads):
-        """Backward through layer ``k``; its weight and bias gradients are written (the
-        worker's ``first`` chunk) or added to the worker's partial sums."""
+    def recurrence_backward(self, k, dseq, reverse, input_grads):
+        """Backward through one direction of layer ``k``; its weight and bias gradients are
+        written (the worker's ``first`` chunk) or added to the worker's partial sums."""
         chunk, ws, lo, hi = self.chunk, self.ws, self.lo, self.hi
         dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
-        T, R, G = dz.shape
-        buf = chunk["layers"][k]
-        w_ih, w_hh = self.layout.layer(self.views, k)[:2]
-        dw, db = ws.dw[k][self.worker], ws.db[k][self.worker]
+        H, G = self.spec.hidden_size, 4 * self.spec.hidden_size
+        (run, n) = self._run(k, reverse)
+        w_ih, w_hh = self.spec.layout.layer(self.views, k, reverse)[:2]
+        dw, db = ws.dw[n][self.worker], ws.db[n][self.worker]
+        active, slot, cslot = self.steps[reverse]
+        P = slot[-1]  # rows of the packed steps
+        if dseq is None:  # the top layer: the gradient of its last states
+            dh[...] = chunk["dlast"][:, reverse * H:(reverse + 1) * H]
+            dseq = np.empty((0, H), dz.dtype)
+        else:
+            dh[...] = 0
+        dc[...] = 0
         if self.first:
             db[...] = 0
-        lstm_cpu.backward_layer(buf["gates"], buf["c"], w_hh, dh_seq, dz, dh, dc, db,
-                                self.dinputs is not None, self.own_gemm)
-        dz2 = dz.reshape(T * R, G)
-        xh2 = buf["xh"][:T].reshape(T * R, -1)
+        c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
+        lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
+                                dh, dc, db, active, slot, cslot, self.dinputs is not None,
+                                self.own_gemm)
+        dz2, xh2 = dz[:P], run["xh"][:P]
         # with h0 = 0 the h part of the first step is zero: one GEMM over the other
         # steps, then the first step's x part alone (not two GEMMs over all steps:
         # each pass streams dz from L3)
-        skip = R if self.h0_zero else 0
+        skip = active[0] if self.h0_zero else 0
         self._weight_gradient(xh2[skip:], dz2[skip:], dw, self.first)
         if skip:
-            n_in = xh2.shape[1] - G // 4
+            n_in = xh2.shape[1] - H
             self._weight_gradient(xh2[:skip, :n_in], dz2[:skip], dw[:n_in], False)
         if self.dinputs is not None:
-            self.dinputs[1][k, lo:hi] = dh
-            self.dinputs[2][k, lo:hi] = dc
-        if input_grads:
-            dh_seq = np.matmul(dz2, w_ih).reshape(T, R, -1)
-        if k > 0:  # the layer below starts from the gradient of the sequence alone
-            dh[...] = 0
-            dc[...] = 0
-        return dh_seq if input_grads else None
+            self.dinputs[1][n, lo:hi] = dh
+            self.dinputs[2][n, lo:hi] = dc
+        return np.matmul(dz2, w_ih) if input_grads else None
+
+    def join_backward(self, dins, parts):
+        """The directions' parts (each packed in its own order) summed, in each order the
+        ``parts`` recurrences below read them: forward's, then reverse's."""
+        H = self.spec.hidden_size
+        (fwd, f_slot), (rev, r_slot) = ((d, self.steps[i][1]) for i, d in enumerate(dins))
+        active = self.steps[0][0]
+        if parts == 1:
+            lstm_cpu.add_steps(fwd, f_slot, rev, r_slot, active, True)
+            return [fwd]
+        lstm_cpu.add_steps(fwd[:, :H], f_slot, rev[:, :H], r_slot, active, True)
+        lstm_cpu.add_steps(rev[:, H:], r_slot, fwd[:, H:], f_slot, self.steps[1][0], True)
+        return [fwd[:, :H], rev[:, H:]]
+
+    def scatter(self, dx, out):
+        """The packed gradient ``dx`` of the input (forward's order) into ``out``'s rows,
+        batch-major (zero past each row's length)."""
+        active, slot, _ = self.steps[0]
+        rows = out[self.lo:self.hi]
+        for t in range(len(active) - 1):
+            rows[:active[t], t] = dx[slot[t]:slot[t] + active[t]]
 
     def _weight_gradient(self, rows, dz2, out, first):
         """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""

@@ -3,7 +3,8 @@
 Slow and simple, any floating dtype (float64 for gradient checks).  It runs the
 same program as the fast backends (:mod:`fastlstm.model`) and is checked, like
 them, against the oracle :mod:`fastlstm.reference`; it is the readable statement
-of what each primitive computes.
+of what each primitive computes.  Steps past a row's length are skipped: each
+step computes the rows still active at it.
 """
 
 from __future__ import annotations
@@ -15,43 +16,59 @@ from .base import Backend, Gradients
 
 
 class _NumpyOps:
-    """The primitives on the whole batch, keeping what backward needs; gradients in ``grads``."""
+    """The primitives on the whole batch, keeping what backward needs; gradients in ``grads``.
+
+    A sequence is ``(B, T, n)``, zero past each row's length; so is its gradient.
+    """
 
     def __init__(self, spec, params):
         self.spec, self.layout = spec, spec.layout
         self.views = self.layout.views(params)
         self.grads = np.zeros_like(params)
         self.grad_views = self.layout.views(self.grads)
-        self.layers = []
-        L = spec.num_layers
-        self.dh0, self.dc0 = [None] * L, [None] * L
+        self.runs = {}
+        n = spec.num_layers * spec.num_directions
+        self.dh0, self.dc0 = [None] * n, [None] * n
 
-    def inputs(self, x):
+    def inputs(self, x, lengths):
+        B, T, _ = x.shape
+        self.lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
         return x
 
-    def recurrence(self, k, seq, h0, c0):
-        w_ih, w_hh, b_ih, b_hh = self.layout.layer(self.views, k)
+    def _order(self, T, reverse):
+        return reversed(range(T)) if reverse else range(T)
+
+    def recurrence(self, k, seq, h0, c0, reverse):
+        w_ih, w_hh, b_ih, b_hh = self.layout.layer(self.views, k, reverse)
         B, T, _ = seq.shape
         H = w_hh.shape[1]
         # the input projection of every step at once; only h @ W_hh^T is left in the loop
         xz = seq @ w_ih.T + (b_ih + b_hh)
-        h = np.empty((T + 1, B, H), seq.dtype)
-        c = np.empty((T + 1, B, H), seq.dtype)
-        h[0] = 0 if h0 is None else h0
-        c[0] = 0 if c0 is None else c0
-        gates = np.empty((T, B, 4 * H), seq.dtype)
-        for t in range(T):
-            z = xz[:, t] + h[t] @ w_hh.T
+        h = np.zeros((B, H), seq.dtype) if h0 is None else h0.copy()
+        c = np.zeros((B, H), seq.dtype) if c0 is None else c0.copy()
+        out = np.zeros((B, T, H), seq.dtype)
+        steps = {}
+        for t in self._order(T, reverse):
+            rows = np.flatnonzero(self.lengths > t)  # the rows still active: the others skip
+            z = xz[rows, t] + h[rows] @ w_hh.T
             i, f, o = (reference.sigmoid(z[:, q * H:(q + 1) * H]) for q in (0, 1, 3))
             g = np.tanh(z[:, 2 * H:3 * H])
-            gates[t] = np.concatenate([i, f, g, o], axis=1)
-            c[t + 1] = f * c[t] + i * g
-            h[t + 1] = o * np.tanh(c[t + 1])
-        self.layers.append(dict(inp=seq, h=h, c=c, gates=gates))
-        return h[1:].transpose(1, 0, 2)
+            steps[t] = dict(rows=rows, h_prev=h[rows], c_prev=c[rows],
+                            gates=np.concatenate([i, f, g, o], axis=1))
+            c[rows] = f * c[rows] + i * g
+            h[rows] = o * np.tanh(c[rows])
+            steps[t]["c"] = c[rows]
+            out[rows, t] = h[rows]
+        self.runs[k, reverse] = dict(inp=seq, steps=steps, h_n=h)
+        return out
 
-    def readout(self, seq):
-        self.h_last = seq[:, -1]
+    def join(self, outs):
+        return np.concatenate(outs, axis=2)
+
+    def readout(self, outs):
+        top = self.spec.num_layers - 1
+        self.h_last = np.concatenate([self.runs[top, d == 1]["h_n"] for d in range(len(outs))],
+                                     axis=1)
         return self.h_last
 
     def head(self, h):
@@ -63,39 +80,43 @@ class _NumpyOps:
         return doutputs @ self.views["head.weight"]
 
     def readout_backward(self, dh):
-        top = self.layers[-1]["h"]
-        dseq = np.zeros((dh.shape[0], top.shape[0] - 1, dh.shape[1]), dh.dtype)
-        dseq[:, -1] = dh
-        return dseq
+        """Each direction's part of ``dh`` as the gradient of its last states: ``(B, H)``."""
+        return np.split(dh, self.spec.num_directions, axis=1)
 
-    def recurrence_backward(self, k, dseq, input_grads):
-        layer = self.layers[k]
-        w_ih, w_hh = self.layout.layer(self.views, k)[:2]
-        h, c, gates = layer["h"], layer["c"], layer["gates"]
-        T, B, G = gates.shape
-        H = G // 4
-        dz = np.empty_like(gates)
-        dh = np.zeros((B, H), gates.dtype)
-        dc = np.zeros((B, H), gates.dtype)
-        for t in reversed(range(T)):
-            i, f, g, o = (gates[t, :, q * H:(q + 1) * H] for q in range(4))
-            dh = dh + dseq[:, t]
-            tc = np.tanh(c[t + 1])
-            dc = dc + dh * o * (1 - tc * tc)
-            dz[t] = np.concatenate([dc * g * i * (1 - i), dc * c[t] * f * (1 - f),
-                                    dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=1)
-            dh = dz[t] @ w_hh
-            dc = dc * f
-        self.dh0[k], self.dc0[k] = dh, dc
-        # the weight gradients as one product over all steps
-        dz2 = dz.reshape(T * B, G)
-        inp = layer["inp"].transpose(1, 0, 2).reshape(T * B, -1)
-        dw_ih, dw_hh, db_ih, db_hh = self.layout.layer(self.grad_views, k)
-        dw_ih[...] = dz2.T @ inp
-        dw_hh[...] = dz2.T @ h[:-1].reshape(T * B, H)
-        db_ih[...] = dz2.sum(axis=0)
+    def recurrence_backward(self, k, dseq, reverse, input_grads):
+        run = self.runs[k, reverse]
+        w_ih, w_hh = self.layout.layer(self.views, k, reverse)[:2]
+        inp, steps = run["inp"], run["steps"]
+        B, T, _ = inp.shape
+        H = w_hh.shape[1]
+        last = dseq.ndim == 2  # the top layer: the gradient of the last states
+        dh = dseq.copy() if last else np.zeros((B, H), dseq.dtype)
+        dc = np.zeros((B, H), dseq.dtype)
+        dw_ih, dw_hh, db_ih, db_hh = self.layout.layer(self.grad_views, k, reverse)
+        din = np.zeros_like(inp) if input_grads else None
+        for t in reversed(list(self._order(T, reverse))):
+            s = steps[t]
+            rows = s["rows"]
+            i, f, g, o = (s["gates"][:, q * H:(q + 1) * H] for q in range(4))
+            dh_t = dh[rows] if last else dh[rows] + dseq[rows, t]
+            tc = np.tanh(s["c"])
+            dc_t = dc[rows] + dh_t * o * (1 - tc * tc)
+            dz = np.concatenate([dc_t * g * i * (1 - i), dc_t * s["c_prev"] * f * (1 - f),
+                                 dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)], axis=1)
+            dw_ih += dz.T @ inp[rows, t]
+            dw_hh += dz.T @ s["h_prev"]
+            db_ih += dz.sum(axis=0)
+            if input_grads:
+                din[rows, t] = dz @ w_ih
+            dh[rows] = dz @ w_hh
+            dc[rows] = dc_t * f
         db_hh[...] = db_ih
-        return (dz @ w_ih).transpose(1, 0, 2) if input_grads else None
+        n = k * self.spec.num_directions + reverse
+        self.dh0[n], self.dc0[n] = dh, dc
+        return din
+
+    def join_backward(self, dins, parts):
+        return np.split(sum(dins), parts, axis=2)
 
 
 class ReferenceBackend(Backend):
@@ -103,9 +124,9 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         ops = _NumpyOps(spec, params)
-        outputs = model.forward(ops, spec, np.asarray(x, dtype=params.dtype), h0, c0)
+        outputs = model.forward(ops, spec, np.asarray(x, dtype=params.dtype), h0, c0, lengths)
         return outputs, (ops if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):

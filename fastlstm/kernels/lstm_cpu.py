@@ -35,64 +35,93 @@ _ONE = np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
-def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
-    """Run one layer over all steps for one chunk of rows.
+def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active, slot,
+                  cslot, h0_zero, reverse, own_gemm):
+    """Run one layer in one direction over all steps for one chunk of rows.
+
+    The rows are sorted by length, longest first, so the rows still active at a
+    step are a prefix of the chunk: each step computes only those (the others are
+    skipped, not masked), and its buffers hold only those, packed (as PyTorch's
+    ``PackedSequence``).  ``S = len(active) - 1`` steps are run, step ``s`` reading
+    time step ``t = s`` (or ``S - 1 - s`` where ``reverse``: from each row's last
+    valid step back to its first).
 
     Parameters
     ----------
     x : (R, T, I) array
-        Input of the layer, batch-major.
+        Input of the layer, batch-major (``T >= S``).
     w_cat_t : (K, G) array
         ``[W_ih, W_hh]`` transposed.
     bias : (G,) array
         ``b_ih + b_hh``.
-    xh : (S, R, K) array
-        ``xh[0, :, I:]`` holds ``h0`` on entry (unless ``h0_zero``).  Row ``xh[t]`` receives
-        ``[x_t, h_{t-1}]``.  With ``S = T + 1`` every step is kept (training:
-        the weight gradients need them all); with ``S = 2`` the slots are used
-        in turn and ``h_T`` ends in ``xh[T % 2, :, I:]``.
-    c : (S, R, H) array
-        Cell states, ``c[0]`` holds ``c0`` on entry; slots as ``xh``.
-    gates : (T, R, G) array or None
-        Output: the gate activations of every step (training), or None
-        (inference: the gate pass then stores only ``c``, ``h`` and the output
-        gate, over ``z``, and ran 10-17% faster).
+    xh : (rows, K) array
+        Row ``slot[s] + r`` receives ``[x_t, h_prev]`` of row ``r`` at step ``s``.
+    c : (rows, H) array
+        Row ``cslot[s + 1] + r`` receives the cell state of row ``r`` after step ``s``;
+        ``cslot[s] + r`` is read back at step ``s`` for rows that were active at
+        step ``s - 1``.  Training keeps every step (``slot`` and ``cslot`` pack the
+        steps one after another); inference alternates between two slots of ``R``
+        rows, ``slot[s] = cslot[s] = (s % 2) R``.
+    gates : (rows, G) array or None
+        Output: the gate activations of every step, rows as ``xh`` (training), or
+        None (inference: the gate pass then stores only ``c``, ``h`` and the
+        output gate, over ``z``, and runs faster).
     hseq : (R, T, H) or (R, 0, H) array
-        Output: the hidden state of every step, batch-major (the input of the
-        layer above), or nothing.
+        Output: the hidden state of every valid step, batch-major (the input of
+        the layer above), or nothing.
+    h_last : (R, H) array
+        Output: each row's hidden state after its last step.
     z : (R, G) array
         Scratch: the GEMM's output.
+    h_init, c_init : (R, H) arrays
+        The initial states a row starts from (``h_init`` is not read if ``h0_zero``).
+    active : (S + 1,) int array
+        Rows active at each step (``active[S] = 0``): falling where forward, rising
+        where ``reverse``.
+    slot, cslot : (S + 1,) int arrays
+        Where each step's rows start in ``xh`` (and ``gates``) and in ``c``.
     h0_zero : bool
         ``h0`` is zero: the first step's GEMM then takes the input part only, and
-        ``xh[0, :, I:]`` is not read (nor need it be filled).
-    blocked : bool
+        its ``h`` part of ``xh`` is neither written nor read.
+    reverse : bool
+    own_gemm : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """
-    R, T, I = x.shape
-    S, _, K = xh.shape
+    R = x.shape[0]
+    I = x.shape[2]
+    K = xh.shape[1]
     H = K - I
+    S = active.shape[0] - 1
     keep_h = hseq.shape[1] > 0
     bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
-    for t in range(T):
-        cur = xh[t % S]
-        nxt = xh[(t + 1) % S]
-        for r in range(R):
+    for s in range(S):
+        t = S - 1 - s if reverse else s
+        m = active[s]
+        carried = min(m, active[s - 1]) if s > 0 else 0  # rows whose state comes from step s-1
+        nxt_m = active[s + 1]
+        cur = xh[slot[s]:slot[s] + m]
+        for r in range(m):
             cur[r, :I] = x[r, t]
-        if t == 0 and h0_zero:
-            matmul(np.ascontiguousarray(x[:, 0]), w_cat_t[:I], z, blocked)
+        first = s == 0 and h0_zero
+        if not first:
+            for r in range(carried, m):  # rows that start here
+                hr = cur[r, I:]
+                for j in range(H):
+                    hr[j] = 0 if h0_zero else h_init[r, j]
+        if first:
+            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], z[:m], own_gemm)
         else:
-            matmul(cur, w_cat_t, z, blocked)
-        if gates is not None:  # a branch Numba drops when compiling for None
-            gt = gates[t]
-        for r in range(R):
+            matmul(cur, w_cat_t, z[:m], own_gemm)
+        for r in range(m):
             # 1-D views per row: indexing them vectorises, 2-D indexing does not
             zr = z[r]
             zi, zf, zg, zo = zr[:H], zr[H:2 * H], zr[2 * H:3 * H], zr[3 * H:]
             go = zo  # the output gate, kept for the second pass: over its input in inference
-            if gates is not None:
-                gr = gt[r]
+            if gates is not None:  # a branch Numba drops when compiling for None
+                gr = gates[slot[s] + r]
                 gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
-            c_prev, c_new, h_new = c[t % S, r], c[(t + 1) % S, r], nxt[r, I:]
+            c_prev = c[cslot[s] + r] if r < carried else c_init[r]
+            c_new = c[cslot[s + 1] + r]
             for j in range(H):
                 a_i = sigmoid(zi[j] + bi[j])
                 a_f = sigmoid(zf[j] + bf[j])
@@ -103,6 +132,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
                     gf[j] = a_f
                     gg[j] = a_g
                 c_new[j] = a_f * c_prev[j] + a_i * a_g
+            h_new = xh[slot[s + 1] + r, I:] if r < nxt_m else h_last[r]
             for j in range(H):
                 h_new[j] = go[j] * tanh(c_new[j])
             if keep_h:
@@ -110,42 +140,56 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
-def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0, blocked):
-    """Backpropagate through one layer over all steps for one chunk of rows.
+def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
+                   need_dh0, own_gemm):
+    """Backpropagate through one layer in one direction for one chunk of rows.
+
+    The steps, rows and buffers are those of :func:`forward_layer`, walked back.
 
     Parameters
     ----------
-    gates : (T, R, G) array
+    gates : (rows, G) array
         Gate activations saved by :func:`forward_layer`.
-    c : (T + 1, R, H) array
-        Cell states saved by :func:`forward_layer` (``c[0]`` initial).
+    c : (rows, H) array
+        Cell states saved by :func:`forward_layer`.
+    c_init : (R, H) array
+        The initial cell states.
     w_hh : (G, H) array
-    dh_seq : (T, R, H) or (0, R, H) array
-        Gradient w.r.t. each step's hidden state from the layer above (time-
-        major), or nothing for the top layer, whose gradient comes in ``dh``.
-    dz : (T, R, G) array
-        Output: gradient w.r.t. the gate pre-activations of every step.
+    dh_seq : (rows, H) or (0, H) array
+        Gradient w.r.t. each step's hidden state from the layer above, rows as
+        ``gates``, or nothing for the top layer, whose gradient comes in ``dh``.
+    dz : (rows, G) array
+        Output: gradient w.r.t. the gate pre-activations of every step, rows as ``gates``.
     dh, dc : (R, H) arrays
-        On entry the gradients w.r.t. the last hidden and cell state.  On
-        return ``dc`` holds the gradient w.r.t. ``c0``, and ``dh`` the one
-        w.r.t. ``h0`` if ``need_dh0`` (else the last GEMM is skipped).
+        On entry the gradients w.r.t. each row's last hidden and cell state.  On
+        return ``dc`` holds the gradient w.r.t. each row's initial cell state,
+        and ``dh`` the one w.r.t. its initial hidden state if ``need_dh0`` (else
+        those products are skipped).
     db : (G,) array
         The bias gradient of these rows is ADDED to it.
+    active, slot, cslot : (S + 1,) int arrays
+        As in :func:`forward_layer`.
     need_dh0 : bool
-    blocked : bool
+    own_gemm : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """
-    T, R, G = gates.shape
+    G = gates.shape[1]
     H = G // 4
+    S = active.shape[0] - 1
     has_seq = dh_seq.shape[0] > 0
-    for t in range(T - 1, -1, -1):
-        for r in range(R):
-            gr, dzr = gates[t, r], dz[t, r]
+    for s in range(S - 1, -1, -1):
+        m = active[s]
+        carried = min(m, active[s - 1]) if s > 0 else 0
+        for r in range(m):
+            row = slot[s] + r
+            gr, dzr = gates[row], dz[row]
             gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
             d_i, d_f, d_g, d_o = dzr[:H], dzr[H:2 * H], dzr[2 * H:3 * H], dzr[3 * H:]
-            c_new, c_prev, dh_r, dc_r = c[t + 1, r], c[t, r], dh[r], dc[r]
+            c_new = c[cslot[s + 1] + r]
+            c_prev = c[cslot[s] + r] if r < carried else c_init[r]
+            dh_r, dc_r = dh[r], dc[r]
             if has_seq:
-                seq = dh_seq[t, r]
+                seq = dh_seq[row]
                 for j in range(H):
                     dh_r[j] += seq[j]
             for j in range(H):
@@ -160,5 +204,24 @@ def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0, blocked):
             # explicit loops: Numba's in-place array operators cost more than the loop itself
             for q in range(G):
                 db[q] += dzr[q]
-        if t > 0 or need_dh0:
-            matmul(dz[t], w_hh, dh, blocked)
+        # the gradient w.r.t. the hidden state each row had before this step: for the rows
+        # that came from step s - 1, and for the rows that started here only if asked
+        n = m if need_dh0 else carried
+        if n > 0:
+            matmul(dz[slot[s]:slot[s] + n], w_hh, dh[:n], own_gemm)
+
+
+@njit(cache=True, nogil=True)
+def add_steps(dst, dst_slot, src, src_slot, active, reverse_src):
+    """``dst`` (packed by :func:`forward_layer`'s ``slot``) += ``src`` packed in the other
+    time order: step ``s`` of ``dst`` is step ``S - 1 - s`` of ``src`` where ``reverse_src``.
+
+    Sums the two directions' parts of a gradient w.r.t. one sequence.
+    """
+    S = active.shape[0] - 1
+    for s in range(S):
+        u = S - 1 - s if reverse_src else s
+        for r in range(active[s]):
+            d, v = dst[dst_slot[s] + r], src[src_slot[u] + r]
+            for j in range(d.shape[0]):
+                d[j] += v[j]
