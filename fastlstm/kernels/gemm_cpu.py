@@ -30,8 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cpu_features import has_fma, vector_bits
-
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+from ._fastmath import REASSOC
 
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
@@ -142,7 +141,7 @@ def _column_panel(a, b, c0, out, o_c0, accumulate):
         r += 1
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
 def gemm(a, b, out, accumulate):
     """``out (+)= a[:, :K] @ b`` with ``K = b.shape[0]``, single-threaded.
 

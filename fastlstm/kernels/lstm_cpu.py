@@ -24,17 +24,14 @@ Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 import numpy as np
 from numba import njit
 
+from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
 from .gemm_cpu import matmul
 
-#: LLVM may contract (FMA), but not reassociate: that would undo the two-part ``ln 2``
-#: of the activations' range reduction.  NaN and infinities keep their meaning, so a
-#: diverging step is still seen as non-finite.
-FASTMATH = {"nsz", "arcp", "contract", "afn"}
 _ONE = np.float32(1.0)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
     """Run one layer over all steps for one chunk of rows.
 
@@ -109,7 +106,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
                 hseq[r, t] = h_new
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def backward_layer(gates, c, w_hh, dh_seq, dz, dh, dc, db, need_dh0, blocked):
     """Backpropagate through one layer over all steps for one chunk of rows.
 
