@@ -11,11 +11,12 @@ and read back); then one fused pass computes the gates and the cell, and a
 second one the hidden state, with the float32 non-linearities of
 :mod:`.activations_cpu`, which vectorise.  (Two passes, because one iteration
 of a single pass is a chain of two exp-divide sequences too long for the
-out-of-order window to overlap enough iterations: inference ran 2% faster
-split.)  Backwards, one fused pass per step gives the gradient of the
-pre-activations and accumulates the bias gradient; the weight gradients are
-then ONE GEMM over all steps, ``xh^T @ dz``, by the caller.  The step GEMMs
-are :func:`.gemm_cpu.gemm` or BLAS (``blocked``).
+out-of-order window to overlap enough iterations: inference ran faster split;
+``python benchmarks/forward_backward.py`` times it.)  Backwards, one fused
+pass per step gives the gradient of the pre-activations and accumulates the
+bias gradient; the weight gradients are then ONE GEMM over all steps,
+``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm` or
+BLAS (``blocked``).
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -53,7 +54,8 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, z, h0_zero, blocked):
     gates : (T, R, G) array or None
         Output: the gate activations of every step (training), or None
         (inference: the gate pass then stores only ``c``, ``h`` and the output
-        gate, over ``z``, and ran 10-17% faster).
+        gate, over ``z``, and runs faster for it; timed beside training by
+        ``python benchmarks/microbench.py --ops forward-train forward-infer``).
     hseq : (R, T, H) or (R, 0, H) array
         Output: the hidden state of every step, batch-major (the input of the
         layer above), or nothing.
