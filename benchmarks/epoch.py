@@ -8,8 +8,9 @@ indexing, ``backend.train_step`` per batch).  The same epoch with PyTorch's
 ``torch.set_num_threads`` set to the number of threads fastlstm uses.  Then
 inference throughput (forward of the model, no gradients) over 10,000 samples in
 batches of 1000.  The two run in alternating rounds (``--repeat``, default 3),
-and the medians are compared: a single epoch of either varies by 10% or more
-from run to run on a shared machine.  CPU time (all threads) is shown beside
+and the medians are compared: on a shared machine a single epoch of either
+varies from round to round by more than the gaps worth measuring (every round
+is printed, so the spread shows).  CPU time (all threads) is shown beside
 the wall time: on a busy machine the wall time also counts the time other
 processes held the cores.
 Last, in a fresh process (warm Numba cache): one epoch of

@@ -7,7 +7,7 @@ import pytest
 from numba import njit
 
 from fastlstm.kernels.activations_cpu import sigmoid, tanh
-from fastlstm.kernels.lstm_cpu import FASTMATH
+from fastlstm.kernels._fastmath import NO_REASSOC
 
 
 def _apply(x, out_sigmoid, out_tanh):
@@ -18,7 +18,7 @@ def _apply(x, out_sigmoid, out_tanh):
 
 #: the functions are inlined into their callers and compiled with the callers' flags:
 #: checked as the LSTM kernels compile them (vectorised, fast-math) and plainly
-COMPILED = {"as in the kernels": njit(fastmath=FASTMATH, error_model="numpy")(_apply),
+COMPILED = {"as in the kernels": njit(fastmath=NO_REASSOC, error_model="numpy")(_apply),
             "plain": njit(_apply)}
 
 

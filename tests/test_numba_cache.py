@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from numba.core.registry import CPUDispatcher
 
-from fastlstm.kernels import _numba_cache, activations_cpu, adam_cpu, gemm_cpu, head_cpu, lstm_cpu
+from fastlstm.kernels import (_fastmath, _numba_cache, activations_cpu, adam_cpu, gemm_cpu,
+                              head_cpu, lstm_cpu)
 
 
 def cached_kernels():
@@ -25,6 +27,11 @@ def test_every_cached_kernel_is_stamped_with_all_kernel_sources():
         locator = kernel._cache._impl._locator
         assert type(locator).__name__.startswith("FolderWide"), kernel
         assert locator.get_source_stamp() == _numba_cache.kernels_stamp()
+
+
+def test_the_fastmath_flags_are_in_the_stamp():
+    # Numba's cache index holds a kernel's bytecode, not its flags: only the stamp sees an edit
+    assert Path(_fastmath.__file__).resolve() in set(_numba_cache.KERNELS_DIR.glob("*.py"))
 
 
 def test_the_stamp_follows_the_content_of_any_source(tmp_path):

@@ -13,26 +13,28 @@ float32 ``exp`` (of arguments <= 0 only, all the gates need): ``exp(x) =
 reduction with ``ln 2`` split in two), ``exp(r) = 1 + r + r**2 q(r)`` with a
 degree-4 ``q`` fitted by least squares on Chebyshev nodes (relative error of
 the polynomial 4e-9, below float32's ulp) and evaluated in Estrin's scheme
-(three dependent operations, not Horner's four); the product with ``2**n`` is rounded
-once, so that subnormal results come out right: by ``ldexp`` where the target
-has AVX-512 (one ``vscalefps`` in place of shifts, adds and two products: a
-fifth of sigmoid's time), else by two powers of two built in the
-exponent bits (there ``ldexp`` is a library call per lane).  Both give the same
-bits.  ``sigmoid(z) = (1 or e) / (1 + e)`` with ``e = exp(-|z|)``: the
+(three dependent operations, not Horner's four); the product with ``2**n`` is
+rounded once, so that subnormal results come out right: by ``ldexp`` where the
+target has AVX-512 (one ``vscalefps`` in place of shifts, adds and two
+products), else by two powers of two built in the exponent bits (there
+``ldexp`` is a library call per lane).  Both give the same bits.
+``sigmoid(z) = (1 or e) / (1 + e)`` with ``e = exp(-|z|)``: the
 numerator is chosen by the sign before the one division.
 
 The callers must not let LLVM reassociate (fastmath flag ``reassoc``): it
 folds ``(x - n ln2_hi) - n ln2_lo`` into one product with a rounded ``ln 2``,
-and sigmoid was then 4.5 ulp off near -87.  Without it, and with FMA
-contraction, sigmoid takes 4.9 ns and tanh 5.1 ns per 16 lanes (AVX-512).
+and sigmoid was then 4.5 ulp off near -87.  The LSTM kernels compile with
+:data:`._fastmath.NO_REASSOC`, which keeps FMA contraction.  What the gate
+math costs beside the GEMMs: ``python benchmarks/blas_peak.py`` (an inference
+chunk split into its GEMMs and the rest).
 
 float32 ``tanh(x) = -m / (2 + m)`` with ``m = expm1(-2|x|)``, the sign of ``x``
 copied: ``m`` comes from the same reduction, ``expm1(y) = 2**n expm1(r) +
 (2**n - 1)``, where ``expm1(r) = r + r**2 q(r)`` keeps its relative accuracy
 near 0 and ``2**n - 1`` is exact, so small ``|x|`` need no branch of their own
-(2.5 ulp at most; with a polynomial branch for small ``|x|`` beside the
-exp-based one it took a third longer).  ``tests/test_activations.py`` checks
-both against float64 over a dense grid, compiled with the kernels' flags.
+(2.5 ulp at most, and faster than a polynomial branch for small ``|x|``
+beside the exp-based one).  ``tests/test_activations.py`` checks both against
+float64 over a dense grid, compiled with the kernels' flags.
 """
 
 import math

@@ -1,11 +1,11 @@
 """A register-blocked GEMM for the products inside the LSTM's time loop.
 
 At one time step's shapes (a training chunk of 16 rows times a 156 x 512
-weight matrix, or 16 x 512 times 512 x 128 backwards) OpenBLAS reaches 61-78
-GFLOP/s on one core of the project's machine (Zen 4), and 95-98 at
-inference's 128 rows; this kernel runs the same products at 110-114, and the
-weight gradient at 112 (OpenBLAS 100-101), without packing anything
-(``python benchmarks/blas_peak.py``).
+weight matrix, or 16 x 512 times 512 x 128 backwards, and inference's 128
+rows) OpenBLAS on one core is slowest where the chunks are smallest; this
+kernel runs the same products, and the weight gradient, faster on the
+project's machine (Zen 4), without packing anything.
+``python benchmarks/blas_peak.py`` times both at the backend's shapes.
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
 SIMD vectors of ``NR`` lanes across the whole inner dimension: per ``k``, one
@@ -13,7 +13,7 @@ contiguous load of ``NR`` values of ``B``, ``MR`` broadcasts of ``A`` and
 ``MR`` fused multiply-adds.  The block is written by hand as LLVM IR
 (:func:`_make_block`) because the accumulators must stay in registers, and
 LLVM kept a Numba array of accumulators in registers only for some block
-shapes and targets (the others ran at 2-6 GFLOP/s).  ``A`` may have any
+shapes and targets (the others ran many times slower).  ``A`` may have any
 strides (the weight gradient reads a transposed view); ``B`` and the output
 need contiguous rows.  Columns past the last full panel of ``NR`` go through a
 zero-padded copy, rows past the last full block through blocks of 4, 2, 1.
@@ -30,20 +30,19 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cpu_features import has_fma, vector_bits
-
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+from ._fastmath import REASSOC
 
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
-#: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  Measured
-#: with AVX-512 (110-114 GFLOP/s against OpenBLAS's 61-101), and built for AVX2 on the
-#: same machine, with OpenBLAS on its Haswell kernels: 98-103 against 62-71 at the step
-#: GEMMs of a training chunk (85 against 107 at its weight gradient), a training step
-#: 0.79-0.82x the time of BLAS's, inference 2.5% faster.
+#: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  It does with
+#: AVX-512, and with AVX2 and FMA as measured by building for AVX2 on the same machine,
+#: OpenBLAS on its Haswell kernels (slower than BLAS at a chunk's weight gradient, but
+#: faster at its step GEMMs, over a training step and in inference; no AVX2-only CPU was
+#: at hand).  ``python benchmarks/blas_peak.py`` compares the two.
 PAYS_OFF = vector_bits() >= 256 and has_fma()
 #: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the
-#: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes
-#: (the 1792-long weight gradient: 89 -> 94-98 GFLOP/s in the measurement that chose 256)
+#: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes (it
+#: sped up the 1792-long weight gradient of 64-row chunks, and 256 did best there)
 KC = 256
 
 
@@ -142,7 +141,7 @@ def _column_panel(a, b, c0, out, o_c0, accumulate):
         r += 1
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
 def gemm(a, b, out, accumulate):
     """``out (+)= a[:, :K] @ b`` with ``K = b.shape[0]``, single-threaded.
 
@@ -190,9 +189,9 @@ def _gemm_slice(a, b, out, accumulate):
 
 
 @njit(inline="always")
-def matmul(a, b, out, blocked):
-    """``out = a @ b`` (same shapes, contiguous): :func:`gemm` if ``blocked``, else BLAS."""
-    if blocked:
+def matmul(a, b, out, own_gemm):
+    """``out = a @ b`` (same shapes, contiguous): :func:`gemm` if ``own_gemm``, else BLAS."""
+    if own_gemm:
         gemm(a, b, out, False)
     else:
         np.dot(a, b, out)

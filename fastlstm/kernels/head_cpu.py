@@ -8,14 +8,10 @@ import math
 
 from numba import njit
 
-from . import lstm_cpu
-
-#: the dot products of :func:`linear` vectorise only where LLVM may reassociate their sums
-#: (no exp here whose range reduction that would spoil)
-FASTMATH = lstm_cpu.FASTMATH | {"reassoc"}
+from ._fastmath import REASSOC
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
 def linear(inputs, weight, bias, outputs):
     """``outputs = inputs @ weight.T + bias``, one dot product per output.
 
@@ -34,7 +30,7 @@ def linear(inputs, weight, bias, outputs):
             outputs[r, o] = total + bias[o]
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
 def linear_gradients(doutputs, inputs, grad_weight, grad_bias):
     """The weight and bias gradients of :func:`linear`: ``doutputs^T @ inputs`` and the
     column sums of ``doutputs``, added over the rows in order."""

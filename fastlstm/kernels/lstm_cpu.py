@@ -5,17 +5,18 @@ separate threads, each with single-threaded BLAS: the rows of an LSTM never
 interact, so no thread waits for another inside the time loop.
 
 Per time step the input and the previous hidden state sit side by side in one
-row ``xh[t] = [x_t, h_{t-1}]``, so one GEMM against ``[W_ih, W_hh]^T`` gives all
+row ``[x_t, h_{t-1}]`` of ``xh``, so one GEMM against ``[W_ih, W_hh]^T`` gives all
 four gate pre-activations (no separate input projection is written to memory
 and read back); then one fused pass computes the gates and the cell, and a
 second one the hidden state, with the float32 non-linearities of
 :mod:`.activations_cpu`, which vectorise.  (Two passes, because one iteration
 of a single pass is a chain of two exp-divide sequences too long for the
-out-of-order window to overlap enough iterations: inference ran 2% faster
-split.)  Backwards, one fused pass per step gives the gradient of the
-pre-activations and accumulates the bias gradient; the weight gradients are
-then ONE GEMM over all steps, ``xh^T @ dz``, by the caller.  The step GEMMs
-are :func:`.gemm_cpu.gemm` or BLAS (``blocked``).
+out-of-order window to overlap enough iterations: inference ran faster split;
+``python benchmarks/forward_backward.py`` times it.)  Backwards, one fused
+pass per step gives the gradient of the pre-activations and accumulates the
+bias gradient; the weight gradients are then ONE GEMM over all steps,
+``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm` or
+BLAS (``own_gemm``).
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -24,17 +25,14 @@ Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 import numpy as np
 from numba import njit
 
+from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
 from .gemm_cpu import matmul
 
-#: LLVM may contract (FMA), but not reassociate: that would undo the two-part ``ln 2``
-#: of the activations' range reduction.  NaN and infinities keep their meaning, so a
-#: diverging step is still seen as non-finite.
-FASTMATH = {"nsz", "arcp", "contract", "afn"}
 _ONE = np.float32(1.0)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active, slot,
                   cslot, h0_zero, reverse, own_gemm):
     """Run one layer in one direction over all steps for one chunk of rows.
@@ -65,7 +63,8 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
     gates : (rows, G) array or None
         Output: the gate activations of every step, rows as ``xh`` (training), or
         None (inference: the gate pass then stores only ``c``, ``h`` and the
-        output gate, over ``z``, and runs faster).
+        output gate, over ``z``, and runs faster for it; timed beside training by
+        ``python benchmarks/microbench.py --ops forward-train forward-infer``).
     hseq : (R, T, H) or (R, 0, H) array
         Output: the hidden state of every valid step, batch-major (the input of
         the layer above), or nothing.
@@ -139,7 +138,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
                 hseq[r, t] = h_new
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
                    need_dh0, own_gemm):
     """Backpropagate through one layer in one direction for one chunk of rows.

@@ -3,8 +3,9 @@
 Each thread leaves the weight gradient of its rows transposed (``[x, h]^T @ dz``,
 the shape the GEMM gives); the gradient buffer holds ``W_ih`` and ``W_hh`` in
 PyTorch's layout.  One pass per output row sums the threads' parts in thread
-order and writes the row: 64 us at H=128 with two threads, where NumPy's
-in-place sum and transposed copies took about 100 us in the training step.
+order and writes the row, in less time than NumPy's in-place sum and
+transposed copies took in the training step, which
+``python benchmarks/forward_backward.py`` times.
 """
 
 from numba import njit
