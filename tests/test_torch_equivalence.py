@@ -70,3 +70,52 @@ def test_regressor_outputs_equal_torch_outputs():
     model = TorchLSTM(3, 4, 1, 2)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in reg.state_dict().items()})
     np.testing.assert_allclose(reg.predict(X), torch_outputs(model, X), rtol=1e-5, atol=1e-6)
+
+
+class TorchPacked(torch.nn.Module):
+    """``nn.LSTM`` on ``pack_padded_sequence`` and ``nn.Linear`` on PyTorch's ``h_n`` of the
+    top layer (both directions' where bidirectional): what ``ModelSpec`` describes."""
+
+    def __init__(self, input_size, hidden_size, num_layers, outputs, bidirectional):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
+                                  bidirectional=bidirectional)
+        self.head = torch.nn.Linear(hidden_size * (2 if bidirectional else 1), outputs)
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths),
+                                                         batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)
+        last = torch.cat([h_n[-2], h_n[-1]], dim=1) if self.lstm.bidirectional else h_n[-1]
+        return self.head(last)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_backend_equals_torch_on_packed_sequences(backend, num_layers, bidirectional):
+    """Outputs and every gradient, float64, against PyTorch's packed LSTM on the same weights."""
+    from fastlstm.model import ModelSpec
+
+    rng = np.random.default_rng(3)
+    B, T, I, H, O = 11, 7, 3, 4, 3
+    spec = ModelSpec(I, H, num_layers, O, bidirectional)
+    params = spec.layout.init(rng, np.float64) * 2
+    x = rng.standard_normal((B, T, I))
+    y = rng.integers(0, O, B)
+    lengths = rng.integers(1, T + 1, B)
+    lengths[0] = T
+    model = TorchPacked(I, H, num_layers, O, bidirectional).double()
+    model.load_state_dict({k: torch.from_numpy(v.copy())
+                           for k, v in spec.layout.views(params).items()})
+    logits = model(torch.from_numpy(x), lengths)
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
+
+    p = backend.asarray(params)
+    outputs, cache = backend.forward(spec, p, backend.asarray(x), train=True, lengths=lengths)
+    _, doutputs = backend.loss(outputs, backend.asarray(y), "cross_entropy")
+    grads = spec.layout.views(backend.to_host(backend.backward(spec, p, cache, doutputs).params))
+    np.testing.assert_allclose(backend.to_host(outputs), logits.detach().numpy(), rtol=1e-10,
+                               atol=1e-12)
+    for name, param in model.named_parameters():
+        np.testing.assert_allclose(grads[name], param.grad.numpy(), rtol=1e-9, atol=1e-12,
+                                   err_msg=name)

@@ -95,6 +95,24 @@ def get_loss(name):
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None
 
 
+def check_lengths(lengths, batch, steps):
+    """``lengths`` as a host int64 array, checked, or ``None`` where every row has every step.
+
+    Raises
+    ------
+    ValueError
+        ``lengths`` is not one integer from 1 to ``steps`` per row.
+    """
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths)
+    if (lengths.shape != (batch,) or lengths.dtype.kind not in "iu" or lengths.min() < 1
+            or lengths.max() > steps):
+        raise ValueError(f"lengths must be {batch} integers from 1 to {steps} (one per row), "
+                         f"got {lengths!r}")
+    return None if lengths.min() == steps else lengths.astype(np.int64)
+
+
 @dataclass
 class AdamState:
     """First and second moment buffers (layout of the parameters) and the step count."""

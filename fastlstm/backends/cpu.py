@@ -9,14 +9,21 @@ each thread runs forward, head, loss gradient and backward of its chunks, and
 the threads meet once, at the end, where their partial weight gradients are
 summed (``forward`` and ``backward`` called separately meet once each).
 
-Per chunk and layer, forward: one GEMM per step ``[x_t, h_{t-1}] @ [W_ih,
-W_hh]^T`` and one fused pass for the gates (:func:`lstm_cpu.forward_layer`);
-backward: one fused pass per step and ``dz_t @ W_hh``, then the weight
-gradients (transposed) as ONE GEMM over all steps, ``[x, h_prev]^T @ dz``.
-Where it is the faster (AVX-512, or AVX2 with FMA), the GEMMs of the time loop
-and the weight gradients run on the register-blocked kernel of
-:mod:`..kernels.gemm_cpu` instead of BLAS: 110-114 GFLOP/s per core against
-61-101 for OpenBLAS at these shapes.
+Each chunk runs the network program of :mod:`fastlstm.model` over the
+primitives of :class:`_ChunkOps`.  Per chunk, layer and direction, forward: one
+GEMM per step ``[x_t, h_{t-1}] @ [W_ih, W_hh]^T`` and one fused pass for the
+gates (:func:`lstm_cpu.forward_layer`); backward: one fused pass per step and
+``dz_t @ W_hh``, then the weight gradients (transposed) as ONE GEMM over all
+steps, ``[x, h_prev]^T @ dz``.  Where it is the faster (AVX-512, or AVX2 with
+FMA), the GEMMs of the time loop and the weight gradients run on our own
+register-blocked kernel (:mod:`..kernels.gemm_cpu`) instead of BLAS: ``python
+benchmarks/blas_peak.py`` measures both at these shapes.
+
+Variable-length batches: the rows are dealt to the workers longest first
+(:meth:`_Workspace.order`), so each chunk's rows are sorted by length and the
+rows still active at a step are a prefix; each step computes only those, and the
+steps are stored packed, so the weight-gradient GEMM too runs over valid steps
+only.  ``python benchmarks/ragged.py`` measures what that saves against padding.
 
 In training, chunks are small (:data:`TRAIN_CHUNK_BYTES` of saved state), and in
 a training step the chunks of one thread run forward and backward one after
@@ -43,19 +50,18 @@ from threadpoolctl import ThreadpoolController
 
 from .. import model
 from ..kernels import adam_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
-from .base import Backend, Gradients, get_loss
+from .base import Backend, Gradients, check_lengths, get_loss
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
 #: bytes that the saved state of one chunk (over all steps: inputs and hidden states,
 #: cells, gates and their gradients) may take in training.  The chunks of a thread run
 #: one after another on the same buffers, which then stay in cache between forward and
-#: backward: measured with two threads, the best sizes of a chunk were 16 and 32 rows for
-#: H = 128 and 64 at T = 28, and 8 rows for H = 128 at T = 56, each about 2.4 MB of state
-#: (H = 128, T = 28: a training step 8% faster than with 64-row chunks).  Every chunk
-#: reads the weights at every step, so this holds while they stay in the core's L2
-#: (:func:`_small_chunks_pay_off`).  With BLAS for the step GEMMs, small chunks are slow
-#: (built for AVX2: 18.4 ms a step against 12.1 in 64-row chunks).
+#: backward; the best chunks held about this much state at H = 64 and 128 and T = 28 and
+#: 56 (the A/B runs behind it are in ``benchmarks/RESULTS.md``, "Kernel choices"; ``python
+#: benchmarks/epoch.py`` shows a whole epoch).  Every chunk reads the weights at every step,
+#: so this holds while they stay in the core's L2 (:func:`_small_chunks_pay_off`).  With
+#: BLAS for the step GEMMs, small chunks are slow.
 TRAIN_CHUNK_BYTES = 5 << 19
 #: workspaces kept per thread (a full batch and an epoch's last, smaller one, ...)
 MAX_WORKSPACES = 4
@@ -86,9 +92,9 @@ def _small_chunks_pay_off(weight_bytes):
     """Whether training in chunks of :data:`TRAIN_CHUNK_BYTES` beats chunks of up to
     :data:`MAX_CHUNK_ROWS` rows, for step GEMMs on ``weight_bytes`` of weights.
 
-    Measured on the project's machine (1 MiB of L2), training steps of H = 64 to 160
-    were 5-8% faster in small chunks, H = 192 (676 KB of weights) and 256 as fast,
-    H = 512 5% slower: each small chunk streams the weights from L3 at every step.
+    Small chunks win while the weights stay in L2; past that, each small chunk streams
+    the weights from L3 at every step (measured by hidden size: ``benchmarks/RESULTS.md``,
+    "Kernel choices").
     """
     return weight_bytes <= l2_cache_bytes() // 2
 
@@ -100,8 +106,7 @@ def _chunk_plan(rows, threads, max_rows, align):
     few chunks of about ``max_rows`` as will do.  Where there are enough rows,
     every chunk but a worker's last is a multiple of ``align`` rows: the step
     GEMMs work on blocks of ``align`` rows, and the rows past the last whole
-    block run in smaller, slower blocks (chunks of 10-11 rows made a training
-    step 10% slower than chunks of 8 or 16).
+    block run in smaller, slower blocks.
     """
     workers = max(1, min(threads, rows))
     bounds, groups = [], []
@@ -143,7 +148,7 @@ def _carve(shapes, dtype):
     and is large enough (4 MiB) for NumPy to ask the kernel for huge pages (where
     ``transparent_hugepage`` is ``madvise`` or ``always``): the GEMMs walk ``xh``
     and ``dz`` with strides of kilobytes, and with 4 KiB pages nearly every step of
-    that walk missed the TLB (the weight gradient ran 5% faster on huge pages).
+    that walk missed the TLB.
     Each array starts on a cache line.
     """
     itemsize = np.dtype(dtype).itemsize
@@ -328,9 +333,9 @@ class CPUBackend(Backend):
         """BLAS on one thread while our threads run.
 
         BLAS has one setting per process: the first holder (of any thread) sets it
-        and the last restores it.  Setting and restoring cost about 100 us (OpenBLAS
-        wakes its threads when given them back), 1% of a training step; a
-        :meth:`session` pays it once for a whole fit.
+        and the last restores it.  Setting and restoring is not free (OpenBLAS wakes
+        its threads when given them back); a :meth:`session` pays it once for a
+        whole fit.
         """
         global _blas_holders, _blas_limiter
         with _blas_lock:
@@ -484,12 +489,8 @@ class CPUBackend(Backend):
                 ws.w_cat_t[n][:n_in] = w_ih.T
                 ws.w_cat_t[n][n_in:] = w_hh.T
                 np.add(b_ih, b_hh, out=ws.bias[n])
-        if lengths is not None:
-            lengths = np.asarray(lengths, dtype=np.int64)
-            if lengths.shape != (x.shape[0],) or lengths.min() < 1 or lengths.max() > x.shape[1]:
-                raise ValueError(f"lengths must be {x.shape[0]} integers from 1 to {x.shape[1]}")
-            if lengths.min() == x.shape[1]:
-                lengths = None  # every row has every step: the fixed-length path, bit for bit
+        # every row with every step takes the fixed-length path, bit for bit
+        lengths = check_lengths(lengths, *x.shape[:2])
         order = ws.order(lengths)
         return views, x, ws, order, None if order is None else lengths[order]
 

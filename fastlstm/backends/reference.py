@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import model, reference
-from .base import Backend, Gradients
+from .base import Backend, Gradients, check_lengths
 
 
 class _NumpyOps:
@@ -126,7 +126,9 @@ class ReferenceBackend(Backend):
 
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         ops = _NumpyOps(spec, params)
-        outputs = model.forward(ops, spec, np.asarray(x, dtype=params.dtype), h0, c0, lengths)
+        x = np.asarray(x, dtype=params.dtype)
+        lengths = check_lengths(lengths, *x.shape[:2])
+        outputs = model.forward(ops, spec, x, h0, c0, lengths)
         return outputs, (ops if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):
