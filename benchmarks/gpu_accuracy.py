@@ -17,16 +17,16 @@ import time
 import numpy as np
 
 from _common import train_epoch
-from fastlstm import ParamLayout
 from fastlstm.backends import get_backend
 from fastlstm.datasets import load_mnist_sample
+from fastlstm.model import ModelSpec
 
 HIDDEN, BATCH, LR, TRAIN = 128, 128, 1e-3, 8000
 
 
 def train_and_score(backend, X_train, y_train, X_test, y_test, epochs):
-    layout = ParamLayout(28, HIDDEN, 1, 10)
-    params = backend.asarray(layout.init(0, np.float32))
+    spec = ModelSpec(28, HIDDEN, 1, 10)
+    params = backend.asarray(spec.layout.init(0, np.float32))
     state = backend.adam_state(params)
     X, y = backend.asarray(X_train), backend.asarray(y_train)
     rng = np.random.default_rng(1)
@@ -34,10 +34,10 @@ def train_and_score(backend, X_train, y_train, X_test, y_test, epochs):
     start = time.perf_counter()
     for _ in range(epochs):
         order = backend.asarray(rng.permutation(len(X_train)))
-        total = train_epoch(backend, layout, params, state, X, y, order, BATCH, LR)
+        total = train_epoch(backend, spec, params, state, X, y, order, BATCH, LR)
         losses.append(float(total) / -(-len(X_train) // BATCH))
     seconds = time.perf_counter() - start
-    outputs, _ = backend.forward(layout, params, backend.asarray(X_test))
+    outputs, _ = backend.forward(spec, params, backend.asarray(X_test))
     predicted = backend.to_host(backend.softmax(outputs)).argmax(axis=1)
     return dict(accuracy=float((predicted == y_test).mean()), epoch_losses=losses,
                 train_s=seconds)

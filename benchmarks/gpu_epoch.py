@@ -54,25 +54,25 @@ def timed(fn, sync):
 def run_fastlstm(data, hidden, batch, recurrence, graphs):
     import cupy
 
-    from fastlstm import ParamLayout
     from fastlstm.backends.cuda import CUDABackend
+    from fastlstm.model import ModelSpec
 
     backend = CUDABackend(recurrence=recurrence, graphs=graphs)
     sync = cupy.cuda.runtime.deviceSynchronize
     X_host, y_host, X_test_host = data
     X, y, X_test = cupy.asarray(X_host), cupy.asarray(y_host), cupy.asarray(X_test_host)
-    layout = ParamLayout(INPUTS, hidden, 1, CLASSES)
-    params = backend.asarray(layout.init(0, np.float32))
+    spec = ModelSpec(INPUTS, hidden, 1, CLASSES)
+    params = backend.asarray(spec.layout.init(0, np.float32))
     state = backend.adam_state(params)
     rng = np.random.default_rng(1)
     n = X.shape[0]
 
     def epoch():
         order = cupy.asarray(rng.permutation(n))
-        return train_epoch(backend, layout, params, state, X, y, order, batch, LR)
+        return train_epoch(backend, spec, params, state, X, y, order, batch, LR)
 
     def infer():
-        outputs, _ = backend.forward(layout, params, X_test)
+        outputs, _ = backend.forward(spec, params, X_test)
         return backend.softmax(outputs)
 
     timed(epoch, sync)                      # warm-up: compiles, captures the graphs
@@ -83,10 +83,10 @@ def run_fastlstm(data, hidden, batch, recurrence, graphs):
                 mean_loss=float(total) / -(-n // batch),
                 recurrence_forward=backend.recurrence_kind("forward", hidden, batch, np.float32),
                 recurrence_backward=backend.recurrence_kind("backward", hidden, batch, np.float32),
-                **recurrence_times(backend, layout, params, batch))
+                **recurrence_times(backend, params, batch))
 
 
-def recurrence_times(backend, layout, params, batch, repeats=20):
+def recurrence_times(backend, params, batch, repeats=20):
     """Microseconds of one layer's forward and backward recurrence alone (CUDA events), to
     tell the kernels' time from the rest of a step.  Uses the training slot the epoch made."""
     import cupy

@@ -8,9 +8,10 @@ through the ``backend`` fixture; these run only where CuPy and a usable GPU are 
 import numpy as np
 import pytest
 
-from fastlstm.backends import BackendUnavailable, get_backend
+from fastlstm.backends import AdamConfig, BackendUnavailable, get_backend
 
-from conftest import make_problem, rel_err, shape_id
+from conftest import in_float64, make_problem, rel_err, shape_id
+from oracle import ORACLE
 
 try:
     get_backend("cuda")
@@ -41,15 +42,15 @@ def cuda_backend(recurrence, graphs=True):
 
 
 def gradients(backend, problem, loss):
-    layout, params, x, y, h0, c0 = problem
+    spec, params, x, y, h0, c0 = problem
     a = backend.asarray
     p = a(params)
-    outputs, cache = backend.forward(layout, p, a(x), a(h0), a(c0), train=True)
+    outputs, cache = backend.forward(spec, p, a(x), a(h0), a(c0), train=True)
     value, doutputs = backend.loss(outputs, a(y), loss)
-    grads = backend.backward(layout, p, cache, doutputs, input_grads=True)
-    inference, _ = backend.forward(layout, p, a(x), a(h0), a(c0))
+    grads = backend.backward(spec, p, cache, doutputs, input_grads=True)
+    inference, _ = backend.forward(spec, p, a(x), a(h0), a(c0))
     host = backend.to_host
-    named = layout.views(host(grads.params))
+    named = spec.layout.views(host(grads.params))
     named.update(outputs=host(outputs), inference=host(inference), loss=float(value),
                  dx=host(grads.x), dh0=host(grads.h0), dc0=host(grads.c0))
     return named
@@ -58,10 +59,10 @@ def gradients(backend, problem, loss):
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_matches_reference(shape, dtype, recurrence):
+def test_matches_the_oracle(shape, dtype, recurrence):
     problem = make_problem(shape, "cross_entropy", dtype)
     got = gradients(cuda_backend(recurrence), problem, "cross_entropy")
-    want = gradients(get_backend("reference"), problem, "cross_entropy")
+    want = gradients(ORACLE, in_float64(*problem), "cross_entropy")
     for name, expected in want.items():
         err = rel_err(got[name], expected)
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
@@ -86,57 +87,62 @@ def test_persistent_and_per_step_agree(shape):
 
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
 def test_graph_replay_equals_uncaptured_steps(recurrence):
-    layout, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32)
+    spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32)
     runs = {}
     for graphs in (True, False):
         backend = cuda_backend(recurrence, graphs)
         p = backend.asarray(params)
         state = backend.adam_state(p)
         losses = []
-        for step in range(4):
-            # a last, partial batch takes its own slot (and graph)
-            n = 64 if step < 3 else 40
+        for step in range(5):
+            # a last, partial batch takes its own slot (and graph); the settings change at
+            # every step, which the replayed graph reads from the device
+            n = 64 if step < 4 else 40
+            config = AdamConfig(1e-2 / (1 + step), beta1=0.9 - 0.05 * step,
+                                weight_decay=0.01 * step, clip_grad_norm=0.5 + step)
             losses.append(float(backend.train_step(
-                layout, p, state, backend.asarray(x[:n]), backend.asarray(y[:n]), "cross_entropy",
-                1e-2, clip_grad_norm=0.5)))
+                spec, p, state, backend.asarray(x[:n]), backend.asarray(y[:n]), "cross_entropy",
+                config)))
         runs[graphs] = (losses, backend.to_host(p), backend.to_host(state.m), state.step)
         if graphs:
             slots = list(backend._slots.values())
             assert all(g is not None for s in slots for g in s.graphs.values()), \
                 "graph capture failed (see the warning)"
+            assert [len(s.graphs) for s in slots] == [1, 1], "new settings, new capture"
     assert runs[True][0] == runs[False][0]
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
     np.testing.assert_array_equal(runs[True][2], runs[False][2])
-    assert runs[True][3] == runs[False][3] == 4
+    assert runs[True][3] == runs[False][3] == 5
 
 
 def test_replayed_step_skips_non_finite_update():
-    layout, params, x, _, _, _ = make_problem((8, 3, 2, 4, 1, 2), "squared_error", np.float32)
+    spec, params, x, _, _, _ = make_problem((8, 3, 2, 4, 1, 2), "squared_error", np.float32)
     backend = cuda_backend("persistent")
     p = backend.asarray(params)
     state = backend.adam_state(p)
     good = np.zeros((8, 2), np.float32)
+    config = AdamConfig(1e-2)
     for _ in range(2):  # the second step replays the captured graph
-        backend.train_step(layout, p, state, backend.asarray(x), backend.asarray(good),
-                           "squared_error", 1e-2)
+        backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(good),
+                           "squared_error", config)
     before = backend.to_host(p)
     bad = np.full((8, 2), np.nan, np.float32)
-    loss = backend.train_step(layout, p, state, backend.asarray(x), backend.asarray(bad),
-                              "squared_error", 1e-2)
+    loss = backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(bad),
+                              "squared_error", config)
     assert np.isnan(float(loss))
     np.testing.assert_array_equal(backend.to_host(p), before)
     assert state.step == 2
 
 
 def test_results_come_back_as_host_arrays():
-    layout, params, x, y, _, _ = make_problem((4, 3, 2, 3, 1, 2), "cross_entropy", np.float32)
+    spec, params, x, y, _, _ = make_problem((4, 3, 2, 3, 1, 2), "cross_entropy", np.float32)
     backend = cuda_backend("persistent")
     p = backend.asarray(params)
-    loss = backend.train_step(layout, p, backend.adam_state(p), backend.asarray(x),
-                              backend.asarray(y), "cross_entropy", 1e-2)
+    loss = backend.train_step(spec, p, backend.adam_state(p), backend.asarray(x),
+                              backend.asarray(y), "cross_entropy", AdamConfig(1e-2))
     assert loss.shape == () and isinstance(float(loss), float)
     host = backend.to_host(p)
     assert type(host) is np.ndarray and host.dtype == np.float32 and host.shape == params.shape
-    probs = backend.to_host(backend.softmax(backend.forward(layout, p, backend.asarray(x))[0]))
+    probs = backend.to_host(backend.softmax(backend.forward(spec, p, backend.asarray(x))[0]))
     assert type(probs) is np.ndarray
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-6)

@@ -1,16 +1,19 @@
-"""The CUDA backend's own code and kernels, run on the CPU, against the NumPy reference.
+"""The CUDA backend's own code and kernels, run on the CPU, against the oracle.
 
 ``cuda_emulator/`` compiles the real ``fastlstm/kernels/*.cu`` with g++ (each CUDA thread an OS
 thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`` runs here:
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and
-Adam.  The generic parity tests are reused as they are.  Not covered here: CUDA graphs,
-streams, real shared-memory limits, CuPy's own API (tests/test_cuda_backend.py, on a GPU).
+Adam.  The generic parity tests are reused as they are.  Not covered here: CUDA graph capture
+(a stand-in replays the step body instead), streams, real shared-memory limits, CuPy's own API
+(tests/test_cuda_backend.py, on a GPU).
 """
 
+import copy
 import importlib
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +21,8 @@ import pytest
 import test_backend_parity as parity
 from conftest import SMALL_SHAPES, make_problem, rel_err, shape_id
 from cuda_emulator import fake_cupy
-from fastlstm.backends import cuda_support
+from fastlstm.backends import AdamConfig, cuda_support
+from oracle import ORACLE
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
@@ -72,7 +76,7 @@ def test_backend_matches_reference(backend, shape, loss, dtype):
 def test_big_batch_chunks_agree_with_reference(cuda_module):
     # B=300: many batch chunks per block (persistent) and per grid (per-step).
     problem = make_problem((300, 2, 3, 8, 1, 3), "squared_error", np.float64)
-    want = parity.run(parity.get_backend("reference"), *problem, "squared_error")
+    want = parity.run(ORACLE, *problem, "squared_error")
     for recurrence in ("persistent", "step"):
         backend = cuda_module.CUDABackend(recurrence, graphs=False)
         assert backend.recurrence_kind("backward", 8, 300, np.float64) == recurrence
@@ -105,3 +109,108 @@ def test_train_step_matches_reference(backend, clip):
 
 def test_huge_inputs_give_finite_results(backend):
     parity.test_huge_inputs_give_finite_results(backend, np.float32)
+
+
+#: settings that change, every one of them, from one training step to the next
+SCHEDULE = [AdamConfig(1e-2),
+            AdamConfig(3e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1,
+                       clip_grad_norm=0.01),
+            AdamConfig(5e-3, weight_decay=0.05)]
+
+
+def train_on_schedule(backend):
+    """The steps of :data:`SCHEDULE` on ``backend`` and on the oracle: both runs' parameters."""
+    spec, params, x, y, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy")
+    p_ref, p_dev = params.copy(), backend.asarray(params.copy())
+    s_ref, s_dev = ORACLE.adam_state(p_ref), backend.adam_state(p_dev)
+    for config in SCHEDULE:
+        l_ref = ORACLE.train_step(spec, p_ref, s_ref, x, y, "cross_entropy", config)
+        l_dev = backend.train_step(spec, p_dev, s_dev, backend.asarray(x), backend.asarray(y),
+                                   "cross_entropy", config)
+        assert abs(float(l_dev) - l_ref) < 1e-10
+    assert s_dev.step == s_ref.step == len(SCHEDULE)
+    return backend.to_host(p_dev), p_ref
+
+
+def test_train_steps_follow_a_changing_config(backend):
+    got, want = train_on_schedule(backend)
+    assert rel_err(got, want) < 1e-10
+
+
+def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
+    backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
+    captured = []
+
+    def capture(slot, params, state):
+        # Stands in for the CUDA graph, which the emulator cannot capture: the step body on the
+        # buffers of the capture, run again at each launch.
+        captured.append(slot)
+        return types.SimpleNamespace(
+            launch=lambda stream: backend._step_body(slot, params, state, backend.recurrence))
+
+    monkeypatch.setattr(backend, "_capture", capture)
+    got, want = train_on_schedule(backend)
+    assert len(captured) == 1, "a new config must not need a new capture"
+    assert rel_err(got, want) < 1e-10
+
+
+def test_the_launches_of_a_step_carry_no_setting(cuda_module, monkeypatch):
+    # A CUDA graph replays its launches with the arguments they had at capture: a step's may be
+    # buffers and sizes, never a setting, which the Adam kernel reads from the state's buffer.
+    backend = cuda_module.CUDABackend(recurrence="step", graphs=False)
+    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 2, 3), "cross_entropy")
+    p = backend.asarray(params)
+    state = backend.adam_state(p)
+    backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y), "cross_entropy",
+                       AdamConfig(1e-2, clip_grad_norm=1.0))
+    (slot,) = backend._slots.values()
+    launches = []
+    launch = fake_cupy._Kernel.__call__
+
+    def record(kernel, grid, block, args, shared_mem=0):
+        launches.append(args)
+        return launch(kernel, grid, block, args, shared_mem)
+
+    monkeypatch.setattr(fake_cupy._Kernel, "__call__", record)
+    backend._step_body(slot, p, state, backend.recurrence)
+    arguments = [a for args in launches for a in args]
+    assert not [a for a in arguments if isinstance(a, (float, np.floating))]
+    assert any(a is state.settings for a in arguments)
+
+
+def test_graph_key_holds_every_buffer_of_the_adam_state_and_no_setting(cuda_module):
+    cupy = cuda_module.cupy
+    backend = cuda_module.CUDABackend(graphs=False)
+    params = cupy.zeros((10,), cupy.float32)
+    state = backend.adam_state(params)
+    key = cuda_module._graph_key(params, state)
+    state.write_settings(AdamConfig(0.5, beta1=0.1, beta2=0.2, eps=0.3, weight_decay=0.4,
+                                    clip_grad_norm=5.0), grad_scale=0.25)
+    assert cuda_module._graph_key(params, state) == key
+    # The captured Adam launch reads or writes each of these: another one needs another graph.
+    for name in ("m", "v", "counter", "arrivals", "settings"):
+        other = copy.copy(state)
+        setattr(other, name, getattr(state, name).copy())
+        assert cuda_module._graph_key(params, other) != key, name
+    assert cuda_module._graph_key(params.copy(), state) != key
+
+
+def test_what_the_kernels_do_not_run_is_refused_before_any_work(cuda_module):
+    backend = cuda_module.CUDABackend(graphs=False)
+    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy",
+                                            bidirectional=True)
+    with pytest.raises(NotImplementedError, match="device='cpu'"):
+        backend.forward(spec, backend.asarray(params), backend.asarray(x))
+    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy")
+    p = backend.asarray(params.copy())
+    state = backend.adam_state(p)
+    with pytest.raises(NotImplementedError, match="device='cpu'"):
+        backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y),
+                           "cross_entropy", AdamConfig(1e-2), lengths=np.array([4, 2, 4]))
+    np.testing.assert_array_equal(backend.to_host(p), params)
+    assert state.step == 0
+    with pytest.raises(ValueError, match="lengths"):
+        backend.forward(spec, p, backend.asarray(x), lengths=np.array([4, 0, 4]))
+    # every row over all its steps is what the kernels run
+    full, _ = backend.forward(spec, p, backend.asarray(x), lengths=np.full(3, 4))
+    np.testing.assert_array_equal(full, backend.forward(spec, p, backend.asarray(x))[0])

@@ -1,4 +1,4 @@
-"""What the CUDA backend needs that does not need a GPU: its sources and its launch plans.
+"""What the CUDA backend needs that does not need a GPU: its sources, launch plans and settings.
 
 Kept apart from :mod:`fastlstm.backends.cuda` (which imports CuPy) so that it can be
 tested on any machine.
@@ -6,13 +6,17 @@ tested on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..kernels import CUDA_SOURCE_DIR
 
-__all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "plan_recurrence"]
+__all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "plan_recurrence",
+           "ADAM_SETTINGS", "adam_settings"]
 
 #: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
@@ -122,3 +126,29 @@ def plan_recurrence(direction, hidden, batch, itemsize, limits, persistent):
     grid = (slices, 1) if persistent else (slices, math.ceil(batch / chunk))
     return RecurrencePlan(persistent, units, chunk, stage, vector, THREADS, grid,
                           shared(chunk, stage))
+
+
+#: the settings the Adam kernel reads from its buffer of doubles, in the order of the buffer
+#: (``AdamSetting`` in ``fastlstm/kernels/adam.cu``)
+ADAM_SETTINGS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_scale",
+                 "clip_grad_norm")
+
+
+def adam_settings(config, grad_scale=1.0):
+    """The contents of the Adam kernel's settings buffer.
+
+    Parameters
+    ----------
+    config : AdamConfig
+    grad_scale : float, default=1.0
+        Multiplies the gradient, before clipping.
+
+    Returns
+    -------
+    ndarray of float64
+        The values in the order of :data:`ADAM_SETTINGS`; no clipping is 0.  The kernel
+        clips only where it computes the norm (in a training step).
+    """
+    values = dict(dataclasses.asdict(config), grad_scale=grad_scale)
+    values["clip_grad_norm"] = values["clip_grad_norm"] or 0.0  # None, or positive
+    return np.array([values[name] for name in ADAM_SETTINGS], np.float64)

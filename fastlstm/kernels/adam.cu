@@ -5,10 +5,16 @@
 // Everything a training step decides happens on the device, so a step never waits for the host:
 // every Adam block sums the partials (same order: identical result in every block), skips the
 // update when the norm or the loss is not finite, scales the gradient for clipping, and reads
-// the step count from device memory; the last block to finish records the new count.
+// the step count from device memory; the last block to finish records the new count.  The
+// settings are read from device memory too, so a captured CUDA graph stays valid when they
+// change (a learning-rate schedule): the host writes them before each launch or replay.
 #include "reduce.cuh"
 
 namespace fastlstm {
+
+// Indices into the settings buffer of the Adam kernel, doubles in the order of
+// fastlstm.backends.cuda_support.ADAM_SETTINGS.
+enum AdamSetting { LEARNING_RATE, BETA1, BETA2, EPS, WEIGHT_DECAY, GRAD_SCALE, CLIP };
 
 template <typename T>
 __device__ void sumsq_partials(const T* g, long long n, double* partials) {
@@ -22,15 +28,15 @@ __device__ void sumsq_partials(const T* g, long long n, double* partials) {
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
+// settings: see AdamSetting; settings[CLIP] <= 0: no clipping.
 // partials == nullptr: no norm (no clipping, no finiteness check of the gradient);
-// loss == nullptr: no finiteness check of the loss.  clip <= 0: no clipping.
+// loss == nullptr: no finiteness check of the loss.
 // step: count of applied updates (read, and incremented when this update is applied);
 // done: zero-initialised scratch counter, back to zero after every launch.
 template <typename T>
-__device__ void adam(T* p, const T* g, T* m, T* v, long long n, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, double grad_scale,
-                     double clip, const double* partials, int n_partials, const double* loss,
-                     long long* step, unsigned int* done) {
+__device__ void adam(T* p, const T* g, T* m, T* v, long long n, const double* settings,
+                     const double* partials, int n_partials, const double* loss, long long* step,
+                     unsigned int* done) {
     __shared__ double s_scale;
     __shared__ long long s_step;
     __shared__ int s_ok;
@@ -41,6 +47,7 @@ __device__ void adam(T* p, const T* g, T* m, T* v, long long n, double lr, doubl
     }
     if (threadIdx.x == 0) {
         bool ok = true;
+        const double grad_scale = settings[GRAD_SCALE], clip = settings[CLIP];
         double scale = grad_scale;
         if (partials != nullptr) {
             const double norm = sqrt(sumsq);
@@ -55,10 +62,11 @@ __device__ void adam(T* p, const T* g, T* m, T* v, long long n, double lr, doubl
     __syncthreads();
     if (s_ok) {
         const double t = (double)s_step;
-        const T step_size = (T)(lr / (1.0 - pow(beta1, t)));
+        const double beta1 = settings[BETA1], beta2 = settings[BETA2];
+        const T step_size = (T)(settings[LEARNING_RATE] / (1.0 - pow(beta1, t)));
         const T bias_correction2_sqrt = (T)sqrt(1.0 - pow(beta2, t));
-        const T scale = (T)s_scale, wd = (T)weight_decay, b1 = (T)beta1, b2 = (T)beta2;
-        const T e = (T)eps;
+        const T scale = (T)s_scale, wd = (T)settings[WEIGHT_DECAY], b1 = (T)beta1, b2 = (T)beta2;
+        const T e = (T)settings[EPS];
         for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
              i += (long long)gridDim.x * blockDim.x) {
             const T gi = scale * g[i] + wd * p[i];
@@ -88,11 +96,10 @@ __device__ void adam(T* p, const T* g, T* m, T* v, long long n, double lr, doubl
         fastlstm::sumsq_partials<T>(g, n, partials);                                            \
     }                                                                                            \
     extern "C" __global__ void fastlstm_adam_##SUFFIX(                                           \
-        T* p, const T* g, T* m, T* v, long long n, double lr, double beta1, double beta2,       \
-        double eps, double weight_decay, double grad_scale, double clip, const double* partials, \
-        int n_partials, const double* loss, long long* step, unsigned int* done) {               \
-        fastlstm::adam<T>(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, grad_scale, clip,  \
-                          partials, n_partials, loss, step, done);                               \
+        T* p, const T* g, T* m, T* v, long long n, const double* settings,                      \
+        const double* partials, int n_partials, const double* loss, long long* step,            \
+        unsigned int* done) {                                                                    \
+        fastlstm::adam<T>(p, g, m, v, n, settings, partials, n_partials, loss, step, done);      \
     }
 
 FASTLSTM_ADAM(f32, float)

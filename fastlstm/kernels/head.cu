@@ -1,7 +1,8 @@
 // Head kernels: softmax, and the two losses with their gradient w.r.t. the outputs (same
 // definitions as fastlstm/kernels/head_cpu.py and fastlstm/reference.py).  The head's GEMMs go to cuBLAS.
 // The losses run as ONE block so that the mean is summed in a fixed order (deterministic) and
-// written to a device scalar: no host synchronisation.
+// written to a device scalar: no host synchronisation.  Both take the same arguments, so the
+// backend launches a loss by its name alone.
 #include "reduce.cuh"
 
 namespace fastlstm {
@@ -61,7 +62,9 @@ __device__ void cross_entropy(const T* logits, const long long* y, T* dlogits, d
 
 // mean((out - y)^2) / 2 over every element; dout = (out - y) / size.
 template <typename T>
-__device__ void squared_error(const T* out, const T* y, T* dout, double* loss, long long size) {
+__device__ void squared_error(const T* out, const T* y, T* dout, double* loss, int rows,
+                              int cols) {
+    const long long size = (long long)rows * cols;
     double total = 0.0;
     for (long long n = threadIdx.x; n < size; n += blockDim.x) {
         const T d = out[n] - y[n];
@@ -83,9 +86,9 @@ __device__ void squared_error(const T* out, const T* y, T* dout, double* loss, l
         const T* logits, const long long* y, T* dlogits, double* loss, int rows, int cols) {     \
         fastlstm::cross_entropy<T>(logits, y, dlogits, loss, rows, cols);                        \
     }                                                                                            \
-    extern "C" __global__ void fastlstm_squared_error_##SUFFIX(const T* out, const T* y, T* dout, \
-                                                               double* loss, long long size) {  \
-        fastlstm::squared_error<T>(out, y, dout, loss, size);                                    \
+    extern "C" __global__ void fastlstm_squared_error_##SUFFIX(                                  \
+        const T* out, const T* y, T* dout, double* loss, int rows, int cols) {                   \
+        fastlstm::squared_error<T>(out, y, dout, loss, rows, cols);                              \
     }
 
 FASTLSTM_HEAD(f32, float)
