@@ -2,14 +2,17 @@
 
 Both are an LSTM stack read over the time steps of each sample, followed by a
 linear head on the top layer's last hidden state (exactly
-``torch.nn.LSTM(batch_first=True)`` + ``torch.nn.Linear``).  They share one
+``torch.nn.LSTM(batch_first=True, bidirectional=...)`` + ``torch.nn.Linear``, on
+sequences packed by ``torch.nn.utils.rnn.pack_padded_sequence`` where their
+lengths differ).  They share one
 base class, :class:`BaseLSTM`, which owns input validation, the epoch loop and
 the fitted state; the subclasses only say how targets are encoded and scored.
 
 The training loop follows the contract of :mod:`fastlstm.backends`: the data
 and the flat parameter buffer are moved to the backend once per ``fit``, one
-:meth:`~fastlstm.backends.Backend.train_step` per minibatch, the loss is
-brought to the host once per epoch.  Fitted weights always live on the host
+:meth:`~fastlstm.backends.Backend.train_step` per minibatch (with the lengths of
+its samples, a host array, where they differ), the loss is brought to the host
+once per epoch.  Fitted weights always live on the host
 (NumPy), so a model trained on a GPU pickles and predicts on a CPU-only box.
 
 :meth:`BaseLSTM.save` hands its state to :mod:`fastlstm.persistence` as plain
@@ -19,6 +22,7 @@ class named in the file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -58,6 +62,7 @@ class BaseLSTM(BaseEstimator):
     _parameter_constraints = {
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "num_layers": [Interval(Integral, 1, None, closed="left")],
+        "bidirectional": ["boolean"],
         "input_size": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -83,13 +88,15 @@ class BaseLSTM(BaseEstimator):
     #: advice given when training diverges (set by subclasses)
     _what_to_scale = "X (e.g. StandardScaler in a Pipeline)"
 
-    def __init__(self, hidden_size=128, num_layers=1, *, input_size=None, batch_size=64,
+    def __init__(self, hidden_size=128, num_layers=1, *, bidirectional=False, input_size=None,
+                 batch_size=64,
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, warm_start=False,
                  verbose=0, random_state=None, device="auto"):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.bidirectional = bidirectional
         self.input_size = input_size
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -112,11 +119,15 @@ class BaseLSTM(BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
+        # allow_nan stays False: NaN is padding (whole time steps at the end of a sample of
+        # 3-D X), not a missing value, and any other NaN is refused, as sklearn's NaN
+        # checks expect of an estimator without the tag
         return tags
 
     # ------------------------------------------------------------------ input
     def _validate_X(self, X, reset):
-        """``X`` as a float32 ``(n_samples, n_steps, n_inputs)`` array (see :mod:`.validation`)."""
+        """``X`` as a float32 ``(n_samples, n_steps, n_inputs)`` array and the samples'
+        lengths, or ``None`` where all have every step (see :mod:`.validation`)."""
         return to_float32(self, check_sequences(self, X, reset))
 
     # ------------------------------------------------------------- persistence
@@ -142,7 +153,8 @@ class BaseLSTM(BaseEstimator):
         -------
         state : dict
             ``"metadata"``: JSON-encodable class name, hyper-parameters,
-            fitted attributes, network layout, Adam's step count and the
+            fitted attributes, the network's :class:`~fastlstm.model.ModelSpec`
+            (as a dict), Adam's step count and the
             state of the training generator; ``"arrays"``: the weights,
             Adam's moments and the fitted attributes that are arrays.
         """
@@ -170,7 +182,7 @@ class BaseLSTM(BaseEstimator):
         metadata = {
             "estimator": type(self).__name__,
             "params": {name: _json_value(name, value) for name, value in params.items()},
-            "layout": [spec.input_size, spec.hidden_size, spec.num_layers, spec.output_size],
+            "spec": dataclasses.asdict(spec),
             "adam_step": None if adam is None else int(adam.step),
             "rng_state": self._rng.bit_generator.state,
             "attributes": attributes,
@@ -194,7 +206,7 @@ class BaseLSTM(BaseEstimator):
         """
         metadata, arrays = state["metadata"], dict(state["arrays"])
         estimator = cls(**metadata["params"])
-        estimator._spec = ModelSpec(*metadata["layout"])
+        estimator._spec = ModelSpec(**metadata["spec"])
         estimator._params = arrays.pop("params")
         estimator._adam = None if metadata["adam_step"] is None else \
             AdamState(arrays.pop("adam_m"), arrays.pop("adam_v"), metadata["adam_step"])
@@ -264,9 +276,11 @@ class BaseLSTM(BaseEstimator):
         -------
         dict of str to ndarray
             ``lstm.weight_ih_l{k}``, ``lstm.weight_hh_l{k}``, ``lstm.bias_ih_l{k}``,
-            ``lstm.bias_hh_l{k}`` for every layer ``k``, ``head.weight`` and
-            ``head.bias`` (copies): what ``nn.LSTM(batch_first=True)`` and
-            ``nn.Linear`` named ``lstm`` and ``head`` hold.
+            ``lstm.bias_hh_l{k}`` for every layer ``k`` (and the same names ending in
+            ``_reverse`` for the reverse direction of a bidirectional network),
+            ``head.weight`` and ``head.bias`` (copies): what
+            ``nn.LSTM(batch_first=True, bidirectional=...)`` and ``nn.Linear`` named
+            ``lstm`` and ``head`` hold.
         """
         check_is_fitted(self)
         return {name: view.copy() for name, view in self._spec.layout.views(self._params).items()}
@@ -275,8 +289,9 @@ class BaseLSTM(BaseEstimator):
         """Set the weights from a mapping such as :meth:`state_dict` returns.
 
         Arrays (or CPU torch tensors) with PyTorch's names and shapes; the
-        sizes must match ``hidden_size`` and ``num_layers``, and those of the
-        fitted model if there is one.  An unfitted estimator becomes usable for
+        network must match ``hidden_size``, ``num_layers`` and ``bidirectional``
+        (names ending in ``_reverse``), and the sizes of the fitted model if
+        there is one.  An unfitted estimator becomes usable for
         ``predict`` (an unfitted classifier gets ``classes_ = [0, ..., K-1]``),
         and ``warm_start=True`` continues training from these weights.
 
@@ -286,11 +301,14 @@ class BaseLSTM(BaseEstimator):
         """
         state = {name: np.asarray(value) for name, value in state_dict.items()}
         spec = ModelSpec.from_state_dict(state)
-        if (spec.hidden_size, spec.num_layers) != (self.hidden_size, self.num_layers):
+        if (spec.hidden_size, spec.num_layers, spec.bidirectional) != \
+                (self.hidden_size, self.num_layers, bool(self.bidirectional)):
             raise ValueError(
-                f"state_dict has hidden size {spec.hidden_size} and {spec.num_layers} layer(s), "
-                f"but this estimator has hidden_size={self.hidden_size}, "
-                f"num_layers={self.num_layers}; set them with set_params first.")
+                f"state_dict has hidden size {spec.hidden_size} and {spec.num_layers} "
+                f"{'bidirectional' if spec.bidirectional else 'unidirectional'} layer(s), but "
+                f"this estimator has hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional}; set them "
+                "with set_params first.")
         fitted = hasattr(self, "_params")
         if fitted and (spec.input_size, spec.output_size) != (self.input_size_, self._n_outputs):
             raise ValueError(
@@ -314,9 +332,13 @@ class BaseLSTM(BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features)
-            Sequences; 2-D rows are cut into steps of ``input_size`` values
-            (one value per step when ``input_size`` is None).  Not rescaled.
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences, in one of the input forms of the class docstring: 3-D
+            (shorter samples may end in all-NaN time steps), 2-D rows cut into
+            steps of ``input_size`` values (one value per step when
+            ``input_size`` is None), or a list of sequences of different
+            lengths.  Not rescaled.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
             Targets.
 
@@ -332,30 +354,41 @@ class BaseLSTM(BaseEstimator):
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
                              "is None.")
         first = not hasattr(self, "_params") or not (incremental or self.warm_start)
-        X = self._validate_X(X, reset=first)
+        X, lengths = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
         check_same_length(X, y)
-        spec = ModelSpec(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs)
+        spec = ModelSpec(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs,
+                         self.bidirectional)
         if first:
             self._initialize(spec)
         elif spec != self._spec:
             raise ValueError(
                 f"cannot continue training a {self._spec!r} as a {spec!r}: the data or "
-                "hidden_size/num_layers changed; set warm_start=False to start afresh.")
+                "hidden_size/num_layers/bidirectional changed; set warm_start=False to start "
+                "afresh.")
+        lengths_val = X_val = y_val = None
         if self.early_stopping and not incremental:
-            X, X_val, y, y_val = train_test_split(
-                X, y, test_size=self.validation_fraction, random_state=self._rng.integers(2**31),
-                stratify=self._stratify(y))
-        else:
-            X_val = y_val = None
+            # the lengths join the split where there are any; X and y split the same either way
+            split = train_test_split(
+                X, y, *([] if lengths is None else [lengths]), test_size=self.validation_fraction,
+                random_state=self._rng.integers(2**31), stratify=self._stratify(y))
+            X, X_val, y, y_val = split[:4]
+            if lengths is not None:
+                lengths, lengths_val = split[4:]
         backend = get_backend(self.device)
         with backend.session():  # per-call setup of the backend, held for the whole fit
-            self._train(backend, X, y, X_val, y_val, n_epochs=1 if incremental else self.max_iter,
+            self._train(backend, X, y, lengths, X_val, y_val, lengths_val,
+                        n_epochs=1 if incremental else self.max_iter,
                         fresh_optimizer=not incremental)
         return self
 
-    def _train(self, backend, X, y, X_val, y_val, n_epochs, fresh_optimizer):
-        """The epoch loop; fitted state is committed to the host however it ends."""
+    def _train(self, backend, X, y, lengths, X_val, y_val, lengths_val, n_epochs,
+               fresh_optimizer):
+        """The epoch loop; fitted state is committed to the host however it ends.
+
+        ``lengths`` and ``lengths_val`` (host arrays, or ``None``: every sample has
+        all steps) stay on the host, where the backends take them.
+        """
         spec = self._spec
         params = backend.asarray(self._params)
         adam = backend.adam_state(params)  # the backend's own kind (the GPU's counts on the GPU)
@@ -377,16 +410,19 @@ class BaseLSTM(BaseEstimator):
                 start = time.perf_counter()
                 # a diverging epoch is rolled back to here (copies on the backend: no transfer)
                 epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
-                order = backend.asarray(self._rng.permutation(n_samples)) if self.shuffle else None
+                permutation = self._rng.permutation(n_samples) if self.shuffle else None
+                order = None if permutation is None else backend.asarray(permutation)
                 progress = _ProgressBar(n_samples, f"epoch {self.n_iter_ + 1}") \
                     if self.verbose >= 2 else None
                 total = 0.0
                 for lo in range(0, n_samples, batch_size):
                     hi = lo + batch_size
-                    batch = order[lo:hi] if self.shuffle else slice(lo, hi)
+                    rows = slice(lo, hi) if permutation is None else permutation[lo:hi]
+                    batch = rows if order is None else order[lo:hi]  # the same, on the backend
                     xb, yb = X_dev[batch], y_dev[batch]
                     loss = backend.train_step(spec, params, adam, xb, yb, self._loss,
-                                              self._adam_config(xb.shape[0]))
+                                              self._adam_config(xb.shape[0]),
+                                              lengths=_rows(lengths, rows))
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -408,7 +444,7 @@ class BaseLSTM(BaseEstimator):
                     self.best_loss_ = min(self.best_loss_, epoch_loss)
                 else:
                     score = self._validation_score(
-                        self._forward(backend, params, X_val_dev), y_val)
+                        self._forward(backend, params, X_val_dev, lengths_val), y_val)
                     self.validation_scores_.append(score)
                     improved = score > self.best_validation_score_ + self.tol
                     if score > self.best_validation_score_:
@@ -439,20 +475,25 @@ class BaseLSTM(BaseEstimator):
                           self.alpha / batch_length, self.clip_grad_norm)
 
     # --------------------------------------------------------------- inference
-    def _forward(self, backend, params, X, activation=None, prepare=None):
+    def _forward(self, backend, params, X, lengths=None, activation=None, prepare=None):
         """Network outputs for ``X`` in batches, as a float64 host array (computed in float32).
 
-        ``X`` is on the backend, or anything ``prepare(lo, hi)`` turns into the
-        float32 batch ``lo:hi`` (``predict`` validates and converts one batch at
-        a time this way, so its memory does not grow with ``len(X)``).
-        ``activation`` (e.g. ``backend.softmax``) is applied on the backend.
+        ``X`` is on the backend (with the host array ``lengths``, or ``None``), or
+        anything ``prepare(lo, hi)`` turns into the float32 batch ``lo:hi`` and its
+        lengths (``predict`` validates and converts one batch at a time this way,
+        so its memory does not grow with ``len(X)``).  ``activation`` (e.g.
+        ``backend.softmax``) is applied on the backend.
         """
         outputs = np.empty((len(X), self._spec.output_size))
         with backend.session():
             for lo in range(0, len(X), PREDICT_BATCH_SIZE):
                 hi = lo + PREDICT_BATCH_SIZE
-                xb = X[lo:hi] if prepare is None else backend.asarray(prepare(lo, hi))
-                out, _ = backend.forward(self._spec, params, xb)
+                if prepare is None:
+                    xb, lb = X[lo:hi], _rows(lengths, slice(lo, hi))
+                else:
+                    xb, lb = prepare(lo, hi)
+                    xb = backend.asarray(xb)
+                out, _ = backend.forward(self._spec, params, xb, lengths=lb)
                 if activation is not None:
                     out = activation(out)
                 outputs[lo:hi] = backend.to_host(out)
@@ -467,7 +508,8 @@ class BaseLSTM(BaseEstimator):
         sequences = check_sequences(self, X, reset=False)
         backend = get_backend(self.device)
         act = None if activation is None else getattr(backend, activation)
-        outputs = self._forward(backend, backend.asarray(self._params), sequences, act,
+        outputs = self._forward(backend, backend.asarray(self._params), sequences,
+                                activation=act,
                                 prepare=lambda lo, hi: to_float32(self, sequences, lo, hi))
         if not np.isfinite(outputs).all():
             raise FloatingPointError(
@@ -480,23 +522,48 @@ class BaseLSTM(BaseEstimator):
 class LSTMClassifier(ClassifierMixin, BaseLSTM):
     """Sequence classifier: an LSTM stack and a softmax head on its last hidden state.
 
-    The network is ``torch.nn.LSTM(batch_first=True)`` followed by
-    ``torch.nn.Linear`` on the top layer's hidden state after the last step,
-    with one output per class (binary included).  It is trained with minibatch
-    Adam on the softmax cross-entropy; names follow
+    The network is ``torch.nn.LSTM(batch_first=True, bidirectional=...)``
+    followed by ``torch.nn.Linear`` on the top layer's hidden state after each
+    sample's last step, with one output per class (binary included).  It is
+    trained with minibatch Adam on the softmax cross-entropy; names follow
     :class:`sklearn.neural_network.MLPClassifier` where the concept exists.
+
+    ``X`` (in ``fit``, ``partial_fit``, ``predict``, ``predict_proba``,
+    ``predict_log_proba`` and ``score``) takes these forms:
+
+    - a 3-D array ``(n_samples, n_steps, n_inputs)``;
+    - a 2-D array ``(n_samples, n_features)``, each row cut into steps of
+      ``input_size`` values;
+    - sequences of different lengths, as a list (or tuple, or 1-D object
+      array) of 2-D arrays ``(n_steps_i, n_inputs)``;
+    - the same as one 3-D float array whose shorter samples end in time steps
+      that are all NaN, which :func:`fastlstm.pad_sequences` makes from the
+      list, and which scikit-learn's tools (``train_test_split``,
+      ``cross_val_score``, ``GridSearchCV``) index as any array.
+
+    Sequences of different lengths are read as
+    ``torch.nn.utils.rnn.pack_padded_sequence`` reads them: each sample up to
+    its last valid step only, the padding never.  NaN is padding only: a NaN
+    inside a step, or an all-NaN step before a valid one, is refused, as are
+    infinite values and sequences without a valid step.
 
     Parameters
     ----------
     hidden_size : int, default=128
-        Number of hidden units of every LSTM layer.
+        Number of hidden units of every LSTM layer (and direction).
     num_layers : int, default=1
         Number of stacked LSTM layers.
+    bidirectional : bool, default=False
+        Every layer also reads each sequence backwards, from its last valid
+        step to its first; the layer above reads both directions' hidden
+        states side by side, and the head the last state of each direction of
+        the top layer (PyTorch's ``cat(h_n[-2], h_n[-1])``).  The weights of
+        the reverse direction are named ``..._reverse`` in :meth:`state_dict`.
     input_size : int, default=None
         Inputs per time step when ``X`` is 2-D: rows of ``d`` values are read
         as ``d // input_size`` steps (``d`` must be a multiple). ``None`` reads
-        one value per step. 3-D ``X`` is used as is (and must then have
-        ``input_size`` inputs per step if it is set).
+        one value per step. 3-D ``X`` and lists of sequences are used as they
+        are (and must then have ``input_size`` inputs per step if it is set).
     batch_size : int, default=64
         Samples per minibatch (the last, smaller batch of an epoch is trained too).
     learning_rate_init : float, default=2e-3
@@ -571,6 +638,13 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     >>> clf = LSTMClassifier(hidden_size=32, max_iter=2, random_state=0).fit(X, data.y[:1000])
     >>> clf.predict_proba(X[:2]).shape
     (2, 10)
+
+    Sequences of different lengths, here the first 10 to 28 rows of each image:
+
+    >>> ragged = [image[:10 + i % 19] for i, image in enumerate(X[:200])]
+    >>> clf = LSTMClassifier(hidden_size=16, max_iter=1, random_state=0)
+    >>> clf.fit(ragged, data.y[:200]).predict(ragged[:3]).shape
+    (3,)
     """
 
     _loss = "cross_entropy"
@@ -615,7 +689,8 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features)
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
             Sequences (see :meth:`fit`).
         y : array-like of shape (n_samples,)
             Labels, each one of ``classes``.
@@ -637,6 +712,12 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     def predict_proba(self, X):
         """Class probabilities (softmax of the head), columns in the order of ``classes_``.
 
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences (see :meth:`fit`), of any number of steps.
+
         Returns
         -------
         ndarray of shape (n_samples, n_classes)
@@ -646,6 +727,12 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably from the head's outputs.
 
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences (see :meth:`fit`), of any number of steps.
+
         Returns
         -------
         ndarray of shape (n_samples, n_classes)
@@ -654,6 +741,12 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
 
     def predict(self, X):
         """Most probable class of each sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences (see :meth:`fit`), of any number of steps.
 
         Returns
         -------
@@ -668,13 +761,14 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
 class LSTMRegressor(RegressorMixin, BaseLSTM):
     """Sequence regressor: an LSTM stack and a linear head on its last hidden state.
 
-    The network is ``torch.nn.LSTM(batch_first=True)`` followed by
-    ``torch.nn.Linear`` on the top layer's hidden state after the last step,
-    with one output per target.  It is trained with minibatch Adam on half the
-    mean squared error, as :class:`sklearn.neural_network.MLPRegressor`; ``y``
-    is not rescaled.  Parameters and attributes are those of
-    :class:`LSTMClassifier`, except that scores are R², there are no
-    ``classes_`` and there is no stratification.
+    The network is ``torch.nn.LSTM(batch_first=True, bidirectional=...)``
+    followed by ``torch.nn.Linear`` on the top layer's hidden state after each
+    sample's last step, with one output per target.  It is trained with
+    minibatch Adam on half the mean squared error, as
+    :class:`sklearn.neural_network.MLPRegressor`; ``y`` is not rescaled.
+    Parameters, attributes and input forms of ``X`` (sequences of different
+    lengths included) are those of :class:`LSTMClassifier`, except that scores
+    are R², there are no ``classes_`` and there is no stratification.
 
     Attributes
     ----------
@@ -708,6 +802,14 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
     def partial_fit(self, X, y):
         """Train one epoch on ``X`` and ``y``, continuing from the current state.
 
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences (see :meth:`fit`).
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            Targets, as many as at the first call.
+
         Returns
         -------
         self
@@ -718,6 +820,12 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
 
     def predict(self, X):
         """Predicted targets.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
+or list of array-like of shape (n_steps_i, n_inputs)
+            Sequences (see :meth:`fit`), of any number of steps.
 
         Returns
         -------
@@ -762,6 +870,11 @@ def load(path):
     state = load_state(path)
     classes = {cls.__name__: cls for cls in (LSTMClassifier, LSTMRegressor)}
     return classes[state["metadata"]["estimator"]]._from_fitted_state(state)
+
+
+def _rows(lengths, rows):
+    """The lengths of the samples ``rows`` (``None``, every sample has all steps, stays)."""
+    return None if lengths is None else lengths[rows]
 
 
 def _json_value(name, value):

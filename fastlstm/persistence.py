@@ -7,7 +7,9 @@ hyper-parameters and fitted attributes; ``fastlstm.load`` reads it back with
 code from the file.  The metadata carries a format version (files from a newer
 version are refused) and a SHA-256 digest of the metadata and of every array,
 so a truncated, corrupted or edited file is refused with a clear error rather
-than giving a silently different model.
+than giving a silently different model.  Files of an older format version are
+read too: :func:`load_state` upgrades their metadata, the estimator's part
+included, to the current version's, so the estimators read one version only.
 
 This module knows the file, not the estimators (it imports none of them): an
 estimator hands :func:`save_state` its state as plain data (JSON-encodable
@@ -35,13 +37,29 @@ from ._version import __version__
 __all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "load_state",
            "save_state"]
 
-#: version of the file layout written by :func:`save_state`; bumped on any incompatible change
-FORMAT_VERSION = 1
+#: version of the file layout written by :func:`save_state`; bumped on any incompatible change,
+#: with an upgrade of the previous version's metadata in :data:`_UPGRADES`
+FORMAT_VERSION = 2
 _FORMAT = "fastlstm-model"
 #: metadata keys that the file writes around the estimator's own
 _FILE_KEYS = frozenset({"format", "format_version", "fastlstm_version", "object_arrays", "arrays"})
 #: what a native array's dtype kind may be: bool, int, unsigned, float, unicode string
 _NATIVE_KINDS = "biufU"
+
+
+def _spec_from_layout(metadata):
+    """Version 1 -> 2: the network as ``"spec"``, the fields of
+    :class:`fastlstm.model.ModelSpec`, instead of ``"layout"``, ``[input_size,
+    hidden_size, num_layers, output_size]`` of a unidirectional network."""
+    metadata = dict(metadata)
+    sizes = metadata.pop("layout")
+    metadata["spec"] = {**dict(zip(("input_size", "hidden_size", "num_layers", "output_size"),
+                                   sizes)), "bidirectional": False}
+    return metadata
+
+
+#: the upgrade of the metadata of each format version to the next
+_UPGRADES = {1: _spec_from_layout}
 
 
 class ModelFileError(ValueError):
@@ -107,8 +125,9 @@ def load_state(path):
     -------
     state : dict
         ``"metadata"`` and ``"arrays"`` as they were saved (through JSON:
-        tuples come back as lists); ``object`` arrays come back as ``object``
-        arrays of equal items.
+        tuples come back as lists; the metadata of an older format version
+        upgraded to the current one's); ``object`` arrays come back as
+        ``object`` arrays of equal items.
 
     Raises
     ------
@@ -157,6 +176,10 @@ def load_state(path):
             f"{path} was written by fastlstm {metadata.get('fastlstm_version')} in model format "
             f"version {version}, but this fastlstm reads format versions up to "
             f"{FORMAT_VERSION}; upgrade fastlstm (pip install -U fastlstm) to load it.")
+    if version < 1:
+        raise ModelFileError(f"{path} has model format version {version}, which no fastlstm "
+                             "writes: the file was edited. Save the model again from a fitted "
+                             "estimator.")
     if _digest(metadata_json, contents) != digest:
         raise ModelFileError(
             f"{path} fails its integrity check (SHA-256 of its contents differs from the one "
@@ -166,8 +189,10 @@ def load_state(path):
     _warn_if_other_version(metadata["fastlstm_version"], f"model file {path}", stacklevel=3)
     arrays = {name: value.astype(object) if name in metadata["object_arrays"] else value
               for name, value in contents.items()}
-    return {"metadata": {key: value for key, value in metadata.items() if key not in _FILE_KEYS},
-            "arrays": arrays}
+    metadata = {key: value for key, value in metadata.items() if key not in _FILE_KEYS}
+    for older in range(version, FORMAT_VERSION):
+        metadata = _UPGRADES[older](metadata)
+    return {"metadata": metadata, "arrays": arrays}
 
 
 def _native_array(name, array):

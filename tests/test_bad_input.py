@@ -2,8 +2,9 @@
 
 One table of cases for ``fit`` (and ``partial_fit``), one for ``predict`` on a
 fitted model; each expects an exception type and a fragment of its message
-(what is wrong and what to do).  Then: every dtype and memory layout of ``X``
-gives the same fitted weights and predictions as a C-contiguous float32 copy.
+(what is wrong and what to do; for sequences of different lengths, which
+sample).  Then: every dtype and memory layout of ``X`` gives the same fitted
+weights and predictions as a C-contiguous float32 copy.
 """
 
 import re
@@ -27,10 +28,72 @@ def with_value(a, index, value):
     return a
 
 
+def ragged(X, lengths):
+    """The samples of ``X`` cut to ``lengths``, as a list."""
+    return [x[:n] for x, n in zip(X, lengths)]
+
+
+#: X as sequences of 5, 4, ..., 1, 5, 4, ... steps, padded with NaN
+PADDED = X.copy()
+for _i, _n in enumerate(5 - np.arange(24) % 5):
+    PADDED[_i, _n:] = np.nan
+
+
 #: (id, estimator factory, fitting call, exception, message fragment)
 FIT_CASES = [
     ("nan-in-X", LSTMClassifier, lambda e: e.fit(with_value(X, (0, 0, 0), np.nan), Y),
-     ValueError, "Input X contains NaN.*SimpleImputer"),
+     ValueError, "Input X contains NaN in sample 0 at step 0 in some of its inputs only; NaN "
+                 "marks padding only as whole time steps.*Impute the missing values"),
+    ("nan-in-a-padding-step", LSTMClassifier,
+     lambda e: e.fit(with_value(PADDED, (1, 4, 0), 1.0), Y),
+     ValueError, "NaN in sample 1 at step 4 in some of its inputs only"),
+    ("nan-step-before-a-valid-step", LSTMClassifier,
+     lambda e: e.fit(with_value(X, (2, 1), np.nan), Y),
+     ValueError, "NaN in sample 2: step 1 is all NaN but a later step is not.*Pad at the end "
+                 "only"),
+    ("nan-padding-at-the-start", LSTMRegressor,
+     lambda e: e.fit(PADDED[:, ::-1], Y),
+     ValueError, "NaN in sample 1: step 0 is all NaN but a later step is not"),
+    ("all-nan-sample", LSTMClassifier, lambda e: e.fit(with_value(PADDED, 7, np.nan), Y),
+     ValueError, "NaN in every step of sample 7: it has no valid time step; drop it"),
+    ("nan-in-2-D-X", LSTMClassifier,
+     lambda e: e.fit(with_value(X.reshape(24, 10), (0, 9), np.nan), Y),
+     ValueError, "Input X contains NaN.*SimpleImputer.*list of 2-D arrays.*all NaN"),
+    ("inf-in-padded-X", LSTMClassifier, lambda e: e.fit(with_value(PADDED, (5, 0, 1), np.inf), Y),
+     ValueError, "infinity or a value too large for dtype\\('float32'\\) in sample 5.*drop or "
+                 "impute"),
+    ("inf-in-a-list", LSTMRegressor,
+     lambda e: e.fit(ragged(with_value(X, (6, 0, 0), -np.inf), [5, 3] * 12), Y),
+     ValueError, "infinity or a value too large for dtype\\('float32'\\) in sample 6"),
+    ("nan-inside-a-list-sample", LSTMClassifier,
+     lambda e: e.fit(ragged(with_value(X, (3, 1, 1), np.nan), [5, 3] * 12), Y),
+     ValueError, "NaN in sample 3 at step 1 in some of its inputs only"),
+    ("empty-sequence-in-a-list", LSTMClassifier,
+     lambda e: e.fit(ragged(X, [5, 0] + [3] * 22), Y),
+     ValueError, "sample 1 of X has no time steps \\(shape \\(0, 2\\)\\).*drop the empty ones"),
+    ("other-inputs-in-a-list", LSTMClassifier,
+     lambda e: e.fit([X[0], X[1, :3], X[2, :4, :1]] + list(X[3:]), Y),
+     ValueError, "sample 2 of X has 1 inputs per step, but sample 0 has 2; every step"),
+    ("no-inputs-in-a-list", LSTMClassifier, lambda e: e.fit([X[0], X[1, :3, :0]], Y[:2]),
+     ValueError, "sample 1 of X has no inputs per step"),
+    ("list-of-1-D-sequences", LSTMClassifier,
+     lambda e: e.fit([X[0, :, 0], X[1, :3, 0]], Y[:2]),
+     ValueError, "sample 0 of X has shape \\(5,\\), but each sample of a list of sequences must "
+                 "be 2-D \\(n_steps, n_inputs\\); reshape.*\\(-1, 1\\)"),
+    ("ragged-steps-in-a-list-sample", LSTMClassifier,
+     lambda e: e.fit([[[1.0, 2.0], [3.0]], [[1.0, 2.0]]], [0, 1]),
+     ValueError, "sample 0 of X is ragged: its time steps have different numbers of inputs"),
+    ("strings-in-a-list", LSTMClassifier, lambda e: e.fit([X[0], X[1, :2].astype(str)], [0, 1]),
+     ValueError, "sample 1: X has dtype <U.*\\(strings\\); pass numbers"),
+    ("objects-not-numbers-in-a-list", LSTMClassifier,
+     lambda e: e.fit([X[0], with_value(X[1, :2].astype(object), (0, 0), "a")], [0, 1]),
+     ValueError, "could not convert string to float.*sample 1 of X holds values that are not "
+                 "numbers"),
+    ("input-size-not-matching-a-list", lambda **k: LSTMClassifier(input_size=3, **k),
+     lambda e: e.fit(ragged(X, [5, 3] * 12), Y),
+     ValueError, "2 inputs per step but input_size=3"),
+    ("list-longer-than-y", LSTMClassifier, lambda e: e.fit(ragged(X, [5, 3] * 12), Y[:-1]),
+     ValueError, "X has 24 samples but y has 23"),
     ("inf-in-X", LSTMClassifier, lambda e: e.fit(with_value(X, (3, 1, 1), -np.inf), Y),
      ValueError, "infinity.*drop or impute those samples"),
     ("beyond-float32-X", LSTMRegressor,
@@ -54,11 +117,8 @@ FIT_CASES = [
      ValueError, "no inputs per step.*at least one input"),
     ("zero-columns", LSTMClassifier, lambda e: e.fit(np.zeros((24, 0)), Y),
      ValueError, "0 feature\\(s\\).*at least one value"),
-    ("ragged-sequences", LSTMClassifier,
-     lambda e: e.fit([[[1.0, 2.0]], [[1.0, 2.0], [3.0, 4.0]]], [0, 1]),
-     ValueError, "X is ragged.*Pad the sequences"),
     ("ragged-rows", LSTMClassifier, lambda e: e.fit([[1.0, 2.0], [1.0, 2.0, 3.0]], [0, 1]),
-     ValueError, "X is ragged"),
+     ValueError, "sample 0 of X has shape \\(2,\\).*must be 2-D"),
     ("object-X-not-numbers", LSTMClassifier,
      lambda e: e.fit(with_value(X.astype(object), (0, 0, 0), "a"), Y),
      ValueError, "could not convert string to float.*pass a numeric array"),
@@ -134,7 +194,19 @@ PREDICT_CASES = [
     ("other-number-of-columns", 1, "predict", X.reshape(24, 10)[:, :8],
      ValueError, "X has 8 features, but LSTMClassifier is expecting 10 features"),
     ("nan-in-X", 0, "predict_proba", with_value(X, (5, 4, 1), np.nan),
-     ValueError, "Input X contains NaN"),
+     ValueError, "Input X contains NaN in sample 5 at step 4 in some of its inputs only"),
+    ("nan-step-in-a-later-batch", 0, "predict",
+     with_value(np.repeat(PADDED, 100, axis=0), (2001, 0), np.nan),
+     ValueError, "NaN in sample 2001: step 0 is all NaN but a later step is not"),
+    ("inf-in-a-later-batch-of-a-list", 0, "predict_proba",
+     ragged(with_value(np.repeat(X, 100, axis=0), (2000, 1, 0), np.inf), [5, 2, 3] * 800),
+     ValueError, "infinity.*in sample 2000.*drop or impute"),
+    ("other-inputs-per-step-in-a-list", 0, "predict", ragged(X[:, :, :1], [5, 3] * 12),
+     ValueError, "1 inputs per step, but LSTMClassifier was fitted with 2; reshape X"),
+    ("empty-sequence-in-a-list", 0, "predict", [X[0], X[1, :0]],
+     ValueError, "sample 1 of X has no time steps"),
+    ("all-nan-sample", 0, "score", with_value(PADDED, 0, np.nan),
+     ValueError, "NaN in every step of sample 0"),
     ("inf-in-a-later-batch", 0, "predict", with_value(np.repeat(X, 100, axis=0), (2000, 0, 0),
                                                       np.inf),
      ValueError, "infinity.*drop or impute"),
@@ -150,8 +222,9 @@ PREDICT_CASES = [
                          [case[1:] for case in PREDICT_CASES],
                          ids=[case[0] for case in PREDICT_CASES])
 def test_bad_predict_input_is_refused_with_the_fix(fitted, which, method, X_bad, error, fragment):
+    args = (X_bad, np.resize(Y, len(X_bad))) if method == "score" else (X_bad,)
     with pytest.raises(error, match=re.compile(fragment, re.S)):
-        getattr(fitted[which], method)(X_bad)
+        getattr(fitted[which], method)(*args)
 
 
 def test_load_state_dict_refuses_non_finite_weights():

@@ -1,8 +1,9 @@
 """Persistence: ``est.save`` / ``fastlstm.load`` (a file that cannot run code) and pickles.
 
-Round trips predict identically and go on training identically; truncated,
-corrupted, edited, foreign and newer-format files are refused with a clear
-error; pickles carry the fastlstm version and warn on a mismatch.
+Round trips predict identically and go on training identically (bidirectional
+models and files of format version 1 too); truncated, corrupted, edited,
+foreign and newer-format files are refused with a clear error; pickles carry
+the fastlstm version and warn on a mismatch.
 """
 
 import json
@@ -137,6 +138,69 @@ def test_file_is_written_at_the_exact_path_and_replaced_whole(tmp_path):
     assert fastlstm.load(path).n_iter_ == clf.n_iter_
 
 
+@pytest.mark.parametrize("Estimator", [LSTMClassifier, LSTMRegressor])
+def test_bidirectional_model_round_trips(tmp_path, Estimator):
+    lengths = np.arange(40) % 5 + 1
+    seqs = [x[:k] for x, k in zip(X, lengths)]
+    y = np.arange(40) % 3
+    est = Estimator(**TINY, num_layers=2, bidirectional=True).fit(seqs, y)
+    est.save(tmp_path / "model.npz")
+    loaded = fastlstm.load(tmp_path / "model.npz")
+    assert_same_model(loaded, est)
+    assert loaded._spec == est._spec and loaded._spec.bidirectional
+    np.testing.assert_array_equal(loaded.predict(seqs), est.predict(seqs))
+    loaded.partial_fit(seqs, y)  # goes on training exactly as the original
+    est.partial_fit(seqs, y)
+    assert_same_model(loaded, est)
+
+
+def test_the_file_stores_the_networks_spec(tmp_path):
+    LSTMClassifier(**TINY, bidirectional=True).fit(X, np.arange(40) % 3).save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as archive:
+        metadata = json.loads(str(archive["metadata"]))
+    assert metadata["format_version"] == FORMAT_VERSION == 2 and "layout" not in metadata
+    assert metadata["spec"] == {"input_size": 2, "hidden_size": 4, "num_layers": 1,
+                                "output_size": 3, "bidirectional": True}
+
+
+def as_version_1(path):
+    """Rewrite the model file at ``path`` as version 1 wrote it: the network as ``layout``,
+    ``[input_size, hidden_size, num_layers, output_size]``, no ``bidirectional``."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    metadata = json.loads(str(arrays["metadata"]))
+    spec = metadata.pop("spec")
+    assert not spec.pop("bidirectional")
+    metadata["layout"] = [spec["input_size"], spec["hidden_size"], spec["num_layers"],
+                          spec["output_size"]]
+    del metadata["params"]["bidirectional"]
+    metadata["format_version"] = 1
+    rewrite(path, arrays, metadata)
+
+
+@pytest.mark.parametrize("Estimator", [LSTMClassifier, LSTMRegressor])
+def test_version_1_file_loads_and_predicts_identically(tmp_path, Estimator):
+    est = Estimator(**{**TINY, "num_layers": 2}).partial_fit(X, np.arange(40) % 2,
+                                                             **_classes(Estimator))
+    path = tmp_path / "v1.npz"
+    est.save(path)
+    as_version_1(path)
+    loaded = fastlstm.load(path)
+    assert_same_model(loaded, est)
+    assert loaded._spec == est._spec and not loaded.bidirectional
+    np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
+    loaded.partial_fit(X, np.arange(40) % 2)
+    est.partial_fit(X, np.arange(40) % 2)
+    assert_same_model(loaded, est)
+    loaded.save(path)  # written again in the current version
+    with np.load(path, allow_pickle=False) as archive:
+        assert json.loads(str(archive["metadata"]))["format_version"] == FORMAT_VERSION
+
+
+def _classes(Estimator):
+    return {"classes": [0, 1]} if Estimator is LSTMClassifier else {}
+
+
 def test_random_state_instance_is_saved_as_none_with_a_warning(tmp_path):
     clf = LSTMClassifier(**{**TINY, "random_state": np.random.RandomState(0)})
     clf.fit(X, np.arange(40) % 2)
@@ -215,6 +279,15 @@ def test_newer_format_version_is_refused_with_a_message(saved):
     rewrite(path, arrays, metadata)
     with pytest.raises(ModelFileError, match=f"written by fastlstm 9.0.0 in model format version "
                                              f"{FORMAT_VERSION + 1}.*upgrade fastlstm"):
+        fastlstm.load(path)
+
+
+def test_format_version_no_fastlstm_writes_is_refused(saved):
+    path, arrays = saved
+    metadata = json.loads(str(arrays["metadata"]))
+    metadata["format_version"] = 0
+    rewrite(path, arrays, metadata)
+    with pytest.raises(ModelFileError, match="format version 0, which no fastlstm writes"):
         fastlstm.load(path)
 
 

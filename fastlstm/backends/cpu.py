@@ -679,6 +679,8 @@ class _ChunkOps:
         return dlast
 
     def readout_backward(self, dh):
+        # head_backward left ``dh`` in the chunk's ``dlast``, where each direction of the
+        # top layer takes its half from
         return [None] * self.spec.num_directions
 
     def recurrence_backward(self, k, dseq, reverse, input_grads):
