@@ -46,3 +46,27 @@ def test_blas_peak_reports_the_inference_ceiling():
     text = run("blas_peak.py", "--size", "64")
     assert "peak on fused multiply-adds alone" in text
     assert "with free gate math" in text
+
+
+def test_ragged_compares_every_contender_and_writes_json(tmp_path):
+    out = tmp_path / "ragged.json"
+    text = run("ragged.py", "--samples", "64", "--max-steps", "12", "--hidden", "8",
+               "--batch", "32", "--infer-samples", "32", "--infer-batch", "16", "--repeat", "1",
+               "--json", str(out))
+    results = json.loads(out.read_text())
+    fastlstm = {"fastlstm_ragged", "fastlstm_padded", "fastlstm_ragged_bi"}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        expected = fastlstm
+    else:
+        expected = fastlstm | {"torch_packed", "torch_padded"}
+    assert set(results["medians"]) == expected
+    for m in results["medians"].values():
+        assert m["epoch_s"] > 0 and m["inference_samples_per_s"] > 0
+    assert {"epoch_fastlstm_ragged_over_fastlstm_padded", "epoch_fastlstm_bi_over_uni",
+            "inference_fastlstm_ragged_over_fastlstm_padded"} <= set(results["ratios"])
+    if "torch_packed" in expected:
+        assert "epoch_fastlstm_ragged_over_torch_packed" in results["ratios"]
+    assert results["machine"] and "ragged.py" in results["command"]
+    assert "fastlstm ragged / fastlstm padded" in text
