@@ -146,3 +146,52 @@ def test_results_come_back_as_host_arrays():
     probs = backend.to_host(backend.softmax(backend.forward(spec, p, backend.asarray(x))[0]))
     assert type(probs) is np.ndarray
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", [(128, 28, 28, 128, 1, 10), (33, 3, 4, 130, 2, 2),
+                                   (40, 6, 5, 512, 1, 4)], ids=shape_id)
+def test_matches_the_oracle_with_lengths(shape, bidirectional, recurrence):
+    # the shapes with variable lengths (tests/test_ragged_parity.py has the small ones)
+    from conftest import make_lengths
+    problem = make_problem(shape, "cross_entropy", np.float32, bidirectional=bidirectional)
+    lengths = make_lengths(shape[0], shape[1], "random")
+    backend = cuda_backend(recurrence)
+    got = ragged_run(backend, problem, lengths)
+    want = ragged_run(ORACLE, in_float64(*problem), lengths)
+    for name, expected in want.items():
+        err = rel_err(got[name], expected)
+        assert err < TOLERANCE[np.float32], f"{name}: relative error {err:.2e}"
+
+
+def ragged_run(backend, problem, lengths):
+    import test_ragged_parity
+    run = test_ragged_parity.run(backend, *problem, "cross_entropy", lengths)
+    named = dict(run.pop("grads"))
+    named.update(run)
+    return named
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_graph_replay_with_lengths_equals_uncaptured_steps(recurrence, bidirectional):
+    # one slot and one graph for every batch of the shape, whatever its lengths
+    spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32,
+                                            bidirectional=bidirectional)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(1, 7, 64) for _ in range(4)]
+    runs = {}
+    for graphs in (True, False):
+        backend = cuda_backend(recurrence, graphs)
+        p = backend.asarray(params)
+        state = backend.adam_state(p)
+        losses = [float(backend.train_step(spec, p, state, backend.asarray(x),
+                                           backend.asarray(y), "cross_entropy",
+                                           AdamConfig(1e-2), lengths=lengths))
+                  for lengths in batches]
+        runs[graphs] = (losses, backend.to_host(p))
+        if graphs:
+            assert [len(s.graphs) for s in backend._slots.values()] == [1]
+    assert runs[True][0] == runs[False][0]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])

@@ -4,7 +4,8 @@
 thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`` runs here:
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and
-Adam.  The generic parity tests are reused as they are.  Not covered here: CUDA graph capture
+Adam.  The generic parity tests are reused as they are (variable lengths and bidirectional
+layers: tests/test_cuda_ragged_emulated.py).  Not covered here: CUDA graph capture
 (a stand-in replays the step body instead), streams, real shared-memory limits, CuPy's own API
 (tests/test_cuda_backend.py, on a GPU).
 """
@@ -195,22 +196,22 @@ def test_graph_key_holds_every_buffer_of_the_adam_state_and_no_setting(cuda_modu
     assert cuda_module._graph_key(params.copy(), state) != key
 
 
-def test_what_the_kernels_do_not_run_is_refused_before_any_work(cuda_module):
+def test_lengths_that_are_no_lengths_are_refused_before_any_work(cuda_module):
+    # Variable lengths and bidirectional layers run (tests/test_cuda_ragged_emulated.py); lengths
+    # outside 1..T are refused before anything is written.
     backend = cuda_module.CUDABackend(graphs=False)
     spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy",
                                             bidirectional=True)
-    with pytest.raises(NotImplementedError, match="device='cpu'"):
-        backend.forward(spec, backend.asarray(params), backend.asarray(x))
-    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy")
     p = backend.asarray(params.copy())
     state = backend.adam_state(p)
-    with pytest.raises(NotImplementedError, match="device='cpu'"):
-        backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y),
-                           "cross_entropy", AdamConfig(1e-2), lengths=np.array([4, 2, 4]))
+    for bad in ([4, 0, 4], [4, 5, 1], [4, 2]):
+        with pytest.raises(ValueError, match="lengths"):
+            backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y),
+                               "cross_entropy", AdamConfig(1e-2), lengths=np.array(bad))
+        with pytest.raises(ValueError, match="lengths"):
+            backend.forward(spec, p, backend.asarray(x), lengths=np.array(bad))
     np.testing.assert_array_equal(backend.to_host(p), params)
-    assert state.step == 0
-    with pytest.raises(ValueError, match="lengths"):
-        backend.forward(spec, p, backend.asarray(x), lengths=np.array([4, 0, 4]))
-    # every row over all its steps is what the kernels run
+    assert state.step == 0 and not backend._slots
+    # every row over all its steps is the fixed-length path
     full, _ = backend.forward(spec, p, backend.asarray(x), lengths=np.full(3, 4))
     np.testing.assert_array_equal(full, backend.forward(spec, p, backend.asarray(x))[0])

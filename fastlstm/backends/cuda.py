@@ -3,13 +3,25 @@
 The network program of :mod:`fastlstm.model` runs on the whole batch over the primitives of
 :class:`_CudaOps`.  Data flow of one training step (layouts in ``fastlstm/kernels/lstm_core.cuh``:
 feature-major, batch fastest, so the kernels' warps make coalesced accesses):
-``x`` (B, T, I) -> time-major copy (T*B, I) -> per layer: input projection of all steps as ONE
-cuBLAS GEMM into (4H, T*B) -> recurrence kernel (one persistent cooperative launch for all T
-steps, or one launch per step) -> head GEMM -> loss kernel (loss stays on the device) ->
-backward recurrence kernel -> weight gradients as ONE GEMM each over all T*B columns -> norm
-pass + ONE Adam launch over the flat buffer, which decides on the device whether to apply the
-update and reads its settings from device memory.  With fixed shapes and buffers the whole step
-is captured once as a CUDA graph and replayed, whatever the settings.
+``x`` (B, T, I) -> time-major copy (T*B, I) -> per layer and direction: input projection of
+all steps as ONE cuBLAS GEMM into (4H, T*B) -> recurrence kernel (one persistent cooperative
+launch for all T steps, or one launch per step) -> head GEMM -> loss kernel (loss stays on the
+device) -> backward recurrence kernel -> weight gradients as ONE GEMM each over all T*B columns
+-> norm pass + ONE Adam launch over the flat buffer, which decides on the device whether to
+apply the update and reads its settings from device memory.  With fixed shapes and buffers the
+whole step is captured once as a CUDA graph and replayed, whatever the settings.
+
+Variable lengths (``torch.nn.utils.rnn.pack_padded_sequence``'s semantics): the host sorts the
+rows by length, longest first (:class:`~fastlstm.backends.cuda_support.StepSchedule`), so the
+rows still active at a step are a prefix; the steps are packed (time t's active rows at columns
+``xcol[t] + b``, as PyTorch's ``PackedSequence``), so the GEMMs run over the valid steps only,
+and each step of a recurrence kernel computes its active rows only, reading their count and
+columns from a small device array (the schedule).  A reverse direction walks the same packed
+steps from T-1 down (a row starts at its last valid step, from its initial state); each row's
+last states are gathered for the head, and the results are put back in the caller's row order.
+A training slot of variable-length batches keeps all T*B columns (zeroed past the packed
+steps) and launches every step, so its CUDA graph serves every batch of its shape, the lengths
+being read from the schedule buffer written before each replay.
 
 Importing this module raises ImportError when CuPy, cuBLAS or a usable GPU is missing, so
 ``get_backend("cuda")`` says why and ``get_backend("auto")`` falls back to the CPU.
@@ -47,7 +59,7 @@ from .. import model  # noqa: E402
 from .base import (  # noqa: E402
     AdamState, Backend, BackendUnavailable, Gradients, check_lengths, get_loss)
 from .cuda_support import (  # noqa: E402
-    ADAM_SETTINGS, DeviceLimits, adam_settings, cuda_source, plan_recurrence)
+    ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, plan_recurrence)
 
 __all__ = ["CUDABackend", "DeviceAdamState"]
 
@@ -55,6 +67,7 @@ _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _HEAD_THREADS = 512
 _ADAM_THREADS = 256
 _MAX_NORM_BLOCKS = 256
+_LAYOUT_THREADS = 256
 _CACHED_SHAPES = 4
 #: one kernel of each module that every backend needs, fetched (so compiled) at construction
 _PROBES = {"lstm_step": "fastlstm_forward_step_f32", "head": "fastlstm_softmax_f32",
@@ -110,6 +123,10 @@ def _i32(n):
     return np.int32(n)
 
 
+def _i64(n):
+    return np.int64(n)
+
+
 # ----------------------------------------------------------------------------- cuBLAS
 
 
@@ -140,8 +157,9 @@ class _Blas:
         self.one = np.ones((), dtype)
         self.zero = np.zeros((), dtype)
 
-    def gemm(self, c, a, b, ta=False, tb=False):
-        """``c = op(a) @ op(b)`` with ``op`` transposing where ``ta`` / ``tb``."""
+    def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
+        """``c = op(a) @ op(b)`` (``c += ...`` where ``accumulate``) with ``op`` transposing where
+        ``ta`` / ``tb``."""
         m, k = a.shape(ta)
         k2, n = b.shape(tb)
         assert k == k2 and (c.rows, c.cols) == (m, n), ((m, k), (k2, n), (c.rows, c.cols))
@@ -151,7 +169,7 @@ class _Blas:
         op = (cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T)
         # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
         self.fn(handle, op[tb], op[ta], n, m, k, self.one.ctypes.data, b.ptr, b.ld, a.ptr, a.ld,
-                self.zero.ctypes.data, c.ptr, c.ld)
+                (self.one if accumulate else self.zero).ctypes.data, c.ptr, c.ld)
 
 
 # ----------------------------------------------------------------------------- state
@@ -199,26 +217,14 @@ def _device_state(state):
         raise TypeError("the CUDA backend needs the Adam state made by its adam_state(params)")
     return state
 
-
-def _check_supported(spec, x, lengths):
-    """Refuse, before any work, what the kernels do not run (``NotImplementedError``): a
-    bidirectional network, and ``lengths`` other than every step of every row of ``x``
-    (lengths that are no lengths at all: ``ValueError``, from :func:`check_lengths`)."""
-    if spec.bidirectional:
-        raise NotImplementedError("the CUDA backend runs unidirectional networks only; use "
-                                  "device='cpu' for bidirectional ones")
-    B, T, _ = x.shape
-    if check_lengths(lengths, B, T) is not None:
-        raise NotImplementedError("the CUDA backend runs every row over all its steps; use "
-                                  "device='cpu' for sequences of different lengths")
-
-
 def _graph_key(params, state):
     """What a captured training step bakes in besides its slot's own buffers: the device
     pointers of ``params`` and of every buffer of ``state``.
 
     The settings' values are not part of it: the graph reads them from ``state.settings``,
-    written before each replay, so a new learning rate never needs a new capture.
+    written before each replay, so a new learning rate never needs a new capture.  Nor are a
+    batch's lengths: a slot of variable-length batches reads them from its schedule buffer,
+    written before each replay too (see :class:`_TrainSlot`).
     """
     return tuple(a.data.ptr for a in (params, *state.buffers()))
 
@@ -229,43 +235,95 @@ def _graph_key(params, state):
 class _Workspace:
     """Device buffers of one forward/backward pass of ``spec`` on a batch of ``(B, T)``.
 
-    Layouts as in the module docstring.  A forward records in ``layer_inputs[k]`` the
-    sequence layer ``k`` read, and in ``head_input`` the states the head read, for backward.
+    ``schedule`` (a :class:`~fastlstm.backends.cuda_support.StepSchedule`) sorts the rows by
+    length and packs the steps; :attr:`sched`, its device copy, is what the kernels read.
+    ``ragged``: rows may end before step ``T`` (the input is then packed, and the readout and
+    the weight gradients gather through the schedule); ``padded``: the buffers have ``T*B``
+    columns whatever the lengths, for a training slot whose CUDA graph serves every batch of
+    its shape: the columns past the packed steps are zeroed on the device, so the GEMMs over all
+    of them add exact zeros.  Layouts as in ``fastlstm/kernels/lstm_core.cuh``; the state
+    buffers ``h[k]``, ``c[k]`` hold both directions of layer ``k``, forward's rows first, so the
+    layer above reads ``[h_forward, h_reverse]`` as ONE (2H, columns) operand.  A forward
+    records in ``layer_inputs[k]`` the sequence layer ``k`` read, and in ``head_input`` the
+    states the head read, for backward.
     """
 
-    def __init__(self, spec, batch, steps, dtype, train):
+    def __init__(self, spec, batch, steps, dtype, train, schedule, padded=False, sched=None):
         B, T, H, L = batch, steps, spec.hidden_size, spec.num_layers
+        D = spec.num_directions
+        C = schedule.columns
         self.spec, self.batch, self.steps, self.dtype, self.train = spec, B, T, dtype, train
-        self.x_tb = cupy.empty((T, B, spec.input_size), dtype)
-        self.xg = [cupy.empty((4 * H, T * B), dtype) for _ in range(L)]
-        # Every step's states are kept when training, and for a layer that feeds another.
-        self.slots = [T + 1 if train or k < L - 1 else 2 for k in range(L)]
-        self.h = [cupy.empty((H, s * B), dtype) for s in self.slots]
-        self.c = [cupy.empty((H, s * B), dtype) for s in self.slots]
+        self.schedule, self.offsets = schedule, schedule.offsets
+        self.columns, self.padded = C, padded
+        self.ragged = padded or schedule.order is not None
+        # the steps the per-step kernels launch: a padded slot's graph launches every one
+        self.launch_steps = T if padded or not self.ragged else schedule.max_length
+        # the schedule on the device (``sched``: a copy of it already there, which the kernels
+        # only read)
+        self.sched = cupy.asarray(schedule.data) if sched is None else sched
+        self.order = self.inverse = None  # rows sorted (device arrays), where they are
+        if schedule.order is not None:
+            self.order = cupy.asarray(schedule.order)
+            self.inverse = cupy.asarray(np.argsort(schedule.order))
+        shape = (C, spec.input_size) if self.ragged else (T, B, spec.input_size)
+        self.x_in = cupy.empty(shape, dtype)
+        self.xg = [[cupy.empty((4 * H, C), dtype) for _ in range(D)] for _ in range(L)]
+        # Every step's states are kept when training, and for a layer that feeds another; the
+        # top layer in inference alternates two slots.  Columns [0, B): the initial states.
+        self.ring = [not (train or k < L - 1) for k in range(L)]
+        self.h = [cupy.empty((D * H, 3 * B if ring else B + C), dtype) for ring in self.ring]
+        self.c = [cupy.empty((D * H, 3 * B if ring else B + C), dtype) for ring in self.ring]
+        # each row's last states, side by side, where they are not one strided view
+        self.head_in = cupy.empty((D * H, B), dtype) if self.ragged or D == 2 else None
         self.outputs = cupy.empty((B, spec.output_size), dtype)
         self.layer_inputs = [None] * L
         self.head_input = None
         self.grad_buffers = None
 
+    def sched_view(self, name, direction=None):
+        """The part ``name`` of :attr:`sched` (of one direction's row where given)."""
+        start, shape = self.offsets[name]
+        size = math.prod(shape)
+        if direction is not None:
+            size //= shape[0]
+            start += direction * size
+        return self.sched[start:start + size]
+
     def backward_buffers(self):
         """Buffers of the backward pass, allocated on first use."""
         if self.grad_buffers is None:
-            B, T, H = self.batch, self.steps, self.spec.hidden_size
+            B, H, C, dtype = self.batch, self.spec.hidden_size, self.columns, self.dtype
+            D, L = self.spec.num_directions, self.spec.num_layers
             self.grad_buffers = dict(
-                dz=cupy.empty((4 * H, T * B), self.dtype),
-                dc=cupy.empty((H, B), self.dtype),
-                dh_last=cupy.empty((H, B), self.dtype),
-                dh_seq=cupy.empty((H, T * B), self.dtype),
-                ones=cupy.ones((T * B, 2), self.dtype))  # sums over columns by GEMM
+                dz=cupy.empty((4 * H, C), dtype),
+                dc=cupy.empty((H, B), dtype),
+                dh_last=cupy.empty((D * H, B), dtype),
+                # the gradient w.r.t. layer k's output sequence is in dh_seq[k % D]: the two
+                # directions of a layer read one while they sum their parts into the other
+                dh_seq=[cupy.empty((D * H, C), dtype) for _ in range(D if L > 1 else 0)],
+                ones=cupy.ones((C, 2), dtype))  # sums over columns by GEMM
+            if self.ragged or D == 2:
+                self.grad_buffers.update(h_prev=cupy.empty((H, C), dtype),
+                                         dz_first=cupy.empty((4 * H, B), dtype))
         return self.grad_buffers
 
 
 class _TrainSlot:
     """Static buffers of ``train_step`` for one shape and loss (a :class:`Loss`): inputs
-    copied in, graphs reuse them."""
+    copied in, graphs reuse them.
 
-    def __init__(self, spec, batch, steps, dtype, loss_kind):
-        self.work = _Workspace(spec, batch, steps, dtype, train=True)
+    A slot of variable-length batches (``ragged``) is padded (:class:`_Workspace`): its
+    buffers and GEMMs cover all ``T*B`` columns and its kernels launch for every step, so a
+    graph captured once serves every batch of the shape; each batch's schedule is written into
+    ``work.sched`` before its step, and the kernels skip the rows past their lengths.  A
+    fixed-length batch takes a slot of its own (the key holds ``ragged``), which runs the
+    fixed-length path as it always did.
+    """
+
+    def __init__(self, spec, batch, steps, dtype, loss_kind, ragged=False):
+        schedule = StepSchedule(None, batch, steps, columns=batch * steps)
+        self.work = _Workspace(spec, batch, steps, dtype, train=True, schedule=schedule,
+                               padded=ragged)
         self.work.backward_buffers()
         self.loss_kind = loss_kind
         targets = (batch,) if loss_kind.class_targets else (batch, spec.output_size)
@@ -282,8 +340,9 @@ class _TrainSlot:
 
 
 class _SeqGrad(NamedTuple):
-    """The gradient w.r.t. a sequence, as the backward recurrence kernel takes it: at the last
-    step only (``last``, (H, B)), or at every step (``steps``, feature-major (features, T*B))."""
+    """The gradient w.r.t. a sequence, as the backward recurrence kernel takes it: at each row's
+    last state only (``last``, (H, B)), or at every packed step (``steps``, feature-major
+    (features, columns))."""
 
     last: Any
     steps: Any
@@ -292,14 +351,16 @@ class _SeqGrad(NamedTuple):
 class _CudaOps:
     """The primitives of :mod:`fastlstm.model` on the whole batch of a workspace, on the device.
 
-    A sequence is the buffer that holds it: the network's input is ``work.x_tb``, time-major
-    (T, B, I), copied there before; the hidden states of layer ``k`` are ``work.h[k]``,
-    feature-major (H, S*B) with the initial state in slot 0.  Its gradient is a
-    :class:`_SeqGrad`.  A layer's input projection and each of its weight gradients is ONE
-    GEMM over all steps; the recurrence runs the kernels of :class:`CUDABackend`.  The kernels
-    run forward in time over every step of every row: the backend refuses bidirectional
-    networks and variable lengths before any work (:func:`_check_supported`), so no
-    ``reverse`` recurrence, ``lengths``, ``join`` or ``join_backward`` ever reaches here.
+    The rows are in the order of the workspace's schedule (sorted by length, longest first,
+    where they have lengths; the backend sorts them on the way in and back on the way out).
+    A sequence is the buffer that holds it: the network's input is ``work.x_in``, copied there
+    before (time-major (T, B, I), or packed (columns, I)); the hidden states of layer ``k`` are
+    ``work.h[k]``, feature-major (D*H, B + columns) with the initial states first, both
+    directions in one buffer (so :meth:`join` has nothing to do).  Its gradient is a
+    :class:`_SeqGrad`; the two directions' parts of one are summed into one buffer (the second
+    GEMM accumulates).  A layer's input projection and each of its weight gradients is ONE GEMM
+    over all packed steps; the recurrence runs the kernels of :class:`CUDABackend`, which skip
+    the rows past their lengths.
 
     Parameters
     ----------
@@ -311,8 +372,8 @@ class _CudaOps:
     grads : cupy.ndarray, optional
         Where backward writes the gradient w.r.t. the parameters (same layout).
     initial_grads : bool, default=False
-        Backward also keeps the gradients w.r.t. the initial states, per layer, in ``dh0``
-        and ``dc0`` (arrays of shape (B, H)).
+        Backward also keeps the gradients w.r.t. the initial states, per layer and direction,
+        in ``dh0`` and ``dc0`` (arrays of shape (B, H), rows in the workspace's order).
     recurrence : {"persistent", "step"}, optional
         The recurrence kernels to run; by default the backend's choice.
     """
@@ -324,41 +385,63 @@ class _CudaOps:
         self.views = self.layout.views(params)
         self.grad_views = None if grads is None else self.layout.views(grads)
         self.blas = backend.blas(work.dtype)
-        L = work.spec.num_layers
-        self.dh0, self.dc0 = ([None] * L, [None] * L) if initial_grads else (None, None)
+        n = work.spec.num_layers * work.spec.num_directions
+        self.dh0, self.dc0 = ([None] * n, [None] * n) if initial_grads else (None, None)
+        self._dx = None          # the gradient w.r.t. the network's input
+        self._summed = set()     # layers whose input gradient one direction has written
+
+    def _block(self, buffer, d):
+        """Direction ``d``'s rows of a buffer of both directions (its own, contiguous)."""
+        H = self.layout.hidden_size
+        return buffer[d * H:(d + 1) * H]
 
     def _operand(self, seq):
-        """``(matrix, transposed)``: ``seq`` as a GEMM operand whose ``op`` is (features, T*B).
+        """``(matrix, transposed)``: ``seq`` as a GEMM operand whose ``op`` is (features, columns).
 
-        Only the network's input (time-major: rows are steps x batch) is transposed.
+        Only the network's input (time-major or packed: rows are steps x batch) is transposed.
         """
-        B, T = self.work.batch, self.work.steps
-        if seq.ndim == 3:
-            return _Mat.of(seq, T * B, seq.shape[2]), True
-        return _Mat.of(seq, seq.shape[0], T * B, ld=seq.shape[1], offset=B), False
+        work = self.work
+        if seq is work.x_in:
+            return _Mat.of(seq, work.columns, seq.shape[-1]), True
+        return _Mat.of(seq, seq.shape[0], work.columns, ld=seq.shape[1], offset=work.batch), False
 
     def inputs(self, x, lengths):
-        return x
+        return x  # copied in, sorted and packed, by the backend
 
     def recurrence(self, k, seq, h0, c0, reverse):
-        work, B = self.work, self.work.batch
+        work, B, d = self.work, self.work.batch, int(reverse)
         source, transposed = self._operand(seq)
-        w_ih = self.layout.layer(self.views, k)[0]
-        self.blas.gemm(_Mat.of(work.xg[k]), _Mat.of(w_ih), source, tb=transposed)
+        w_ih = self.layout.layer(self.views, k, reverse)[0]
+        self.blas.gemm(_Mat.of(work.xg[k][d]), _Mat.of(w_ih), source, tb=transposed)
         for state, initial in ((work.h[k], h0), (work.c[k], c0)):
+            block = self._block(state, d)
             if initial is None:
-                state[:, :B].fill(0)
+                block[:, :B].fill(0)
             else:
-                state[:, :B] = initial.T
-        self.backend._forward_recurrence(work, self.params, k, work.train, self._recurrence)
+                block[:, :B] = initial.T
+        self.backend._forward_recurrence(work, self.params, k, d, work.train, self._recurrence)
+        if work.padded and k < work.spec.num_layers - 1:
+            # the columns past this batch's packed steps, which the layer above's GEMMs read
+            h = self._block(work.h[k], d)
+            self.backend._zero_tail(work, h[:, B:], h.shape[1], h.shape[0])
         work.layer_inputs[k] = seq
         return work.h[k]
 
+    def join(self, outs):
+        return outs[0]  # the directions write their rows of one buffer
+
     def readout(self, outs):
-        (seq,) = outs
-        B, T = self.work.batch, self.work.steps
-        slots = seq.shape[1] // B  # after step t, slot (t + 1) % slots
-        return _Mat.of(seq, seq.shape[0], B, ld=seq.shape[1], offset=(T % slots) * B)
+        work, H = self.work, self.layout.hidden_size
+        B, T, top = work.batch, work.steps, work.spec.num_layers - 1
+        h = work.h[top]
+        if work.head_in is None:  # one direction, every row every step: time T-1's columns
+            col = B + ((T - 1) % 2 if work.ring[top] else T - 1) * B
+            return _Mat.of(h, H, B, ld=h.shape[1], offset=col)
+        last = work.sched_view("last_ring" if work.ring[top] else "last")
+        for d in range(len(outs)):
+            self.backend._gather(self._block(h, d), 1, h.shape[1], last[d * B:(d + 1) * B],
+                                 self._block(work.head_in, d), 1, B, H, B)
+        return _Mat.of(work.head_in)
 
     def head(self, h):
         outputs = self.work.outputs
@@ -370,6 +453,9 @@ class _CudaOps:
     def head_backward(self, doutputs):
         work, blas, grads = self.work, self.blas, self.grad_views
         buffers = work.backward_buffers()
+        if work.padded:  # no kernel writes dz past the packed steps: its GEMMs read zeros there
+            dz = buffers["dz"]
+            self.backend._zero_tail(work, dz, dz.shape[1], dz.shape[0])
         B, O = doutputs.shape
         d_out = _Mat.of(doutputs)
         blas.gemm(_Mat.of(grads["head.weight"]), d_out, work.head_input, ta=True, tb=True)
@@ -380,37 +466,67 @@ class _CudaOps:
         return buffers["dh_last"]
 
     def readout_backward(self, dh):
-        return [_SeqGrad(last=dh, steps=None)]
+        return [_SeqGrad(last=self._block(dh, d), steps=None)
+                for d in range(self.work.spec.num_directions)]
 
     def recurrence_backward(self, k, dseq, reverse, input_grads):
-        work, blas, layout = self.work, self.blas, self.layout
-        B, T, H = work.batch, work.steps, layout.hidden_size
+        work, blas, layout, d = self.work, self.blas, self.layout, int(reverse)
+        B, C, H = work.batch, work.columns, layout.hidden_size
         buffers = work.backward_buffers()
-        self.backend._backward_recurrence(work, self.params, k, dseq.last, dseq.steps,
+        self.backend._backward_recurrence(work, self.params, k, d, dseq.last, dseq.steps,
                                           self._recurrence)
-        w_ih, w_hh = layout.layer(self.views, k)[:2]
-        dw_ih, dw_hh, db_ih, _ = layout.layer(self.grad_views, k)
+        w_ih, w_hh = layout.layer(self.views, k, reverse)[:2]
+        dw_ih, dw_hh, db_ih, _ = layout.layer(self.grad_views, k, reverse)
         dz = _Mat.of(buffers["dz"])
         source, transposed = self._operand(work.layer_inputs[k])
         blas.gemm(_Mat.of(dw_ih), dz, source, tb=not transposed)
-        blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(work.h[k], H, T * B, ld=(T + 1) * B), tb=True)
+        h = self._block(work.h[k], d)
+        if work.ragged or reverse:
+            # the state each packed step started from, gathered in the packed order
+            h_prev = buffers["h_prev"]
+            self.backend._gather(h, 1, h.shape[1], work.sched_view("prev", d), h_prev, 1, C, H, C)
+            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h_prev), tb=True)
+        else:  # forwards over every step: step t started from the state in column t*B + b
+            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h, H, C, ld=h.shape[1]), tb=True)
         # bias_ih and bias_hh are adjacent in the layout: one GEMM fills both (2 x 4H).
-        blas.gemm(_Mat(db_ih.data.ptr, 2, 4 * H, 4 * H), _Mat.of(buffers["ones"], T * B, 2), dz,
+        blas.gemm(_Mat(db_ih.data.ptr, 2, 4 * H, 4 * H), _Mat.of(buffers["ones"], C, 2), dz,
                   ta=True, tb=True)
         if self.dh0 is not None:
             dh = cupy.empty((H, B), work.dtype)
-            blas.gemm(_Mat.of(dh), _Mat.of(w_hh), _Mat(dz.ptr, 4 * H, B, T * B), ta=True)
-            self.dh0[k], self.dc0[k] = dh.T, buffers["dc"].T.copy()
+            if reverse:  # a row's first step is its last valid one
+                first = buffers["dz_first"]
+                self.backend._gather(buffers["dz"], 1, C, work.sched_view("first", 1), first, 1,
+                                     B, 4 * H, B)
+                dz_first = _Mat.of(first)
+            else:  # every row's first step is step 0: the first B columns
+                dz_first = _Mat(dz.ptr, 4 * H, B, C)
+            blas.gemm(_Mat.of(dh), _Mat.of(w_hh), dz_first, ta=True)
+            n = k * work.spec.num_directions + d
+            self.dh0[n], self.dc0[n] = dh.T, buffers["dc"].T.copy()
         if not input_grads:
             return None
-        # The gradient w.r.t. hidden states goes to the one dh_seq buffer: the layer below reads
-        # it before anything writes it again.  The network input's is the caller's, so its own.
-        out = cupy.empty((w_ih.shape[1], T * B), work.dtype) if transposed else buffers["dh_seq"]
-        blas.gemm(_Mat.of(out), _Mat.of(w_ih), dz, ta=True)
+        # The gradient w.r.t. the layer's input: the network input's is the caller's, so its own;
+        # hidden states' goes to the layer below's dh_seq buffer.  The second direction adds its
+        # part to the first's.
+        if transposed:
+            if self._dx is None:
+                self._dx = cupy.empty((w_ih.shape[1], C), work.dtype)
+            out = self._dx
+        else:
+            out = buffers["dh_seq"][(k - 1) % len(buffers["dh_seq"])]
+        blas.gemm(_Mat.of(out), _Mat.of(w_ih), dz, ta=True, accumulate=k in self._summed)
+        self._summed.add(k)
         return _SeqGrad(last=None, steps=out)
+
+    def join_backward(self, dins, parts):
+        summed = dins[0].steps  # both directions' parts are summed in one buffer
+        if parts == 1:
+            return [_SeqGrad(last=None, steps=summed)]
+        return [_SeqGrad(last=None, steps=self._block(summed, d)) for d in range(parts)]
 
 
 # ----------------------------------------------------------------------------- backend
+
 
 
 class CUDABackend(Backend):
@@ -436,6 +552,7 @@ class CUDABackend(Backend):
         self.recurrence = recurrence
         self.graphs = bool(graphs)
         self._persistent_ok: dict = {}
+        self._fixed_schedules: OrderedDict = OrderedDict()  # (B, T) -> (schedule, on device)
         self._slots: OrderedDict = OrderedDict()
         # A slot's input buffers are shared by every caller of train_step with that shape: the
         # copy-in, the launch and the copy-out of one step must not interleave with another's.
@@ -499,12 +616,19 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ recurrences
 
-    def _forward_recurrence(self, work, params, k, store_gates, recurrence):
+    @staticmethod
+    def _schedule_args(work, ring, d):
+        """The kernels' ``Schedule`` of direction ``d`` (the state in two slots where ``ring``)."""
+        return (work.sched_view("active"), work.sched_view("xcol"),
+                work.sched_view("ring" if ring else "scol"), _i32(work.steps), _i32(d))
+
+    def _forward_recurrence(self, work, params, k, d, store_gates, recurrence):
         layout, dtype = work.spec.layout, work.dtype
-        H, B, T, S = layout.hidden_size, work.batch, work.steps, work.slots[k]
-        _, w_hh, b_ih, b_hh = layout.layer(layout.views(params), k)
-        args = (w_hh, b_ih, b_hh, work.xg[k], work.h[k], work.c[k], _i32(H), _i32(B), _i32(T),
-                _i32(S))
+        H, B = layout.hidden_size, work.batch
+        _, w_hh, b_ih, b_hh = layout.layer(layout.views(params), k, reverse=d == 1)
+        h, c = (state[d * H:(d + 1) * H] for state in (work.h[k], work.c[k]))
+        args = ((w_hh, b_ih, b_hh, work.xg[k][d], h, c, _i32(H), _i64(work.columns),
+                 _i64(h.shape[1])) + self._schedule_args(work, work.ring[k], d))
         plan = self._persistent_plan("forward", H, B, dtype, recurrence)
         if plan is not None:
             kernel = _kernel("lstm_persistent", "forward_persistent", dtype)
@@ -516,17 +640,20 @@ class CUDABackend(Backend):
         kernel = _kernel("lstm_step", "forward_step", dtype)
         tail = (_i32(store_gates), _i32(plan.slice_units), _i32(plan.chunk_rows),
                 _i32(plan.stage_rows))
-        for t in range(T):
+        steps = range(work.launch_steps)
+        for t in reversed(steps) if d else steps:
             kernel(plan.grid, (plan.threads,), args + (_i32(t),) + tail,
                    shared_mem=plan.shared_bytes)
 
-    def _backward_recurrence(self, work, params, k, dh_last, dh_seq, recurrence):
+    def _backward_recurrence(self, work, params, k, d, dh_last, dh_seq, recurrence):
         layout, dtype = work.spec.layout, work.dtype
-        H, B, T = layout.hidden_size, work.batch, work.steps
+        H, B = layout.hidden_size, work.batch
         buffers = work.backward_buffers()
-        w_hh = layout.layer(layout.views(params), k)[1]
-        args = (w_hh, work.xg[k], work.c[k], _ptr(dh_last), _ptr(dh_seq), buffers["dz"],
-                buffers["dc"], _i32(H), _i32(B), _i32(T))
+        w_hh = layout.layer(layout.views(params), k, reverse=d == 1)[1]
+        c = work.c[k][d * H:(d + 1) * H]
+        args = ((w_hh, work.xg[k][d], c, _ptr(dh_last), _ptr(dh_seq), buffers["dz"],
+                 buffers["dc"], _i32(H), _i32(B), _i64(work.columns), _i64(c.shape[1]))
+                + self._schedule_args(work, False, d))
         plan = self._persistent_plan("backward", H, B, dtype, recurrence)
         if plan is not None:
             name = self._recurrence_name("backward", plan, True)
@@ -537,32 +664,92 @@ class CUDABackend(Backend):
         plan = plan_recurrence("backward", H, B, dtype.itemsize, _limits(), persistent=False)
         kernel = _kernel("lstm_step", self._recurrence_name("backward", plan, False), dtype)
         tail = (_i32(plan.slice_units), _i32(plan.chunk_rows), _i32(plan.stage_rows))
-        for t in reversed(range(T)):
+        steps = range(work.launch_steps)  # the forward pass's, last first
+        for t in steps if d else reversed(steps):
             kernel(plan.grid, (plan.threads,), args + (_i32(t),) + tail,
                    shared_mem=plan.shared_bytes)
+
+    # ------------------------------------------------------------------ layouts
+
+    @staticmethod
+    def _gather(src, src_col, src_feature, idx, dst, dst_col, dst_feature, features, cols):
+        """``dst[c, f] = src[idx[c], f]`` (zero where ``idx[c] < 0``), strides in elements."""
+        blocks = max(1, min(4096, math.ceil(features * cols / _LAYOUT_THREADS)))
+        _kernel("lstm_step", "gather_columns", dst.dtype)(
+            (blocks,), (_LAYOUT_THREADS,),
+            (src, _i64(src_col), _i64(src_feature), idx, dst, _i64(dst_col), _i64(dst_feature),
+             _i32(features), _i32(cols)))
+
+    @staticmethod
+    def _zero_tail(work, a, ld, rows):
+        """Zero the columns of ``a`` (``rows`` x ``work.columns``, row length ``ld``) past the
+        packed steps of the batch whose schedule ``work.sched`` holds (read on the device)."""
+        blocks = max(1, min(4096, math.ceil(rows * work.columns / _LAYOUT_THREADS)))
+        _kernel("lstm_step", "zero_tail", a.dtype)(
+            (blocks,), (_LAYOUT_THREADS,),
+            (a, _i64(ld), _i32(rows), work.sched_view("total"), _i32(work.columns)))
+
+    def _fixed_schedule(self, batch, steps):
+        """The schedule of every row over every step and its device copy, made once per shape."""
+        key = (batch, steps)
+        found = self._fixed_schedules.pop(key, None)
+        if found is None:
+            schedule = StepSchedule(None, batch, steps)
+            found = (schedule, cupy.asarray(schedule.data))
+        self._fixed_schedules[key] = found
+        while len(self._fixed_schedules) > _CACHED_SHAPES:
+            self._fixed_schedules.popitem(last=False)
+        return found
+
+    def _copy_in(self, work, x):
+        """``x`` (caller's rows) into ``work.x_in``: time-major, or sorted and packed."""
+        if not work.ragged:
+            work.x_in[...] = x.transpose(1, 0, 2)
+            return
+        x = cupy.ascontiguousarray(x, dtype=work.dtype)
+        n = x.shape[2]
+        self._gather(x, n, 1, work.sched_view("x"), work.x_in, n, 1, n, work.columns)
 
     # ------------------------------------------------------------------ Backend API
 
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         x = cupy.asarray(x)
-        _check_supported(spec, x, lengths)
         B, T, _ = x.shape
-        work = _Workspace(spec, B, T, params.dtype, train)
-        work.x_tb[...] = x.transpose(1, 0, 2)
-        outputs = model.forward(_CudaOps(self, work, params), spec, work.x_tb, h0, c0)
+        lengths = check_lengths(lengths, B, T)
+        if lengths is None:
+            schedule, sched = self._fixed_schedule(B, T)
+        else:
+            schedule, sched = StepSchedule(lengths, B, T), None
+        work = _Workspace(spec, B, T, params.dtype, train, schedule, sched=sched)
+        self._copy_in(work, x)
+        if work.order is not None:  # the initial states, in the rows' sorted order
+            h0, c0 = (None if a is None else cupy.asarray(a)[:, work.order] for a in (h0, c0))
+        outputs = model.forward(_CudaOps(self, work, params), spec, work.x_in, h0, c0)
+        if work.order is not None:
+            outputs = outputs[work.inverse]
         return outputs, (work if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):
+        work = cache
         grads = cupy.empty_like(params)
-        ops = _CudaOps(self, cache, params, grads, initial_grads=input_grads)
+        ops = _CudaOps(self, work, params, grads, initial_grads=input_grads)
         doutputs = cupy.ascontiguousarray(doutputs, dtype=params.dtype)
+        if work.order is not None:
+            doutputs = cupy.ascontiguousarray(doutputs[work.order])
         dseq = model.backward(ops, spec, doutputs, input_grads)
         if not input_grads:
             return Gradients(grads)
-        dx = dseq.steps.reshape(spec.input_size, cache.steps, cache.batch).transpose(2, 1, 0)
-        return Gradients(grads, cupy.ascontiguousarray(dx),
-                         cupy.ascontiguousarray(cupy.stack(ops.dh0)),
-                         cupy.ascontiguousarray(cupy.stack(ops.dc0)))
+        B, T, I = work.batch, work.steps, spec.input_size
+        dh0, dc0 = cupy.stack(ops.dh0), cupy.stack(ops.dc0)
+        if work.order is None:
+            dx = dseq.steps.reshape(I, T, B).transpose(2, 1, 0)
+        else:  # unpacked into the caller's rows, zero past each row's length
+            dx = cupy.empty((B, T, I), work.dtype)
+            unpack = cupy.asarray(work.schedule.unpack())
+            self._gather(dseq.steps, 1, work.columns, unpack, dx, I, 1, I, B * T)
+            dh0, dc0 = dh0[:, work.inverse], dc0[:, work.inverse]
+        return Gradients(grads, cupy.ascontiguousarray(dx), cupy.ascontiguousarray(dh0),
+                         cupy.ascontiguousarray(dc0))
 
     @staticmethod
     def _launch_loss(outputs, y, loss_kind, doutputs, value):
@@ -613,11 +800,11 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ training step
 
-    def _train_slot(self, spec, batch, steps, dtype, loss_kind):
-        key = (spec, batch, steps, np.dtype(dtype), loss_kind)
+    def _train_slot(self, spec, batch, steps, dtype, loss_kind, ragged):
+        key = (spec, batch, steps, np.dtype(dtype), loss_kind, ragged)
         slot = self._slots.pop(key, None)
         if slot is None:
-            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind)
+            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind, ragged)
         self._slots[key] = slot
         while len(self._slots) > _CACHED_SHAPES:
             self._slots.popitem(last=False)
@@ -628,7 +815,7 @@ class CUDABackend(Backend):
         ``state``: device work only, on fixed buffers (what a CUDA graph captures)."""
         work, spec = slot.work, slot.work.spec
         ops = _CudaOps(self, work, params, slot.grads, recurrence=recurrence)
-        model.forward(ops, spec, work.x_tb)
+        model.forward(ops, spec, work.x_in)
         self._launch_loss(work.outputs, slot.y, slot.loss_kind, slot.doutputs, slot.loss)
         model.backward(ops, spec, slot.doutputs)
         n = slot.grads.size
@@ -666,21 +853,29 @@ class CUDABackend(Backend):
 
         No host synchronisation: the Adam kernel itself skips the update when the loss or the
         gradient norm is not finite.  ``config`` is copied into ``state.settings``, where the
-        step reads it.  The first step of a new shape (batch, steps, dtype, loss) and set of
-        buffers (``params`` and ``state``'s) runs directly and captures a CUDA graph; the next
-        ones replay it, whatever their settings.
+        step reads it.  The first step of a new shape (batch, steps, dtype, loss, and whether
+        the rows have lengths) and set of buffers (``params`` and ``state``'s) runs directly and
+        captures a CUDA graph; the next ones replay it, whatever their settings and lengths.
         """
         loss_kind, state, x = get_loss(loss), _device_state(state), cupy.asarray(x)
-        _check_supported(spec, x, lengths)
-        with self._train_lock:
-            return self._train_step(spec, params, state, x, y, loss_kind, config)
-
-    def _train_step(self, spec, params, state, x, y, loss_kind, config):
         B, T, _ = x.shape
-        slot = self._train_slot(spec, B, T, params.dtype, loss_kind)
-        # A graph reads its inputs from the slot and its settings from the state.
-        slot.work.x_tb[...] = x.transpose(1, 0, 2)
-        slot.y[...] = cupy.asarray(y)
+        lengths = check_lengths(lengths, B, T)
+        with self._train_lock:
+            return self._train_step(spec, params, state, x, y, loss_kind, config, lengths)
+
+    def _train_step(self, spec, params, state, x, y, loss_kind, config, lengths):
+        B, T, _ = x.shape
+        slot = self._train_slot(spec, B, T, params.dtype, loss_kind, lengths is not None)
+        work = slot.work
+        y = cupy.asarray(y)
+        # A graph reads its inputs and this batch's schedule from the slot, its settings from
+        # the state.
+        if lengths is not None:
+            schedule = StepSchedule(lengths, B, T, columns=work.columns)
+            work.sched[...] = cupy.asarray(schedule.data)
+            y = y[cupy.asarray(schedule.order)]
+        self._copy_in(work, x)
+        slot.y[...] = y
         state.write_settings(config)
         if not self.graphs:
             self._step_body(slot, params, state, self.recurrence)

@@ -16,7 +16,7 @@ import numpy as np
 from ..kernels import CUDA_SOURCE_DIR
 
 __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "plan_recurrence",
-           "ADAM_SETTINGS", "adam_settings"]
+           "StepSchedule", "step_schedule", "ADAM_SETTINGS", "adam_settings"]
 
 #: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
@@ -126,6 +126,106 @@ def plan_recurrence(direction, hidden, batch, itemsize, limits, persistent):
     grid = (slices, 1) if persistent else (slices, math.ceil(batch / chunk))
     return RecurrencePlan(persistent, units, chunk, stage, vector, THREADS, grid,
                           shared(chunk, stage))
+
+
+class StepSchedule:
+    """The rows of a batch sorted by length and, for the kernels, where each step reads and writes.
+
+    The rows are sorted longest first (stably), so the rows still active at time step ``t`` are
+    a prefix, ``active[t]`` of them; the steps are packed, as PyTorch's ``PackedSequence``: time
+    ``t``'s rows take the columns ``xcol[t] + b``, ``b < active[t]``, of ``total`` columns in
+    all, and the buffers have ``columns`` of them (``total``, or more: the columns past
+    ``total`` are then zeroed on the device, so that GEMMs over all of them stay exact).  A
+    layer's state buffer (``h``, ``c``: ``B`` columns of initial state first) keeps time ``t``
+    at ``scol[t] = B + xcol[t]`` (every step) or ``ring[t] = B + (t % 2) * B`` (two slots in
+    turn, the top layer in inference).  See the top of ``fastlstm/kernels/lstm_core.cuh``.
+
+    :attr:`data` (int32) holds what the kernels read, at the offsets of :attr:`offsets`
+    (``name -> (start, shape)``); its size depends only on the batch, the steps and the
+    columns, so a device buffer of one shape takes the schedule of any batch of that shape:
+
+    ``active``, ``xcol``, ``scol``, ``ring`` : (T,)
+    ``total`` : (1,), the packed columns
+    ``last``, ``last_ring`` : (2, B), the state column of each row's last state, per
+        direction (forward: its last valid step; reverse: step 0), in ``scol`` or ``ring``
+    ``first`` : (2, B), the packed column of each row's first step, per direction
+    ``prev`` : (2, columns), the state column each packed column's step starts from (the
+        step before, or the initial state), per direction; -1 past ``total``
+    ``x`` : (columns,), the row of ``x.reshape(B * T, I)`` (caller's order) of each packed
+        column; -1 past ``total``
+
+    Parameters
+    ----------
+    lengths : ndarray of int or None
+        Each row's valid steps, in the caller's order (``None``: all ``steps``).
+    batch, steps : int
+    columns : int, optional
+        Columns of the packed buffers; default ``total``.
+    """
+
+    def __init__(self, lengths, batch, steps, columns=None):
+        B, T = int(batch), int(steps)
+        if lengths is None:
+            self.order = None
+            self.lengths = np.full(B, T, np.int64)
+        else:
+            lengths = np.asarray(lengths, np.int64)
+            self.order = np.argsort(-lengths, kind="stable")
+            self.lengths = lengths[self.order]
+        self.batch, self.steps = B, T
+        active = (self.lengths[None, :] > np.arange(T)[:, None]).sum(axis=1)
+        xcol = np.concatenate([[0], np.cumsum(active)[:-1]]).astype(np.int64)
+        self.total = int(active.sum())
+        self.columns = self.total if columns is None else int(columns)
+        if self.columns < self.total:
+            raise ValueError(f"{self.columns} columns cannot hold {self.total} packed steps")
+        C, rows = self.columns, np.arange(B)
+        scol, ring = B + xcol, B + (np.arange(T) % 2) * B
+        last_t = self.lengths - 1
+        # every packed column's time step and row
+        t_of = np.repeat(np.arange(T), active)
+        r_of = np.arange(self.total) - xcol[t_of]
+        prev = np.full((2, C), -1, np.int64)
+        prev[0, :self.total] = np.where(t_of > 0, scol[t_of - 1] + r_of, r_of)
+        after = np.append(active, 0)[t_of + 1]  # rows active at t + 1
+        prev[1, :self.total] = np.where(r_of < after, scol[np.minimum(t_of + 1, T - 1)] + r_of,
+                                        r_of)
+        x = np.full(C, -1, np.int64)
+        original = rows if self.order is None else self.order
+        x[:self.total] = original[r_of] * T + t_of
+        self.active, self.xcol = active, xcol
+        parts = dict(active=active, xcol=xcol, scol=scol, ring=ring,
+                     total=np.array([self.total]),
+                     last=np.stack([scol[last_t] + rows, scol[0] + rows]),
+                     last_ring=np.stack([ring[last_t] + rows, ring[0] + rows]),
+                     first=np.stack([rows, xcol[last_t] + rows]), prev=prev, x=x)
+        self.offsets, start = {}, 0
+        for name, value in parts.items():
+            self.offsets[name] = (start, value.shape)
+            start += value.size
+        if B + C >= 2 ** 31:
+            raise ValueError(f"a batch of {B} rows and {C} packed columns is too large")
+        self.data = np.concatenate([v.ravel() for v in parts.values()]).astype(np.int32)
+
+    @property
+    def max_length(self):
+        """Steps of the longest row: the steps the recurrences run."""
+        return int(self.lengths[0]) if self.batch else 0
+
+    def unpack(self):
+        """(B * T,) int32: the packed column of each row of ``x.reshape(B * T, I)`` (caller's
+        order), -1 past the row's length; for the gradient w.r.t. ``x``."""
+        B, T = self.batch, self.steps
+        position = np.arange(B) if self.order is None else np.argsort(self.order)
+        lengths = self.lengths[position]  # in the caller's order
+        t = np.arange(T)[None, :]
+        cols = self.xcol[None, :] + position[:, None]
+        return np.where(t < lengths[:, None], cols, -1).reshape(-1).astype(np.int32)
+
+
+def step_schedule(lengths, batch, steps, columns=None):
+    """The :class:`StepSchedule` of a batch (``lengths`` as :func:`~.base.check_lengths` gives)."""
+    return StepSchedule(lengths, batch, steps, columns)
 
 
 #: the settings the Adam kernel reads from its buffer of doubles, in the order of the buffer

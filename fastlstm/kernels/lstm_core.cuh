@@ -1,14 +1,25 @@
 // Device code shared by the per-step (lstm_step.cu) and persistent (lstm_persistent.cu)
 // recurrence kernels: the same equations as fastlstm/kernels/lstm_cpu.py, PyTorch's gate order (i, f, g, o).
 //
+// Rows and steps: the rows of a batch are sorted by length, longest first (the host does it), so
+// the rows still active at time step t are a prefix, active[t] of them; a step computes those
+// only (the others are skipped, not masked).  The steps are stored PACKED, as PyTorch's
+// PackedSequence: time t's rows take the columns xcol[t] + b, b < active[t], xcol[t] = the sum
+// of active[u] over u < t (every row of every step: xcol[t] = t*B).  A reverse recurrence walks
+// the same packed times from t = T-1 down to 0 (its active counts rise): a row whose last valid
+// step is t starts there from its initial state.  `Schedule` holds these device arrays, written
+// by the host for each batch (a captured CUDA graph reads them, so it serves every batch of its
+// shape whatever the lengths).
+//
 // Layouts ("feature-major": batch is the fastest index, so a warp's 32 lanes, which own 32
 // consecutive batch rows, make coalesced accesses):
-//   xg, gates, dz : (4H, T*B)      row r = gate*H + unit, column t*B + b
-//   h, c          : (H, S*B)       column s*B + b; slot 0 holds the initial state and step t
-//                                  reads slot t % S and writes slot (t + 1) % S (S = T + 1 keeps
-//                                  every step; S = 2 alternates two slots for inference)
+//   xg, gates, dz : (4H, ld_seq)      row r = gate*H + unit, column xcol[t] + b
+//   h, c          : (H, ld_state)     columns [0, B): the initial state of row b; time t's state
+//                                     at column scol[t] + b (training and layers that feed
+//                                     another: B + xcol[t], every step kept; the top layer in
+//                                     inference: B + (t % 2)*B, two slots in turn)
 //   dh_last, dc   : (H, B)
-//   dh_seq        : (H, T*B)       gradient w.r.t. each step's output, from the layer above
+//   dh_seq        : (H, ld_seq)       gradient w.r.t. each step's output, from the layer above
 //
 // Work split: a block owns JS consecutive hidden units (a "slice").  Per step it computes the
 // dot products of its slice for all batch rows, chunk by chunk (BC rows, a multiple of 32): one
@@ -81,11 +92,62 @@ __device__ void load_weights(T* ws, const Weights& weights, int k0, int rows, in
     }
 }
 
-// One chunk of batch rows [b0, b0 + BC): acc[v] = sum_k in[k, col_in + b] * w[k, task*V + v]
-// for each warp task, then epi(column group, b, acc) for every valid row.  `in == nullptr`
-// means no recurrent input (acc = 0).  Every thread of the block must call this (it syncs).
-template <typename T, int V, bool RESIDENT, class Weights, class Epilogue>
-__device__ void chunk_dot(const T* __restrict__ in, long long ld_in, long long col_in, int B,
+// The time steps of one recurrence (see the top of this file): device arrays the host writes.
+struct Schedule {
+    const int* active;  // (steps,) rows active at time t: a prefix of the sorted rows
+    const int* xcol;    // (steps,) first column of time t in the packed sequences (xg, dz, dh_seq)
+    const int* scol;    // (steps,) first column of time t's state in h and c
+    int steps;
+    int reverse;        // from each row's last valid step back to step 0
+};
+
+// Where step t of a recurrence reads and writes: read from the Schedule once per step.
+struct Step {
+    int rows;             // rows active at t; the step computes these only
+    long long xcol;       // first column of t in the packed sequences
+    long long scol;       // first column of t's state
+    int carried;          // rows whose state comes from the step before (the others start here)
+    long long prev;       // first state column of the step before
+    int carried_next;     // rows whose state the step after reads (the others end here)
+    long long next_xcol;  // first packed column of the step after
+    // the state column row b starts step t from: the step before's, or its initial state
+    __device__ long long prev_col(int b) const { return b < carried ? prev + b : (long long)b; }
+};
+
+__device__ __forceinline__ Step schedule_step(const Schedule& s, int t) {
+    const int before = s.reverse ? t + 1 : t - 1;
+    const int after = s.reverse ? t - 1 : t + 1;
+    const bool has_before = before >= 0 && before < s.steps;
+    const bool has_after = after >= 0 && after < s.steps;
+    Step step;
+    step.rows = s.active[t];
+    step.xcol = s.xcol[t];
+    step.scol = s.scol[t];
+    step.carried = has_before ? min(s.active[before], step.rows) : 0;
+    step.prev = has_before ? (long long)s.scol[before] : 0;
+    step.carried_next = has_after ? min(s.active[after], step.rows) : 0;
+    step.next_xcol = has_after ? (long long)s.xcol[after] : 0;
+    return step;
+}
+
+// Columns of the recurrent input each row of a step reads (-1: none, it reads zeros).
+struct PrevStateCols {  // forwards: h of the step before, or the initial state
+    Step step;
+    __device__ long long operator()(int b) const { return step.prev_col(b); }
+};
+struct NextStepCols {  // backwards: dz of the step after, for the rows it carried on
+    Step step;
+    __device__ long long operator()(int b) const {
+        return b < step.carried_next ? step.next_xcol + b : -1;
+    }
+};
+
+// One chunk of batch rows [b0, b0 + BC): acc[v] = sum_k in[k, cols(b)] * w[k, task*V + v]
+// for each warp task, then epi(column group, b, acc) for every row b < rows.  `in == nullptr`
+// means no recurrent input (acc = 0), so does cols(b) < 0 for that row.  Every thread of the
+// block must call this (it syncs).
+template <typename T, int V, bool RESIDENT, class Weights, class Cols, class Epilogue>
+__device__ void chunk_dot(const T* __restrict__ in, long long ld_in, const Cols& cols, int rows,
                           int b0, const Tile& tile, T* ws, T* stage, T* partial,
                           const Weights& weights, const Epilogue& epi) {
     const int lane = threadIdx.x & 31;
@@ -110,8 +172,9 @@ __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, long long c
             for (int e = threadIdx.x; e < kc * tile.BC; e += blockDim.x) {
                 const int kk = e / tile.BC;
                 const int b = b0 + (e - kk * tile.BC);
+                const long long col = b < rows ? cols(b) : -1;
                 // __ldcg: the rows were written by other blocks (persistent kernel); bypass L1.
-                stage[e] = b < B ? __ldcg(in + (long long)(k0 + kk) * ld_in + col_in + b) : T(0);
+                stage[e] = col >= 0 ? __ldcg(in + (long long)(k0 + kk) * ld_in + col) : T(0);
             }
             if (!RESIDENT) load_weights(ws, weights, k0, kc, tile.ncol);
             __syncthreads();
@@ -142,7 +205,7 @@ __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, long long c
         }
         __syncthreads();
     }
-    if (active && part == 0 && b0 + row < B) epi(group, b0 + row, acc);
+    if (active && part == 0 && b0 + row < rows) epi(group, b0 + row, acc);
 }
 
 // Forward pointwise step for unit j0 + group, batch row b: gates, cell and hidden state.
@@ -153,12 +216,14 @@ struct ForwardEpilogue {
     T* xg;
     T* h;
     T* c;
-    int H, B, steps, slots, t, j0, store_gates;
+    long long ld_seq, ld_state;  // row lengths of xg and of h, c
+    int H, j0, store_gates;
+    Step step;
     __device__ void operator()(int group, int b, const T (&z)[4]) const {
         const int j = j0 + group;
         if (j >= H) return;
-        const long long tb = (long long)steps * B;
-        const long long col = (long long)t * B + b;
+        const long long tb = ld_seq;
+        const long long col = step.xcol + b;
         T a[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -169,9 +234,8 @@ struct ForwardEpilogue {
         const T f = sigmoid(a[1]);
         const T g = dev_tanh(a[2]);
         const T o = sigmoid(a[3]);
-        const long long sb = (long long)slots * B;
-        const long long prev = (long long)j * sb + (long long)(t % slots) * B + b;
-        const long long next = (long long)j * sb + (long long)((t + 1) % slots) * B + b;
+        const long long prev = (long long)j * ld_state + step.prev_col(b);
+        const long long next = (long long)j * ld_state + step.scol + b;
         const T cell = f * c[prev] + i * g;
         c[next] = cell;
         h[next] = o * dev_tanh(cell);
@@ -185,21 +249,22 @@ struct ForwardEpilogue {
 };
 
 // Backward pointwise step for units j0 + group*V + v, batch row b, given the recurrent part of
-// dL/dh_t (dz_{t+1} @ W_hh, zero at the last step): writes dz_t and carries dc.
+// dL/dh_t (dz of the step after @ W_hh, zero at the row's last step): writes dz_t, carries dc.
 template <typename T, int V>
 struct BackwardEpilogue {
     const T* gates;
-    const T* c;        // (H, (T+1)*B)
-    const T* dh_last;  // (H, B) or nullptr: gradient w.r.t. the last hidden state
-    const T* dh_seq;   // (H, T*B) or nullptr
+    const T* c;        // (H, ld_state), every step kept
+    const T* dh_last;  // (H, B) or nullptr: gradient w.r.t. each row's last hidden state
+    const T* dh_seq;   // (H, ld_seq) or nullptr
     T* dz;
     T* dc;             // (H, B): carried between steps, dL/dc_0 at the end
-    int H, B, steps, t, j0;
+    long long ld_seq, ld_state;
+    int H, B, j0;
+    Step step;
     __device__ void operator()(int group, int b, const T (&dh_rec)[V]) const {
-        const long long tb = (long long)steps * B;
-        const long long sb = tb + B;
-        const long long col = (long long)t * B + b;
-        const bool last = t == steps - 1;
+        const long long tb = ld_seq;
+        const long long col = step.xcol + b;
+        const bool last = b >= step.carried_next;  // no later step reads this row's state
 #pragma unroll
         for (int v = 0; v < V; ++v) {
             const int j = j0 + group * V + v;
@@ -211,8 +276,8 @@ struct BackwardEpilogue {
             const T f = gates[((long long)H + j) * tb + col];
             const T g = gates[((long long)2 * H + j) * tb + col];
             const T o = gates[((long long)3 * H + j) * tb + col];
-            const T tc = dev_tanh(c[(long long)j * sb + col + B]);
-            const T c_prev = c[(long long)j * sb + col];
+            const T tc = dev_tanh(c[(long long)j * ld_state + step.scol + b]);
+            const T c_prev = c[(long long)j * ld_state + step.prev_col(b)];
             const T grad_c = (last ? T(0) : dc[(long long)j * B + b]) + grad_h * o * (T(1) - tc * tc);
             dz[(long long)j * tb + col] = grad_c * g * i * (T(1) - i);
             dz[((long long)H + j) * tb + col] = grad_c * c_prev * f * (T(1) - f);
@@ -236,29 +301,29 @@ struct SharedLayout {
     }
 };
 
-// One forward step t for the chunk(s) of batch rows [b_begin, b_end).
+// One forward step for the chunk(s) of batch rows [b_begin, b_end) that are active at it.
 template <typename T, bool RESIDENT>
 __device__ void forward_step_chunks(const ForwardWeights<T>& weights, const ForwardEpilogue<T>& epi,
                                     const Tile& tile, const SharedLayout<T>& sh, int b_begin,
                                     int b_end) {
-    const long long ld = (long long)epi.slots * epi.B;
-    const long long col_in = (long long)(epi.t % epi.slots) * epi.B;
-    for (int b0 = b_begin; b0 < b_end; b0 += tile.BC)
-        chunk_dot<T, 4, RESIDENT>(epi.h, ld, col_in, epi.B, b0, tile, sh.ws, sh.stage, sh.partial,
-                                  weights, epi);
+    const int rows = epi.step.rows;
+    const PrevStateCols cols{epi.step};
+    for (int b0 = b_begin; b0 < b_end && b0 < rows; b0 += tile.BC)
+        chunk_dot<T, 4, RESIDENT>(epi.h, epi.ld_state, cols, rows, b0, tile, sh.ws, sh.stage,
+                                  sh.partial, weights, epi);
 }
 
-// One backward step t for the chunk(s) of batch rows [b_begin, b_end).
+// One backward step for the chunk(s) of batch rows [b_begin, b_end) that are active at it.
 template <typename T, int V, bool RESIDENT>
 __device__ void backward_step_chunks(const BackwardWeights<T>& weights,
                                      const BackwardEpilogue<T, V>& epi, const Tile& tile,
                                      const SharedLayout<T>& sh, int b_begin, int b_end) {
-    const long long ld = (long long)epi.steps * epi.B;
-    const T* in = epi.t == epi.steps - 1 ? nullptr : epi.dz;
-    const long long col_in = (long long)(epi.t + 1) * epi.B;
-    for (int b0 = b_begin; b0 < b_end; b0 += tile.BC)
-        chunk_dot<T, V, RESIDENT>(in, ld, col_in, epi.B, b0, tile, sh.ws, sh.stage, sh.partial,
-                                  weights, epi);
+    const int rows = epi.step.rows;
+    const T* in = epi.step.carried_next > 0 ? epi.dz : nullptr;
+    const NextStepCols cols{epi.step};
+    for (int b0 = b_begin; b0 < b_end && b0 < rows; b0 += tile.BC)
+        chunk_dot<T, V, RESIDENT>(in, epi.ld_seq, cols, rows, b0, tile, sh.ws, sh.stage,
+                                  sh.partial, weights, epi);
 }
 
 }  // namespace fastlstm
