@@ -138,18 +138,23 @@ def test_train_steps_follow_a_changing_config(backend):
     assert rel_err(got, want) < 1e-10
 
 
-def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
-    backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
+def stand_in_captures(backend, monkeypatch):
+    """The slots ``backend`` captures, with a stand-in for the CUDA graph, which the emulator
+    cannot capture: the step body on the buffers of the capture, run again at each launch."""
     captured = []
 
     def capture(slot, params, state):
-        # Stands in for the CUDA graph, which the emulator cannot capture: the step body on the
-        # buffers of the capture, run again at each launch.
         captured.append(slot)
         return types.SimpleNamespace(
             launch=lambda stream: backend._step_body(slot, params, state, backend.recurrence))
 
     monkeypatch.setattr(backend, "_capture", capture)
+    return captured
+
+
+def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
+    backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
+    captured = stand_in_captures(backend, monkeypatch)
     got, want = train_on_schedule(backend)
     assert len(captured) == 1, "a new config must not need a new capture"
     assert rel_err(got, want) < 1e-10

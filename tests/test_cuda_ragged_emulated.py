@@ -14,7 +14,6 @@ kernels cover the packed steps only, and that padding is never read.
 """
 
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from cuda_emulator import fake_cupy
 from fastlstm.backends import AdamConfig
 from oracle import ORACLE
 from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
+from test_cuda_emulated import stand_in_captures
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
@@ -178,14 +178,7 @@ def test_one_capture_serves_batches_of_any_lengths(cuda_module, monkeypatch):  #
     # stay in the columns past the packed steps of the next, shorter batches, which the step
     # zeroes, so they cannot poison the gradients).
     backend = emulated(cuda_module, "persistent", graphs=True)
-    captured = []
-
-    def capture(slot, params, state):
-        captured.append(slot)
-        return types.SimpleNamespace(
-            launch=lambda stream: backend._step_body(slot, params, state, backend.recurrence))
-
-    monkeypatch.setattr(backend, "_capture", capture)
+    captured = stand_in_captures(backend, monkeypatch)
     spec, params, x, y, _, _ = make_problem((7, 5, 3, 4, 2, 3), "cross_entropy",
                                             bidirectional=True)
     bad = x.copy()

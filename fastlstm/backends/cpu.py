@@ -67,15 +67,50 @@ TRAIN_CHUNK_BYTES = 5 << 19
 MAX_WORKSPACES = 4
 
 
+def _env_threads(name):
+    """The thread count that environment variable ``name`` gives (``"4"``, or OpenMP's
+    nested ``"4,2"``: its first level), else ``None`` (unset or not a number)."""
+    try:
+        return max(1, int(os.environ.get(name, "").split(",")[0]))
+    except ValueError:
+        return None
+
+
 def default_num_threads():
-    """The cores this process may run on (``FASTLSTM_NUM_THREADS`` overrides)."""
+    """The threads a CPU-backend call made from the calling thread may use: its budget.
+
+    ``FASTLSTM_NUM_THREADS`` where set.  Else the cores this process may run on
+    (``os.sched_getaffinity``), cut down to
+
+    * ``OMP_NUM_THREADS`` where set: joblib's process workers (loky: ``GridSearchCV(...,
+      n_jobs=...)``) get ``cores // n_jobs`` there, and a Dask nanny starts its worker
+      with 1 (``distributed.nanny.pre-spawn-environ``), its ``nthreads`` tasks running
+      side by side;
+    * inside a task of a Dask worker (``distributed.get_worker()``; ``distributed`` is not
+      imported for this), the share of one of its ``nthreads`` task threads.
+
+    Read at every :func:`fastlstm.backends.get_backend` call, which shares one CPU backend
+    per thread count.  The count is part of what a fit computes: a batch's weight
+    gradient is summed over the threads' rows, so fits on different counts differ in
+    the last bits.
+    """
     value = os.environ.get("FASTLSTM_NUM_THREADS")
     if value:
         return max(1, int(value))
     try:
-        return len(os.sched_getaffinity(0))
+        threads = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        threads = os.cpu_count() or 1
+    threads = min(threads, _env_threads("OMP_NUM_THREADS") or threads)
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            tasks = distributed.get_worker().state.nthreads
+        except (ValueError, AttributeError):  # not in a worker's task
+            pass
+        else:
+            threads = max(1, threads // max(1, tasks))
+    return threads
 
 
 @functools.lru_cache(maxsize=None)
@@ -644,7 +679,7 @@ class _ChunkOps:
 
     def recurrence(self, k, seq, h0, c0, reverse):
         (run, n), lo, hi = self._run(k, reverse), self.lo, self.hi
-        H, D = self.spec.hidden_size, self.spec.num_directions
+        H = self.spec.hidden_size
         zeros = self.ws.zeros[:hi - lo]
         if k < self.spec.num_layers - 1:
             hseq = self.chunk["hseq"][k][:, :, reverse * H:(reverse + 1) * H]
@@ -688,8 +723,8 @@ class _ChunkOps:
         written (the worker's ``first`` chunk) or added to the worker's partial sums."""
         chunk, ws, lo, hi = self.chunk, self.ws, self.lo, self.hi
         dz, dh, dc = chunk["dz"], chunk["dh"], chunk["dc"]
-        H, G = self.spec.hidden_size, 4 * self.spec.hidden_size
-        (run, n) = self._run(k, reverse)
+        H = self.spec.hidden_size
+        run, n = self._run(k, reverse)
         w_ih, w_hh = self.spec.layout.layer(self.views, k, reverse)[:2]
         dw, db = ws.dw[n][self.worker], ws.db[n][self.worker]
         active, slot, cslot = self.steps[reverse]

@@ -86,7 +86,6 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
     own_gemm : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
     """
-    R = x.shape[0]
     I = x.shape[2]
     K = xh.shape[1]
     H = K - I
