@@ -285,6 +285,75 @@ class BaseLSTM(BaseEstimator):
         check_is_fitted(self)
         return {name: view.copy() for name, view in self._spec.layout.views(self._params).items()}
 
+    def to_onnx(self, path=None, *, lengths=False):
+        """The fitted model as an ONNX graph of standard operators, for ONNX Runtime and others.
+
+        One ONNX ``LSTM`` node per layer (bidirectional where the network is),
+        then the head (``Gemm``) and, for a classifier, ``Softmax`` and the
+        label; opset 17, float32 weights.  Needs the ``onnx`` package
+        (``pip install 'fastlstm[onnx]'``); serving needs only an ONNX runtime.
+
+        Parameters
+        ----------
+        path : str or path-like, default=None
+            If given, the model is also written there (e.g. ``"model.onnx"``).
+        lengths : bool, default=False
+            Add a second input ``lengths``, int32 ``[batch]``: each sequence's
+            number of valid steps (1 to ``steps``), ONNX's ``sequence_lens``.
+            Each sequence is then read up to its length only (the steps after it
+            may hold anything finite, e.g. zeros), as ``predict`` reads a list
+            of sequences of different lengths.  Without it, every step of ``X``
+            is read.
+
+        Returns
+        -------
+        onnx.ModelProto
+            Inputs ``X``, float32 ``[batch, steps, n_inputs]`` (batch-first,
+            ``batch`` and ``steps`` of any size; 2-D ``X`` of the estimator must
+            be reshaped to ``(n_samples, -1, input_size_)``), and ``lengths``
+            where asked for.  Outputs of a classifier: ``label`` ``[batch]``
+            (what :meth:`predict` returns, in the dtype of ``classes_``: ints,
+            floats, bools or strings) and ``probabilities``, float32 ``[batch,
+            n_classes]`` (:meth:`predict_proba`); of a regressor:
+            ``predictions``, float32 ``[batch, n_targets]``, or ``[batch]``
+            where :meth:`predict` returns 1-D (one target).
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            The estimator is not fitted.
+        ImportError
+            The ``onnx`` package is not installed.
+
+        See Also
+        --------
+        fastlstm.onnx : how the graph is built and the weights are converted.
+
+        Notes
+        -----
+        ONNX Runtime refuses ``lengths`` above ``steps`` (or negative); a length
+        of 0 gives the head's outputs for the initial (zero) states, where
+        ``predict`` refuses an empty sequence.  ONNX Runtime 1.32's ``LSTM``
+        aborts the process on an empty batch: send at least one sequence.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import onnxruntime as ort
+        >>> from fastlstm import LSTMClassifier
+        >>> rng = np.random.default_rng(0)
+        >>> X, y = rng.standard_normal((40, 6, 2)), rng.integers(0, 2, 40)
+        >>> clf = LSTMClassifier(hidden_size=4, max_iter=1, random_state=0).fit(X, y)
+        >>> session = ort.InferenceSession(clf.to_onnx().SerializeToString(),
+        ...                                providers=["CPUExecutionProvider"])
+        >>> label, proba = session.run(None, {"X": X[:3].astype(np.float32)})
+        >>> bool((label == clf.predict(X[:3])).all())
+        True
+        """
+        from .onnx import to_onnx
+
+        return to_onnx(self, path, lengths=lengths)
+
     def load_state_dict(self, state_dict):
         """Set the weights from a mapping such as :meth:`state_dict` returns.
 
