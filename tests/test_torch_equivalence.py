@@ -119,3 +119,25 @@ def test_backend_equals_torch_on_packed_sequences(backend, num_layers, bidirecti
     for name, param in model.named_parameters():
         np.testing.assert_allclose(grads[name], param.grad.numpy(), rtol=1e-9, atol=1e-12,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_ragged_fit_in_torch_packed_gives_our_probabilities(num_layers, bidirectional):
+    """A classifier fitted on a list of sequences: its state_dict in PyTorch's packed LSTM
+    gives its predict_proba."""
+    X, y = sequences(n=60, steps=9)
+    lengths = np.random.default_rng(1).integers(1, 10, len(X))
+    seqs = [x[:n] for x, n in zip(X, lengths)]
+    clf = LSTMClassifier(hidden_size=5, num_layers=num_layers, bidirectional=bidirectional,
+                         max_iter=2, batch_size=16, learning_rate_init=0.05, random_state=0,
+                         device="cpu").fit(seqs, y)
+    model = TorchPacked(3, 5, num_layers, 3, bidirectional)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in clf.state_dict().items()})
+    padded = np.zeros_like(X)
+    for row, seq in enumerate(seqs):
+        padded[row, :len(seq)] = seq
+    with torch.no_grad():
+        logits = model(torch.from_numpy(padded), lengths)
+    np.testing.assert_allclose(clf.predict_proba(seqs), torch.softmax(logits, dim=1).numpy(),
+                               rtol=1e-5, atol=1e-6)

@@ -425,13 +425,12 @@ class CPUBackend(Backend):
         views, x, ws, order, lengths = self._prepare(spec, params, x, lengths,
                                                      "train" if train else "inference")
         if order is not None:
-            x = x[order]
             h0, c0 = (None if a is None else a[:, order] for a in (h0, c0))
         outputs = np.empty((x.shape[0], spec.output_size), params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
-                ops = _ChunkOps(self, spec, views, ws, ci, outputs)
+                ops = _ChunkOps(self, spec, views, ws, ci, outputs, order=order)
                 model.forward(ops, spec, x, h0, c0, _rows(lengths, ws.rows[ci]))
 
         self._run(work, ws.groups)
@@ -482,7 +481,7 @@ class CPUBackend(Backend):
             B = x.shape[0]
             y = np.asarray(y, dtype=y_dtype)
             if order is not None:
-                x, y = x[order], y[order]
+                y = y[order]
             outputs, doutputs = ws.outputs, ws.doutputs
 
             def work(worker, chunk_ids):
@@ -491,7 +490,8 @@ class CPUBackend(Backend):
                 # is per thread, hence set in each).
                 with np.errstate(over="ignore", invalid="ignore"):
                     for n, ci in enumerate(chunk_ids):
-                        ops = _ChunkOps(self, spec, views, ws, ci, outputs, worker, n == 0)
+                        ops = _ChunkOps(self, spec, views, ws, ci, outputs, worker, n == 0,
+                                        order=order)
                         model.forward(ops, spec, x, lengths=_rows(lengths, ws.rows[ci]))
                         lo, hi = ws.rows[ci]
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
@@ -655,14 +655,17 @@ class _ChunkOps:
     dinputs : tuple or None
         ``(dx, dh0, dc0)`` of the whole batch, whose rows of this chunk backward fills
         (``dh0`` and ``dc0``; ``dx`` by :meth:`scatter`).
+    order : array or None
+        The batch's rows in the order of the chunks (:meth:`_Workspace.order`): the chunk
+        gathers its rows of ``x`` itself, on its own thread, right before reading them.
     """
 
     def __init__(self, backend, spec, views, ws, ci, outputs, worker=0, first=True,
-                 h0_zero=True, c0=None, dinputs=None):
+                 h0_zero=True, c0=None, dinputs=None, order=None):
         self.own_gemm, self.spec, self.views, self.ws = backend.own_gemm, spec, views, ws
         self.chunk, (self.lo, self.hi) = ws.chunks[ci], ws.rows[ci]
         self.outputs, self.worker, self.first = outputs, worker, first
-        self.h0_zero, self.c0, self.dinputs = h0_zero, c0, dinputs
+        self.h0_zero, self.c0, self.dinputs, self.order = h0_zero, c0, dinputs, order
         self.ring = "gates" not in self.chunk["layers"][0][0]
 
     def inputs(self, x, lengths):
@@ -672,7 +675,9 @@ class _ChunkOps:
         else:  # rows longest first: the active rows of a step are a prefix of the chunk
             active = np.searchsorted(-lengths, -np.arange(lengths[0]), "left")
             self.steps = [_packed_steps(a, R, self.ring) for a in (active, active[::-1])]
-        return None if x is None else x[self.lo:self.hi]
+        if x is None:
+            return None
+        return x[self.lo:self.hi] if self.order is None else x[self.order[self.lo:self.hi]]
 
     def _run(self, k, reverse):
         return self.chunk["layers"][k][reverse], k * self.spec.num_directions + reverse
