@@ -3,6 +3,11 @@
 ``get_backend(name)`` with ``name`` one of ``"reference"`` (plain NumPy, the
 oracle), ``"cpu"`` (Numba kernels + BLAS), ``"cuda"`` (CUDA kernels through
 CuPy) or ``"auto"`` (CUDA where usable, else CPU).
+
+The CPU backend is shared per thread count: each call takes the instance for the
+calling thread's budget (:func:`.cpu.default_num_threads`), so two tasks of one
+process with different budgets (a Dask worker's, a joblib worker's) each keep to
+their own.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ BACKEND_NAMES = ("reference", "cpu", "cuda")
 _MODULES = {"reference": ("reference", "ReferenceBackend"),
             "cpu": ("cpu", "CPUBackend"),
             "cuda": ("cuda", "CUDABackend")}
-_instances: dict[str, Backend] = {}
+_instances: dict[str | tuple[str, int], Backend] = {}
 
 
-def _load(name):
+def _load(name, **kwargs):
     module_name, class_name = _MODULES[name]
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
@@ -33,7 +38,7 @@ def _load(name):
                 "(pip install 'fastlstm[cuda12]' or 'fastlstm[cuda13]'); "
                 f"import failed with: {exc}. Use device='cpu'.") from exc
         raise
-    return getattr(module, class_name)()
+    return getattr(module, class_name)(**kwargs)
 
 
 def get_backend(name="auto"):
@@ -55,9 +60,15 @@ def get_backend(name="auto"):
             return get_backend("cpu")
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES + ('auto',)}")
-    if name not in _instances:
-        _instances[name] = _load(name)
-    return _instances[name]
+    key, kwargs = name, {}
+    if name == "cpu":  # one instance per thread budget, read at each call
+        from .cpu import default_num_threads
+        num_threads = default_num_threads()
+        key, kwargs = (name, num_threads), dict(num_threads=num_threads)
+    if key not in _instances:
+        # setdefault: two threads that both load keep one instance
+        _instances.setdefault(key, _load(name, **kwargs))
+    return _instances[key]
 
 
 def available_backends():
