@@ -225,6 +225,11 @@ class BaseLSTM(BaseEstimator):
         state = dict(state)
         _warn_if_other_version(state.pop("_fastlstm_version", None),
                                f"this pickled {type(self).__name__}", stacklevel=2)
+        layout = state.pop("_layout", None)
+        if layout is not None and "_spec" not in state:  # pickled by fastlstm 0.1
+            state["_spec"] = ModelSpec(layout.input_size, layout.hidden_size,
+                                       layout.num_layers, layout.output_size)
+        state.setdefault("bidirectional", False)  # a parameter since fastlstm 0.2
         super().__setstate__(state)
 
     # ---------------------------------------------------------- subclass hooks

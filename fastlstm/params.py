@@ -104,14 +104,19 @@ class ParamLayout:
     def init(self, random_state=None, dtype=np.float32):
         """A new flat NumPy buffer initialised as PyTorch does.
 
-        Every LSTM weight and bias, and the head's weight and bias, are drawn from
-        ``U(-1/sqrt(H), 1/sqrt(H))``: PyTorch's ``nn.LSTM`` default, and what
-        ``nn.Linear``'s Kaiming-uniform default amounts to for a fan-in of ``H``.
+        Every LSTM weight and bias is drawn from ``U(-1/sqrt(H), 1/sqrt(H))``, PyTorch's
+        ``nn.LSTM`` default; the head's weight and bias from ``U(-1/sqrt(F), 1/sqrt(F))``
+        with ``F`` its fan-in (``H``, or ``2H`` when bidirectional), what ``nn.Linear``'s
+        Kaiming-uniform default amounts to.
         """
         rng = random_state if isinstance(random_state, np.random.Generator) \
             else np.random.default_rng(random_state)
         bound = 1.0 / math.sqrt(self.hidden_size)
-        return rng.uniform(-bound, bound, size=self.size).astype(dtype)
+        flat = rng.uniform(-bound, bound, size=self.size)
+        if self.bidirectional:  # the same draws, scaled to the head's fan-in of 2H
+            start = self.offsets["head.weight"]
+            flat[start:] *= math.sqrt(0.5)
+        return flat.astype(dtype)
 
     def from_state_dict(self, state, dtype=np.float32):
         """A flat NumPy buffer filled from a ``{name: array}`` mapping (checked)."""

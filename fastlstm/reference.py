@@ -17,7 +17,7 @@ It is written from the equations on purpose, not on the network program of
 
 Parameters are passed as a ``{name: array}`` mapping with PyTorch's names (see
 :class:`fastlstm.params.ParamLayout`); initial states ``h0`` and ``c0`` have
-PyTorch's shape ``(num_layers, batch, hidden)``.
+PyTorch's shape ``(num_layers * num_directions, batch, hidden)``.
 """
 
 from __future__ import annotations

@@ -130,3 +130,28 @@ def test_train_step_skips_update_on_non_finite_loss(backend):
                        "squared_error", AdamConfig(1e-2))
     np.testing.assert_array_equal(backend.to_host(p), params)
     assert state.step == 0
+
+
+@pytest.mark.parametrize("bad", ["shape", "rows"])
+def test_initial_states_of_the_wrong_shape_are_refused(backend, bad):
+    spec, params, x, _, h0, c0 = make_problem((5, 4, 3, 4, 2, 3), "cross_entropy", np.float32)
+    wrong = h0[:, :, :2] if bad == "shape" else h0[:, :3]
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        backend.forward(spec, backend.asarray(params), backend.asarray(x), backend.asarray(wrong),
+                        backend.asarray(c0))
+
+
+def test_initial_states_are_taken_in_the_parameters_dtype(backend):
+    spec, params, x, _, h0, c0 = make_problem((5, 4, 3, 4, 2, 3), "cross_entropy", np.float32)
+    a, _ = backend.forward(spec, backend.asarray(params), backend.asarray(x),
+                           backend.asarray(h0), backend.asarray(c0))
+    b, _ = backend.forward(spec, backend.asarray(params), backend.asarray(x),
+                           backend.asarray(h0.astype(np.float64)),
+                           backend.asarray(c0.astype(np.float64)))
+    np.testing.assert_array_equal(backend.to_host(a), backend.to_host(b))
+
+
+def test_an_empty_batch_gives_no_outputs(backend):
+    spec, params, x, _, _, _ = make_problem((3, 4, 2, 3, 1, 2), "cross_entropy", np.float32)
+    out, _ = backend.forward(spec, backend.asarray(params), backend.asarray(x[:0]))
+    assert backend.to_host(out).shape == (0, 2)

@@ -192,3 +192,19 @@ def test_a_rows_outputs_do_not_depend_on_its_place_in_the_batch():
         order = np.random.default_rng(seed).permutation(len(x))
         shuffled, _ = backend.forward(spec, params, x[order])
         np.testing.assert_array_equal(shuffled, outputs[order])
+
+
+def test_a_thread_count_that_is_no_number_is_named(monkeypatch):
+    monkeypatch.setenv("FASTLSTM_NUM_THREADS", "auto")
+    with pytest.raises(ValueError, match="FASTLSTM_NUM_THREADS must be a whole number"):
+        cpu.default_num_threads()
+
+
+def test_a_bidirectional_head_is_initialised_for_its_fan_in():
+    from fastlstm.model import ModelSpec
+    uni, bi = ModelSpec(3, 16, 1, 5), ModelSpec(3, 16, 1, 5, bidirectional=True)
+    head = bi.layout.views(bi.layout.init(0, np.float64))["head.weight"]
+    lstm = bi.layout.views(bi.layout.init(0, np.float64))["lstm.weight_hh_l0"]
+    assert np.abs(head).max() <= 1 / np.sqrt(32) < np.abs(lstm).max() <= 1 / np.sqrt(16)
+    # a unidirectional network's draws are unchanged
+    np.testing.assert_array_equal(uni.layout.init(0), ModelSpec(3, 16, 1, 5).layout.init(0))

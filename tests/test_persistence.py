@@ -429,3 +429,16 @@ def test_metadata_keys_of_the_file_format_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\['arrays', 'format'\] are written by the file"):
         save_state({"metadata": {"format": 0, "arrays": 1}, "arrays": {}}, tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_pickle_of_fastlstm_0_1_loads_predicts_and_trains():
+    """``tests/data/fastlstm-0.1.0-classifier.pkl``: ``pickle.dump((clf, X, clf.predict_proba(X)))``
+    of an ``LSTMClassifier(hidden_size=4, max_iter=2, random_state=0, device="cpu")`` fitted by
+    fastlstm 0.1.0 (commit 786601c) on ``X`` (40, 5, 3) and ``y = X[:, -1, 0] > 0``."""
+    from fastlstm.persistence import InconsistentVersionWarning
+    path = Path(__file__).parent / "data" / "fastlstm-0.1.0-classifier.pkl"
+    with pytest.warns(InconsistentVersionWarning, match="0.1.0"):
+        clf, X, proba = pickle.loads(path.read_bytes())
+    np.testing.assert_array_equal(clf.predict_proba(X), proba)
+    assert clf.get_params()["bidirectional"] is False
+    clf.set_params(warm_start=True).fit(X, (X[:, -1, 0] > 0).astype(int))

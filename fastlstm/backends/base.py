@@ -4,7 +4,7 @@ Arrays live in the backend's own memory (NumPy or CuPy).  A network is described
 a :class:`fastlstm.model.ModelSpec`; its parameters are ONE flat buffer laid out by
 ``spec.layout``; gradients come back in a buffer of the same layout, so the optimizer
 is one pass over one buffer.  Inputs are batch-first ``(batch, steps, inputs)``;
-initial states have PyTorch's shape ``(num_layers, batch, hidden)``.  Every backend
+initial states have PyTorch's shape ``(num_layers * num_directions, batch, hidden)``.  Every backend
 runs the network program of :mod:`fastlstm.model` over its own primitives; tests and
 benchmarks call these methods on every backend and compare against the oracle,
 :mod:`fastlstm.reference`.
@@ -103,7 +103,7 @@ def check_lengths(lengths, batch, steps):
     ValueError
         ``lengths`` is not one integer from 1 to ``steps`` per row.
     """
-    if lengths is None:
+    if lengths is None or batch == 0:
         return None
     lengths = np.asarray(lengths)
     if (lengths.shape != (batch,) or lengths.dtype.kind not in "iu" or lengths.min() < 1
@@ -137,6 +137,26 @@ class Backend:
     def to_host(self, a):
         """``a`` as a NumPy array."""
         return np.asarray(a)
+
+    def initial_states(self, spec, params, x, h0, c0):
+        """``h0`` and ``c0`` checked against ``spec`` and ``x`` and in the parameters' dtype
+        (``None`` stays ``None``): the kernels index them without bounds checks.
+
+        Raises
+        ------
+        ValueError
+            A state is not ``(num_layers * num_directions, batch, hidden)``.
+        """
+        shape = (spec.num_layers * spec.num_directions, x.shape[0], spec.hidden_size)
+        out = []
+        for name, state in (("h0", h0), ("c0", c0)):
+            if state is not None:
+                state = self.xp.ascontiguousarray(self.xp.asarray(state), dtype=params.dtype)
+                if state.shape != shape:
+                    raise ValueError(f"{name} must have shape (num_layers * num_directions, "
+                                     f"batch, hidden) = {shape}, got {state.shape}")
+            out.append(state)
+        return out
 
     def session(self):
         """A context for a run of many calls (a fit, a prediction in batches).

@@ -96,7 +96,12 @@ def default_num_threads():
     """
     value = os.environ.get("FASTLSTM_NUM_THREADS")
     if value:
-        return max(1, int(value))
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"FASTLSTM_NUM_THREADS must be a whole number of threads, got "
+                             f"{value!r}; unset it to use the cores this process may run "
+                             "on") from None
     try:
         threads = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -422,6 +427,10 @@ class CPUBackend(Backend):
             return self._backward(spec, params, cache, doutputs, input_grads)
 
     def _forward(self, spec, params, x, h0, c0, train, lengths):
+        x = np.ascontiguousarray(x, dtype=params.dtype)
+        h0, c0 = self.initial_states(spec, params, x, h0, c0)
+        if x.shape[0] == 0:
+            return np.empty((0, spec.output_size), params.dtype), None
         views, x, ws, order, lengths = self._prepare(spec, params, x, lengths,
                                                      "train" if train else "inference")
         if order is not None:
@@ -474,7 +483,9 @@ class CPUBackend(Backend):
         # gradient of the loss are per row too, so each thread runs forward, head, loss
         # gradient and backward for its chunks; the loss value and the gradient sums
         # come after.  Every piece computes what forward/loss/backward do, in the same
-        # order, so the two give identical results.  Buffers are reused between steps.
+        # order, so the two give identical results (with lengths, the rows are summed in
+        # the order of the chunks: the loss value may then differ in its last bit, the
+        # update does not).  Buffers are reused between steps.
         kernel, y_dtype = self._loss_kernel(loss, params.dtype)
         with self._single_threaded_blas():
             views, x, ws, order, lengths = self._prepare(spec, params, x, lengths, "step")
@@ -607,7 +618,8 @@ def _unordered(a, order, axis=0):
 
 
 @functools.lru_cache(maxsize=64)
-def _full_steps(rows, steps, reverse, ring):
+def _full_steps(rows, steps, ring):
+    """:func:`_packed_steps` of a chunk whose rows have every step (either direction)."""
     return _packed_steps(np.full(steps, rows), rows, ring)
 
 
@@ -628,8 +640,9 @@ class _ChunkOps:
     """The primitives of :mod:`fastlstm.model` on the rows of chunk ``ci`` of a workspace.
 
     The rows are sorted by length, longest first (see :meth:`_Workspace.order`).  A
-    sequence is a list of the recurrences that made it (the input: the array
-    ``x`` of these rows); the gradient of one is, per recurrence, the gradient
+    sequence is an array of these rows, batch-major: the input ``x``, or a layer's
+    hidden states (both directions write their halves of one buffer, so ``join``
+    has nothing to do).  The gradient of one is, per recurrence, the gradient
     w.r.t. each valid step's hidden state, packed as that recurrence's steps, or
     ``None`` for the top layer, whose gradient comes from the head.
 
@@ -671,7 +684,7 @@ class _ChunkOps:
     def inputs(self, x, lengths):
         R, T = self.hi - self.lo, self.ws.steps
         if lengths is None:
-            self.steps = [_full_steps(R, T, False, self.ring)] * 2
+            self.steps = [_full_steps(R, T, self.ring)] * 2
         else:  # rows longest first: the active rows of a step are a prefix of the chunk
             active = np.searchsorted(-lengths, -np.arange(lengths[0]), "left")
             self.steps = [_packed_steps(a, R, self.ring) for a in (active, active[::-1])]

@@ -716,6 +716,7 @@ class CUDABackend(Backend):
         x = cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)
+        h0, c0 = self.initial_states(spec, params, x, h0, c0)
         if lengths is None:
             schedule, sched = self._fixed_schedule(B, T)
         else:

@@ -127,6 +127,7 @@ class ReferenceBackend(Backend):
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
         ops = _NumpyOps(spec, params)
         x = np.asarray(x, dtype=params.dtype)
+        h0, c0 = self.initial_states(spec, params, x, h0, c0)
         lengths = check_lengths(lengths, *x.shape[:2])
         outputs = model.forward(ops, spec, x, h0, c0, lengths)
         return outputs, (ops if train else None)
