@@ -160,6 +160,19 @@ def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
     assert rel_err(got, want) < 1e-10
 
 
+def record_launches(monkeypatch):
+    """Every kernel launch of the emulated backend from now on, as ``(kernel, args)``."""
+    launches = []
+    launch = fake_cupy._Kernel.__call__
+
+    def record(kernel, grid, block, args, shared_mem=0):
+        launches.append((kernel, args))
+        return launch(kernel, grid, block, args, shared_mem)
+
+    monkeypatch.setattr(fake_cupy._Kernel, "__call__", record)
+    return launches
+
+
 def test_the_launches_of_a_step_carry_no_setting(cuda_module, monkeypatch):
     # A CUDA graph replays its launches with the arguments they had at capture: a step's may be
     # buffers and sizes, never a setting, which the Adam kernel reads from the state's buffer.
@@ -170,16 +183,9 @@ def test_the_launches_of_a_step_carry_no_setting(cuda_module, monkeypatch):
     backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y), "cross_entropy",
                        AdamConfig(1e-2, clip_grad_norm=1.0))
     (slot,) = backend._slots.values()
-    launches = []
-    launch = fake_cupy._Kernel.__call__
-
-    def record(kernel, grid, block, args, shared_mem=0):
-        launches.append(args)
-        return launch(kernel, grid, block, args, shared_mem)
-
-    monkeypatch.setattr(fake_cupy._Kernel, "__call__", record)
+    launches = record_launches(monkeypatch)
     backend._step_body(slot, p, state, backend.recurrence)
-    arguments = [a for args in launches for a in args]
+    arguments = [a for _, args in launches for a in args]
     assert not [a for a in arguments if isinstance(a, (float, np.floating))]
     assert any(a is state.settings for a in arguments)
 

@@ -24,7 +24,7 @@ from cuda_emulator import fake_cupy
 from fastlstm.backends import AdamConfig
 from oracle import ORACLE
 from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
-from test_cuda_emulated import stand_in_captures
+from test_cuda_emulated import record_launches, stand_in_captures
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
@@ -101,20 +101,13 @@ def test_kernels_cover_the_packed_steps_only(cuda_module, monkeypatch):  # noqa:
     spec, params, x, y, _, _ = make_problem((6, 7, 3, 4, 2, 3), "cross_entropy",
                                             bidirectional=True)
     lengths = np.array([3, 1, 5, 2, 5, 4])
-    launches = []
-    launch = fake_cupy._Kernel.__call__
-
-    def record(kernel, grid, block, args, shared_mem=0):
-        launches.append(kernel)
-        return launch(kernel, grid, block, args, shared_mem)
-
-    monkeypatch.setattr(fake_cupy._Kernel, "__call__", record)
+    launches = record_launches(monkeypatch)
     _, cache = backend.forward(spec, backend.asarray(params), backend.asarray(x), train=True,
                                lengths=lengths)
     assert cache.columns == lengths.sum()
     assert all(xg.shape == (16, lengths.sum()) for layer in cache.xg for xg in layer)
     forward_step = cuda_module._kernel("lstm_step", "forward_step", np.float64)
-    steps = sum(k.launcher == forward_step.launcher for k in launches)
+    steps = sum(k.launcher == forward_step.launcher for k, _ in launches)
     assert steps == lengths.max() * spec.num_layers * spec.num_directions
 
 
