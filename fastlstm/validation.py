@@ -243,9 +243,11 @@ def to_float32(estimator, sequences, lo=0, hi=None):
     return (x, None) if fixed else _padding(x, lo)
 
 
-def _pad(samples, n_inputs, lo):
-    """``samples`` (2-D arrays) in one float32 array, NaN after each one's last step."""
-    x = np.full((len(samples), max(len(s) for s in samples), n_inputs), np.nan, DTYPE)
+def _pad(samples, n_inputs, lo, n_steps=None, dtype=DTYPE):
+    """``samples`` (2-D arrays) in one array of ``n_steps`` (default: the longest's), NaN
+    after each one's last step (``lo``: the index of ``samples[0]`` in ``X``, for errors)."""
+    n_steps = max(len(s) for s in samples) if n_steps is None else n_steps
+    x = np.full((len(samples), n_steps, n_inputs), np.nan, dtype)
     for i, sample in enumerate(samples):
         try:
             x[i, :len(sample)] = sample
@@ -335,10 +337,7 @@ def pad_sequences(sequences, *, dtype=DTYPE, n_steps=None):
         raise ValueError(f"n_steps={n_steps!r} is not an integer at least the length of the "
                          f"longest sequence ({longest} steps); pass n_steps >= {longest} or "
                          "None.")
-    X = np.full((len(samples), n_steps, n_inputs), np.nan, dtype)
-    for i, sample in enumerate(samples):
-        X[i, :len(sample)] = sample
-    return X
+    return _pad(samples, n_inputs, 0, n_steps, dtype)
 
 
 def check_regression_targets(estimator, y):
