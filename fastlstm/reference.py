@@ -44,7 +44,8 @@ def _directions(params):
     return ("", "_reverse") if "lstm.weight_ih_l0_reverse" in params else ("",)
 
 
-def forward(params, x, h0=None, c0=None, lengths=None):
+def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
+            recurrent_masks=None):
     """Run the stacked LSTM and the head.
 
     A bidirectional network (parameters ``..._reverse``) runs a second recurrence
@@ -55,6 +56,12 @@ def forward(params, x, h0=None, c0=None, lengths=None):
     there, as ``torch.nn.utils.rnn.pack_padded_sequence``: its later steps are
     not read, and its state stays as it was (here: masked, not skipped).
     ``h0`` and ``c0`` have PyTorch's shape ``(num_layers * directions, batch, hidden)``.
+
+    Dropout is given by its masks (values ``0`` or ``1 / (1 - p)``, see
+    :mod:`fastlstm.dropout`): ``between_masks[k]``, ``(batch, steps, directions *
+    hidden)``, multiplies layer ``k``'s output where layer ``k + 1`` reads it (one
+    per layer but the last); ``recurrent_masks[n]``, ``(batch, hidden)``, multiplies
+    ``h_{t-1}`` where recurrence ``n = k * directions + d`` reads it, at every step.
 
     Returns
     -------
@@ -83,22 +90,27 @@ def forward(params, x, h0=None, c0=None, lengths=None):
             out = np.zeros((B, T, H), x.dtype)
             for t in (reversed(range(T)) if suffix else range(T)):
                 m = valid[:, t, None]
-                z = inp[:, t] @ W_ih.T + h @ W_hh.T + b
+                h_read = h if recurrent_masks is None else h * recurrent_masks[n]
+                z = inp[:, t] @ W_ih.T + h_read @ W_hh.T + b
                 i = sigmoid(z[:, :H])
                 f = sigmoid(z[:, H:2 * H])
                 g = np.tanh(z[:, 2 * H:3 * H])
                 o = sigmoid(z[:, 3 * H:])
                 c_new = f * c + i * g
                 h_new = o * np.tanh(c_new)
-                steps[t] = dict(h_prev=h, c_prev=c, i=i, f=f, g=g, o=o, c=c_new, m=m)
+                steps[t] = dict(h_prev=h_read, c_prev=c, i=i, f=f, g=g, o=o, c=c_new, m=m)
                 h, c = np.where(m, h_new, h), np.where(m, c_new, c)
                 out[:, t] = np.where(m, h_new, 0)
-            layers.append(dict(inp=inp, steps=steps, k=k, suffix=suffix, h_n=h))
+            layers.append(dict(inp=inp, steps=steps, k=k, suffix=suffix, h_n=h,
+                               h_mask=None if recurrent_masks is None else recurrent_masks[n]))
             outs.append(out)
         inp = np.concatenate(outs, axis=2)
+        if between_masks and k < L - 1:
+            inp = inp * between_masks[k]
     h_last = np.concatenate([layer["h_n"] for layer in layers[-len(dirs):]], axis=1)
     outputs = h_last @ params["head.weight"].T + params["head.bias"]
-    return outputs, dict(layers=layers, h_last=h_last, directions=len(dirs), steps=T)
+    return outputs, dict(layers=layers, h_last=h_last, directions=len(dirs), steps=T,
+                         between_masks=between_masks)
 
 
 def backward(params, cache, doutputs):
@@ -153,12 +165,15 @@ def backward(params, cache, doutputs):
             dW_hh += dz.T @ s["h_prev"]
             db += dz.sum(axis=0)
             d_inp[:, t] += dz @ W_ih
-            dh_next = np.where(m, dz @ W_hh, dh_next)
+            dh_prev = dz @ W_hh if layer["h_mask"] is None else dz @ W_hh * layer["h_mask"]
+            dh_next = np.where(m, dh_prev, dh_next)
             dc_next = np.where(m, dc * s["f"], dc_next)
         grads[f"lstm.bias_ih_l{k}{suffix}"] = db
         grads[f"lstm.bias_hh_l{k}{suffix}"] = db.copy()
         dh0[n], dc0[n] = dh_next, dc_next
         if d == 0:
+            if k > 0 and cache["between_masks"]:
+                d_inp = d_inp * cache["between_masks"][k - 1]
             d_out = np.split(d_inp, D, axis=2) if k > 0 else d_out
             dx = d_inp
     return grads, dx, np.stack(dh0), np.stack(dc0)
@@ -186,12 +201,13 @@ def loss(outputs, y, kind):
     raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
 
 
-def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None):
-    """Forward, loss and backward in one call.
+def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None, between_masks=None,
+                  recurrent_masks=None):
+    """Forward, loss and backward in one call (arguments as :func:`forward`).
 
     Returns ``(loss, grads, dx, dh0, dc0, outputs)``.
     """
-    outputs, cache = forward(params, x, h0, c0, lengths)
+    outputs, cache = forward(params, x, h0, c0, lengths, between_masks, recurrent_masks)
     value, doutputs = loss(outputs, y, kind)
     grads, dx, dh0, dc0 = backward(params, cache, doutputs)
     return value, grads, dx, dh0, dc0, outputs

@@ -21,8 +21,14 @@ class Oracle(ReferenceBackend):
 
     name = "oracle"
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
-        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0, lengths)
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
+                dropout=None):
+        masks = {}
+        if dropout:  # the masks of :mod:`fastlstm.dropout`, for rows numbered as in ``x``
+            rows = np.arange(x.shape[0])
+            masks = dict(between_masks=dropout.between_masks(spec, rows, x.shape[1], params.dtype),
+                         recurrent_masks=dropout.recurrent_masks(spec, rows, params.dtype))
+        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0, lengths, **masks)
         return outputs, (cache if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fastlstm import reference
+from fastlstm.dropout import Dropout
 
 from conftest import LENGTH_KINDS, SMALL_SHAPES, make_lengths, make_problem, rel_err, shape_id
 
@@ -66,6 +67,40 @@ def test_lengths_and_directions_match_finite_differences(shape, bidirectional, l
     # the steps past a sample's length are not read: their gradient is exactly zero
     past = np.arange(shape[1])[None, :] >= lengths[:, None]
     assert not dx[past].any()
+
+
+@pytest.mark.parametrize("masks", ["between", "recurrent", "both"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_dropout_masks_match_finite_differences(masks, bidirectional):
+    """With fixed masks the network is a function like any other: its gradients hold."""
+    shape = (4, 5, 2, 3, 2, 3)
+    spec, flat, x, y, h0, c0 = make_problem(shape, "cross_entropy", bidirectional=bidirectional)
+    params = spec.layout.views(flat)
+    lengths = make_lengths(shape[0], shape[1], "random")
+    dropout = Dropout(p=0.4 if masks != "recurrent" else 0.0,
+                      recurrent_p=0.4 if masks != "between" else 0.0, seed=7)
+    rows = np.arange(shape[0])
+    kwargs = dict(between_masks=dropout.between_masks(spec, rows, shape[1], x.dtype),
+                  recurrent_masks=dropout.recurrent_masks(spec, rows, x.dtype))
+    # the masks drop some units and keep others (else this checks less than it says)
+    for mask in kwargs["between_masks"] + [kwargs["recurrent_masks"]]:
+        if mask is not None:
+            assert 0 < (mask == 0).mean() < 1
+
+    def value():
+        return reference.loss(reference.forward(params, x, h0, c0, lengths, **kwargs)[0], y,
+                              "cross_entropy")[0]
+
+    _, grads, dx, dh0, dc0, _ = reference.loss_and_grad(params, x, y, "cross_entropy", h0, c0,
+                                                        lengths, **kwargs)
+    checks = {name: (grads[name], params[name]) for name in params}
+    checks.update(x=(dx, x), h0=(dh0, h0), c0=(dc0, c0))
+    for name, (analytic, array) in checks.items():
+        err = rel_err(analytic, numeric_grad(value, array))
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+    # the masks change the function: the same network without them differs
+    assert not np.allclose(reference.forward(params, x, h0, c0, lengths)[0],
+                           reference.forward(params, x, h0, c0, lengths, **kwargs)[0])
 
 
 def test_a_sample_past_its_length_is_not_read():

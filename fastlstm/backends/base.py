@@ -167,12 +167,16 @@ class Backend:
         """
         return contextlib.nullcontext()
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
+                dropout=None):
         """Run the network of ``spec`` on ``x`` of shape (batch, steps, inputs).
 
         ``lengths`` (a host array of ints, ``1 <= lengths <= steps``, or ``None``: all
         steps) ends each row there, as ``torch.nn.utils.rnn.pack_padded_sequence``:
-        its later steps are neither read nor computed.
+        its later steps are neither read nor computed.  ``dropout`` (a
+        :class:`fastlstm.dropout.Dropout`, used with ``train`` only) drops units with
+        the masks :mod:`fastlstm.dropout` defines, rows numbered as in ``x``; the
+        backward of that forward follows the same masks.
 
         Returns ``(outputs, cache)``: ``outputs`` of shape (batch, output_size);
         ``cache`` holds what :meth:`backward` needs when ``train`` is true, and
@@ -216,17 +220,18 @@ class Backend:
         """
         raise NotImplementedError
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
         """One minibatch step: forward, loss, backward, optional clipping, Adam, in place.
 
         ``loss`` names one of :data:`LOSSES`; ``config`` is an :class:`AdamConfig`;
-        ``lengths`` as in :meth:`forward`.
+        ``lengths`` and ``dropout`` as in :meth:`forward`.
         If the loss or the gradient is not finite, ``params`` and ``state`` are
         left untouched, so a diverging run never corrupts the weights.  Returns
         the loss (a float here; a device backend may return a 0-d device array
         and keep the whole step on the device, e.g. as a replayed CUDA graph).
         """
-        outputs, cache = self.forward(spec, params, x, train=True, lengths=lengths)
+        outputs, cache = self.forward(spec, params, x, train=True, lengths=lengths,
+                                      dropout=dropout)
         value, doutputs = self.loss(outputs, y, loss)
         if not math.isfinite(value):
             return value

@@ -19,9 +19,11 @@ class _NumpyOps:
     """The primitives on the whole batch, keeping what backward needs; gradients in ``grads``.
 
     A sequence is ``(B, T, n)``, zero past each row's length; so is its gradient.
+    ``dropout`` (a :class:`~fastlstm.dropout.Dropout` or ``None``) gives the masks, for
+    the rows numbered as in the batch.
     """
 
-    def __init__(self, spec, params):
+    def __init__(self, spec, params, dropout=None):
         self.spec, self.layout = spec, spec.layout
         self.views = self.layout.views(params)
         self.grads = np.zeros_like(params)
@@ -29,11 +31,22 @@ class _NumpyOps:
         self.runs = {}
         n = spec.num_layers * spec.num_directions
         self.dh0, self.dc0 = [None] * n, [None] * n
+        self.dropout = dropout
 
     def inputs(self, x, lengths):
         B, T, _ = x.shape
         self.lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+        rows = np.arange(B)
+        self.between, self.recurrent = [], None
+        if self.dropout:
+            self.between = self.dropout.between_masks(self.spec, rows, T, x.dtype)
+            self.recurrent = self.dropout.recurrent_masks(self.spec, rows, x.dtype)
         return x
+
+    def _h_mask(self, k, reverse):
+        """The recurrent mask of layer ``k``'s direction, ``(B, H)``, or ``None``."""
+        n = k * self.spec.num_directions + reverse
+        return None if self.recurrent is None else self.recurrent[n]
 
     def _order(self, T, reverse):
         return reversed(range(T)) if reverse else range(T)
@@ -48,18 +61,23 @@ class _NumpyOps:
         c = np.zeros((B, H), seq.dtype) if c0 is None else c0.copy()
         out = np.zeros((B, T, H), seq.dtype)
         steps = {}
+        h_mask = self._h_mask(k, reverse)
         for t in self._order(T, reverse):
             rows = np.flatnonzero(self.lengths > t)  # the rows still active: the others skip
-            z = xz[rows, t] + h[rows] @ w_hh.T
+            h_read = h[rows] if h_mask is None else h[rows] * h_mask[rows]
+            z = xz[rows, t] + h_read @ w_hh.T
             i, f, o = (reference.sigmoid(z[:, q * H:(q + 1) * H]) for q in (0, 1, 3))
             g = np.tanh(z[:, 2 * H:3 * H])
-            steps[t] = dict(rows=rows, h_prev=h[rows], c_prev=c[rows],
+            steps[t] = dict(rows=rows, h_prev=h_read, c_prev=c[rows],
                             gates=np.concatenate([i, f, g, o], axis=1))
             c[rows] = f * c[rows] + i * g
             h[rows] = o * np.tanh(c[rows])
             steps[t]["c"] = c[rows]
             out[rows, t] = h[rows]
         self.runs[k, reverse] = dict(inp=seq, steps=steps, h_n=h)
+        if self.between and k < self.spec.num_layers - 1:
+            H0 = reverse * H  # this direction's units of the layer's output
+            out = out * self.between[k][:, :, H0:H0 + H]
         return out
 
     def join(self, outs):
@@ -90,6 +108,9 @@ class _NumpyOps:
         B, T, _ = inp.shape
         H = w_hh.shape[1]
         last = dseq.ndim == 2  # the top layer: the gradient of the last states
+        if self.between and not last:  # the gradient of the output before its mask
+            dseq = dseq * self.between[k][:, :, reverse * H:(reverse + 1) * H]
+        h_mask = self._h_mask(k, reverse)
         dh = dseq.copy() if last else np.zeros((B, H), dseq.dtype)
         dc = np.zeros((B, H), dseq.dtype)
         dw_ih, dw_hh, db_ih, db_hh = self.layout.layer(self.grad_views, k, reverse)
@@ -108,7 +129,7 @@ class _NumpyOps:
             db_ih += dz.sum(axis=0)
             if input_grads:
                 din[rows, t] = dz @ w_ih
-            dh[rows] = dz @ w_hh
+            dh[rows] = dz @ w_hh if h_mask is None else dz @ w_hh * h_mask[rows]
             dc[rows] = dc_t * f
         db_hh[...] = db_ih
         n = k * self.spec.num_directions + reverse
@@ -124,8 +145,9 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
-        ops = _NumpyOps(spec, params)
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
+                dropout=None):
+        ops = _NumpyOps(spec, params, dropout if train else None)
         x = np.asarray(x, dtype=params.dtype)
         h0, c0 = self.initial_states(spec, params, x, h0, c0)
         lengths = check_lengths(lengths, *x.shape[:2])
