@@ -73,21 +73,24 @@ def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, see
     return spec, params, x, y
 
 
-def train_epoch(backend, spec, params, state, X, y, order, batch, lr):
+def train_epoch(backend, spec, params, state, X, y, order, batch, lr, dropout=None):
     """One epoch as the estimators run it: in one backend session, minibatches taken from
     ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
-    ``train_step`` each.
+    ``train_step`` each; with ``dropout`` (``(p, recurrent_p)``), masks seeded anew for
+    every minibatch, as the estimators seed them.
 
     Returns the sum of the minibatch losses, left on the device (no synchronisation).
     """
     from fastlstm.backends import AdamConfig
+    from fastlstm.dropout import Dropout
     config = AdamConfig(lr)
     total = 0.0
     with backend.session():
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
+            drop = None if dropout is None else Dropout(*dropout, seed=start)
             total = total + backend.train_step(spec, params, state, X[idx], y[idx],
-                                               "cross_entropy", config)
+                                               "cross_entropy", config, dropout=drop)
     return total
 
 

@@ -89,10 +89,11 @@ def inference_split(rows):
     active = np.append(np.full(T, rows), 0)
     slot = (np.arange(T + 1) % 2) * rows
     first = np.ascontiguousarray(x[:, 0])
+    no_dropout = lstm_cpu.no_dropout(np.float32)
 
     def layer():
         lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active,
-                               slot, slot, True, False, True)
+                               slot, slot, True, False, True, *no_dropout)
 
     def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
         gemm_cpu.gemm(first, w[:I], z, False)

@@ -52,12 +52,16 @@ def recurrent_stream(k, d):
 
 
 def row_keys(seed, stream, rows):
-    """The key of each sample index in ``rows`` for mask ``stream``: uint64, ``(len(rows),)``.
+    """The key of each sample index in ``rows`` for mask ``stream``: uint64, ``(len(rows),)``;
+    for an array of streams, ``(len(stream), len(rows))``.
 
     Counter ``stream * 2^32 + row`` of a SplitMix64 sequence started at ``seed``:
     distinct for every mask and row (rows below 2^32).
     """
-    counter = (_U64(stream) << _U64(32)) + np.asarray(rows, dtype=np.uint64)
+    rows = np.asarray(rows, dtype=np.uint64)
+    stream = np.asarray(stream, dtype=np.uint64)
+    counter = (stream[..., None] << _U64(32)) + rows if stream.ndim else \
+        (stream << _U64(32)) + rows
     with np.errstate(over="ignore"):
         return _mix(_U64(seed) + _U64(GAMMA) * (counter + _U64(1)))
 

@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from .backends import AdamConfig, AdamState, get_backend
+from .dropout import Dropout
 from .model import ModelSpec
 from .persistence import _warn_if_other_version, load_state, save_state
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
@@ -63,6 +64,8 @@ class BaseLSTM(BaseEstimator):
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "num_layers": [Interval(Integral, 1, None, closed="left")],
         "bidirectional": ["boolean"],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "recurrent_dropout": [Interval(Real, 0, 1, closed="left")],
         "input_size": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
@@ -88,8 +91,8 @@ class BaseLSTM(BaseEstimator):
     #: advice given when training diverges (set by subclasses)
     _what_to_scale = "X (e.g. StandardScaler in a Pipeline)"
 
-    def __init__(self, hidden_size=128, num_layers=1, *, bidirectional=False, input_size=None,
-                 batch_size=64,
+    def __init__(self, hidden_size=128, num_layers=1, *, bidirectional=False, dropout=0.0,
+                 recurrent_dropout=0.0, input_size=None, batch_size=64,
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, warm_start=False,
@@ -97,6 +100,8 @@ class BaseLSTM(BaseEstimator):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
+        self.dropout = dropout
+        self.recurrent_dropout = recurrent_dropout
         self.input_size = input_size
         self.batch_size = batch_size
         self.learning_rate_init = learning_rate_init
@@ -229,7 +234,10 @@ class BaseLSTM(BaseEstimator):
         if layout is not None and "_spec" not in state:  # pickled by fastlstm 0.1
             state["_spec"] = ModelSpec(layout.input_size, layout.hidden_size,
                                        layout.num_layers, layout.output_size)
-        state.setdefault("bidirectional", False)  # a parameter since fastlstm 0.2
+        # parameters since fastlstm 0.2
+        for name, default in (("bidirectional", False), ("dropout", 0.0),
+                              ("recurrent_dropout", 0.0)):
+            state.setdefault(name, default)
         super().__setstate__(state)
 
     # ---------------------------------------------------------- subclass hooks
@@ -431,6 +439,10 @@ or list of array-like of shape (n_steps_i, n_inputs)
         X, lengths = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
         check_same_length(X, y)
+        if self.dropout and self.num_layers == 1:
+            warnings.warn(f"dropout={self.dropout} drops the output of every layer but the last, "
+                          "and there is one layer: it does nothing. Set num_layers >= 2, or use "
+                          "recurrent_dropout.", UserWarning, stacklevel=3)
         spec = ModelSpec(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs,
                          self.bidirectional)
         if first:
@@ -496,7 +508,8 @@ or list of array-like of shape (n_steps_i, n_inputs)
                     xb, yb = X_dev[batch], y_dev[batch]
                     loss = backend.train_step(spec, params, adam, xb, yb, self._loss,
                                               self._adam_config(xb.shape[0]),
-                                              lengths=_rows(lengths, rows))
+                                              lengths=_rows(lengths, rows),
+                                              dropout=self._dropout())
                     total = total + loss * xb.shape[0]
                     if progress is not None:
                         progress.update(xb.shape[0])
@@ -541,6 +554,15 @@ or list of array-like of shape (n_steps_i, n_inputs)
         finally:
             self._params = backend.to_host(params) if best_params is None else best_params
             self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
+
+    def _dropout(self):
+        """The dropout of the next minibatch, its masks seeded from the training generator
+        (``None`` without dropout: the generator then draws what it drew before dropout
+        existed, so such fits are unchanged)."""
+        if self.dropout == 0 and self.recurrent_dropout == 0:
+            return None
+        return Dropout(self.dropout, self.recurrent_dropout,
+                       int(self._rng.integers(2**64, dtype=np.uint64)))
 
     def _adam_config(self, batch_length):
         """The optimizer's settings for a minibatch of ``batch_length`` samples."""
@@ -633,6 +655,21 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         states side by side, and the head the last state of each direction of
         the top layer (PyTorch's ``cat(h_n[-2], h_n[-1])``).  The weights of
         the reverse direction are named ``..._reverse`` in :meth:`state_dict`.
+    dropout : float, default=0.0
+        Probability of dropping each unit of every layer's output but the
+        last's, where the layer above reads it (``torch.nn.LSTM(dropout=...)``),
+        in training only; kept units are scaled by ``1 / (1 - dropout)``.
+    recurrent_dropout : float, default=0.0
+        Probability of dropping each unit of ``h_{t-1}`` where the recurrence
+        reads it (variational dropout, as Keras's ``recurrent_dropout``): one
+        mask per sample, layer and direction, the same at every step; training
+        only, kept units scaled by ``1 / (1 - recurrent_dropout)``.  Both kinds
+        run inside the recurrence kernels: ``python benchmarks/dropout.py``
+        measures what they cost.  Their masks are drawn from ``random_state``'s
+        generator, once per minibatch, and computed from a seed and each
+        sample's place in the minibatch (:mod:`fastlstm.dropout`), so they do not
+        depend on the number of threads.  Predictions never drop: they equal
+        PyTorch's ``eval()`` mode for the same :meth:`state_dict`.
     input_size : int, default=None
         Inputs per time step when ``X`` is 2-D: rows of ``d`` values are read
         as ``d // input_size`` steps (``d`` must be a multiple). ``None`` reads

@@ -139,3 +139,55 @@ def test_streams_are_distinct_per_layer_direction_and_kind():
 def test_bad_dropout_settings_are_refused(bad):
     with pytest.raises(ValueError):
         Dropout(**bad)
+
+
+# -- the CPU backend's own promises ---------------------------------------------------------
+
+def test_kernel_masks_equal_the_definition():
+    from fastlstm.kernels import dropout_cpu
+    keys = dropout_masks.row_keys(2**63 + 5, 9, np.arange(7))
+    for p in (0.05, 0.5, 0.75):
+        for dtype in (np.float32, np.float64):
+            out = np.empty((7, 300), dtype)
+            dropout_cpu.fill_masks(keys, np.uint64(dropout_masks.threshold(p)),
+                                   np.dtype(dtype).type(1 / (1 - p)), out)
+            np.testing.assert_array_equal(out, dropout_masks.unit_masks(keys, 0, 300, p, dtype))
+
+
+@pytest.mark.parametrize("lengths_kind", ["full", "random"])
+def test_cpu_masks_do_not_depend_on_threads_or_chunks(lengths_kind):
+    """A row's masks follow its place in the caller's batch, not the chunk or thread that
+    runs it: training outputs are bit-identical on 1 and 3 threads (the weight gradients
+    are not: they are summed over the threads' rows)."""
+    from fastlstm.backends.cpu import CPUBackend
+    shape = (70, 6, 3, 8, 3, 3)
+    spec, params, x, *_ = make_problem(shape, "cross_entropy", np.float32,
+                                       initial_states=False, bidirectional=True)
+    lengths = make_lengths(shape[0], shape[1], lengths_kind)
+    outputs = [CPUBackend(num_threads=n).forward(spec, params, x, train=True, lengths=lengths,
+                                                 dropout=KINDS["both"])[0] for n in (1, 3)]
+    np.testing.assert_array_equal(*outputs)
+
+
+def test_estimator_fit_with_dropout_is_reproducible_and_differs_from_without():
+    from fastlstm import LSTMClassifier
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5, 3)).astype(np.float32)
+    y = (X[:, :, 0].sum(axis=1) > 0).astype(int)
+    settings = dict(hidden_size=6, num_layers=2, max_iter=2, batch_size=16, random_state=3,
+                    device="cpu")
+    fits = [LSTMClassifier(dropout=0.3, recurrent_dropout=0.2, **settings).fit(X, y)
+            for _ in range(2)]
+    np.testing.assert_array_equal(fits[0]._params, fits[1]._params)
+    plain = LSTMClassifier(**settings).fit(X, y)
+    assert not np.allclose(plain._params, fits[0]._params)
+    # the probabilities at inference do not drop: the same every time
+    np.testing.assert_array_equal(fits[0].predict_proba(X), fits[0].predict_proba(X))
+
+
+def test_dropout_with_one_layer_warns_that_it_does_nothing():
+    from fastlstm import LSTMClassifier
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 4, 2)), np.arange(20) % 2
+    with pytest.warns(UserWarning, match="one layer"):
+        LSTMClassifier(hidden_size=3, dropout=0.5, max_iter=1, device="cpu").fit(X, y)

@@ -44,6 +44,27 @@ def test_our_weights_in_torch_give_our_probabilities(num_layers):
     np.testing.assert_allclose(clf.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_predictions_with_dropout_equal_torch_eval_mode(bidirectional):
+    """Dropout is for training: fitted with it, the model predicts as ``nn.LSTM(dropout=p)``
+    in ``eval()`` mode with the same weights."""
+    X, y = sequences()
+    clf = LSTMClassifier(hidden_size=5, num_layers=2, bidirectional=bidirectional, dropout=0.3,
+                         recurrent_dropout=0.3, max_iter=2, batch_size=16,
+                         learning_rate_init=0.05, random_state=0, device="cpu").fit(X, y)
+    lstm = torch.nn.LSTM(3, 5, 2, batch_first=True, dropout=0.3, bidirectional=bidirectional)
+    head = torch.nn.Linear(10 if bidirectional else 5, 3)
+    model = torch.nn.ModuleDict(dict(lstm=lstm, head=head))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in clf.state_dict().items()})
+    model.eval()
+    with torch.no_grad():
+        _, (h_n, _) = lstm(torch.from_numpy(X))
+        last = torch.cat([h_n[-2], h_n[-1]], dim=1) if bidirectional else h_n[-1]
+        expected = torch.softmax(head(last), dim=1).numpy()
+    np.testing.assert_allclose(clf.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(clf.predict_proba(X), clf.predict_proba(X))
+
+
 def test_a_model_trained_in_torch_predicts_the_same_here():
     X, y = sequences()
     torch.manual_seed(0)

@@ -48,8 +48,8 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: loaded before limiting it)
 from threadpoolctl import ThreadpoolController
 
-from .. import model
-from ..kernels import adam_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
+from .. import dropout as masks, model
+from ..kernels import adam_cpu, dropout_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
 from .base import Backend, Gradients, check_lengths, get_loss
 
 #: largest number of rows per chunk: the per-step working set stays in L2
@@ -298,6 +298,8 @@ class _Workspace:
             shapes["db"] = [(workers, G)] * runs
             # the head's outputs and their gradient, in train_step
             shapes["outputs"] = shapes["doutputs"] = (batch, spec.output_size)
+            # the recurrent dropout masks of each chunk's runs, kept from forward to backward
+            shapes["h_mask"] = [(runs, hi - lo, H) for lo, hi in self.rows]
         self.__dict__.update(_carve(shapes, dtype))
         self.zeros[...] = 0  # the initial states of rows that start from zero
         if mode == "step":
@@ -418,15 +420,17 @@ class CPUBackend(Backend):
     # GEMMs of the head: BLAS's own threads, once woken, spin for a while and take
     # the cores from ours.
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
+                dropout=None):
         with self._single_threaded_blas():
-            return self._forward(spec, params, x, h0, c0, train, lengths)
+            return self._forward(spec, params, x, h0, c0, train, lengths,
+                                 dropout if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):
         with self._single_threaded_blas():
             return self._backward(spec, params, cache, doutputs, input_grads)
 
-    def _forward(self, spec, params, x, h0, c0, train, lengths):
+    def _forward(self, spec, params, x, h0, c0, train, lengths, dropout):
         x = np.ascontiguousarray(x, dtype=params.dtype)
         h0, c0 = self.initial_states(spec, params, x, h0, c0)
         if x.shape[0] == 0:
@@ -436,15 +440,16 @@ class CPUBackend(Backend):
         if order is not None:
             h0, c0 = (None if a is None else a[:, order] for a in (h0, c0))
         outputs = np.empty((x.shape[0], spec.output_size), params.dtype)
+        dropout = _DropoutPlan.of(spec, dropout, order, x.shape[0], params.dtype)
 
         def work(worker, chunk_ids):
             for ci in chunk_ids:
-                ops = _ChunkOps(self, spec, views, ws, ci, outputs, order=order)
+                ops = _ChunkOps(self, spec, views, ws, ci, outputs, order=order, dropout=dropout)
                 model.forward(ops, spec, x, h0, c0, _rows(lengths, ws.rows[ci]))
 
         self._run(work, ws.groups)
-        cache = dict(ws=ws, h0_zero=h0 is None, c0=c0, lengths=lengths, order=order) \
-            if train else None
+        cache = dict(ws=ws, h0_zero=h0 is None, c0=c0, lengths=lengths, order=order,
+                     dropout=dropout) if train else None
         return _unordered(outputs, order), cache
 
     def _backward(self, spec, params, cache, doutputs, input_grads):
@@ -463,7 +468,8 @@ class CPUBackend(Backend):
         def work(worker, chunk_ids):
             for n, ci in enumerate(chunk_ids):
                 ops = _ChunkOps(self, spec, views, ws, ci, None, worker, n == 0,
-                                cache["h0_zero"], cache["c0"], dinputs)
+                                cache["h0_zero"], cache["c0"], dinputs, order,
+                                cache["dropout"])
                 ops.inputs(None, _rows(lengths, ws.rows[ci]))
                 dx = model.backward(ops, spec, doutputs, input_grads)
                 if input_grads:
@@ -478,7 +484,7 @@ class CPUBackend(Backend):
         return Gradients(grads, _unordered(dx, order), _unordered(dh0, order, axis=1),
                          _unordered(dc0, order, axis=1))
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
         # The step of the base class with ONE meeting of the threads: the head and the
         # gradient of the loss are per row too, so each thread runs forward, head, loss
         # gradient and backward for its chunks; the loss value and the gradient sums
@@ -493,6 +499,7 @@ class CPUBackend(Backend):
             y = np.asarray(y, dtype=y_dtype)
             if order is not None:
                 y = y[order]
+            dropout = _DropoutPlan.of(spec, dropout, order, B, params.dtype)
             outputs, doutputs = ws.outputs, ws.doutputs
 
             def work(worker, chunk_ids):
@@ -502,7 +509,7 @@ class CPUBackend(Backend):
                 with np.errstate(over="ignore", invalid="ignore"):
                     for n, ci in enumerate(chunk_ids):
                         ops = _ChunkOps(self, spec, views, ws, ci, outputs, worker, n == 0,
-                                        order=order)
+                                        order=order, dropout=dropout)
                         model.forward(ops, spec, x, lengths=_rows(lengths, ws.rows[ci]))
                         lo, hi = ws.rows[ci]
                         kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
@@ -636,6 +643,40 @@ def _packed_steps(active, rows, ring):
     return active, slot, np.concatenate([[0], slot[:-1]])
 
 
+class _DropoutPlan:
+    """The dropout of one batch (:mod:`fastlstm.dropout`), made once per call for all chunks.
+
+    ``keys[i, r]``: the key of mask ``i`` for row ``r`` of the chunks' order (the rows
+    numbered as the caller's batch: ``order``); ``recurrent_keys[n]`` and
+    ``between_keys[k]``: the mask of recurrence ``n`` and of layer ``k``'s output;
+    ``recurrent`` and ``between``: their ``(threshold, scale)``.
+    """
+
+    def __init__(self, spec, dropout, order, batch, dtype):
+        D, L = spec.num_directions, spec.num_layers
+        streams = []
+        self.recurrent_keys, self.between_keys = {}, {}
+        if dropout.recurrent_p:
+            for n in range(L * D):
+                self.recurrent_keys[n] = len(streams)
+                streams.append(masks.recurrent_stream(n // D, n % D))
+        if dropout.p:
+            for k in range(L - 1):
+                self.between_keys[k] = len(streams)
+                streams.append(masks.between_stream(k))
+        rows = np.arange(batch) if order is None else order
+        self.keys = masks.row_keys(dropout.seed, np.array(streams, np.uint64), rows)
+        self.recurrent, self.between = ((np.uint64(masks.threshold(p)), dtype.type(1 / (1 - p)))
+                                        for p in (dropout.recurrent_p, dropout.p))
+
+    @classmethod
+    def of(cls, spec, dropout, order, batch, dtype):
+        """The plan of ``dropout``, or ``None`` where nothing is dropped."""
+        if not dropout or (dropout.recurrent_p == 0 and spec.num_layers == 1):
+            return None
+        return cls(spec, dropout, order, batch, np.dtype(dtype))
+
+
 class _ChunkOps:
     """The primitives of :mod:`fastlstm.model` on the rows of chunk ``ci`` of a workspace.
 
@@ -671,12 +712,16 @@ class _ChunkOps:
     order : array or None
         The batch's rows in the order of the chunks (:meth:`_Workspace.order`): the chunk
         gathers its rows of ``x`` itself, on its own thread, right before reading them.
+    dropout : _DropoutPlan or None
+        The masks of the batch: recurrent ones are made by forward and kept in the
+        workspace for backward; those between layers are recomputed where used.
     """
 
     def __init__(self, backend, spec, views, ws, ci, outputs, worker=0, first=True,
-                 h0_zero=True, c0=None, dinputs=None, order=None):
+                 h0_zero=True, c0=None, dinputs=None, order=None, dropout=None):
         self.own_gemm, self.spec, self.views, self.ws = backend.own_gemm, spec, views, ws
-        self.chunk, (self.lo, self.hi) = ws.chunks[ci], ws.rows[ci]
+        self.ci, self.chunk, (self.lo, self.hi) = ci, ws.chunks[ci], ws.rows[ci]
+        self.dropout = dropout
         self.outputs, self.worker, self.first = outputs, worker, first
         self.h0_zero, self.c0, self.dinputs, self.order = h0_zero, c0, dinputs, order
         self.ring = "gates" not in self.chunk["layers"][0][0]
@@ -695,6 +740,25 @@ class _ChunkOps:
     def _run(self, k, reverse):
         return self.chunk["layers"][k][reverse], k * self.spec.num_directions + reverse
 
+    def _dropout(self, k, reverse, make_masks):
+        """``(h_mask, out_keys, out_drop)`` of the kernels for layer ``k``'s direction;
+        ``make_masks``: forward, which fills in the recurrent masks."""
+        h_mask, out_keys, out_drop = lstm_cpu.no_dropout(self.ws.zeros.dtype)
+        plan, lo, hi = self.dropout, self.lo, self.hi
+        if plan is None:
+            return h_mask, out_keys, out_drop
+        n = k * self.spec.num_directions + reverse
+        if n in plan.recurrent_keys:
+            h_mask = self.ws.h_mask[self.ci][n]
+            if make_masks:
+                dropout_cpu.fill_masks(plan.keys[plan.recurrent_keys[n], lo:hi],
+                                       *plan.recurrent, h_mask)
+        if k in plan.between_keys:
+            H = self.spec.hidden_size
+            out_keys = plan.keys[plan.between_keys[k], lo:hi]
+            out_drop = (*plan.between, reverse * H, self.spec.num_directions * H)
+        return h_mask, out_keys, out_drop
+
     def recurrence(self, k, seq, h0, c0, reverse):
         (run, n), lo, hi = self._run(k, reverse), self.lo, self.hi
         H = self.spec.hidden_size
@@ -708,7 +772,8 @@ class _ChunkOps:
                                run.get("gates"), hseq, run["h_last"], run["z"],
                                zeros if h0 is None else h0[lo:hi],
                                zeros if c0 is None else c0[lo:hi], active, slot, cslot,
-                               h0 is None, reverse, self.own_gemm)
+                               h0 is None, reverse, self.own_gemm,
+                               *self._dropout(k, reverse, make_masks=True))
         return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
 
     def join(self, outs):
@@ -758,7 +823,7 @@ class _ChunkOps:
         c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
         lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
                                 dh, dc, db, active, slot, cslot, self.dinputs is not None,
-                                self.own_gemm)
+                                self.own_gemm, reverse, *self._dropout(k, reverse, False))
         dz2, xh2 = dz[:P], run["xh"][:P]
         # with h0 = 0 the h part of the first step is zero: one GEMM over the other
         # steps, then the first step's x part alone (not two GEMMs over all steps:

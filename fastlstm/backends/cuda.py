@@ -38,6 +38,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 
+def _refuse_dropout(dropout):
+    if dropout:
+        raise NotImplementedError("dropout is not implemented on the CUDA backend yet; train "
+                                  "with device='cpu'")
+
+
 def _first_line(exc):
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
@@ -712,7 +718,9 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ Backend API
 
-    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None):
+    def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
+                dropout=None):
+        _refuse_dropout(dropout if train else None)
         x = cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)
@@ -849,7 +857,7 @@ class CUDABackend(Backend):
                       stacklevel=3)
         return None
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
         """One training step, all on the device; returns the loss as a 0-d device array.
 
         No host synchronisation: the Adam kernel itself skips the update when the loss or the
@@ -858,6 +866,7 @@ class CUDABackend(Backend):
         the rows have lengths) and set of buffers (``params`` and ``state``'s) runs directly and
         captures a CUDA graph; the next ones replay it, whatever their settings and lengths.
         """
+        _refuse_dropout(dropout)
         loss_kind, state, x = get_loss(loss), _device_state(state), cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)

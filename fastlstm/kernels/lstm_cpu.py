@@ -22,11 +22,14 @@ Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
 """
 
+import functools
+
 import numpy as np
 from numba import njit
 
 from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
+from .dropout_cpu import unit_scale
 from .gemm_cpu import matmul
 
 _ONE = np.float32(1.0)
@@ -34,7 +37,7 @@ _ONE = np.float32(1.0)
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active, slot,
-                  cslot, h0_zero, reverse, own_gemm):
+                  cslot, h0_zero, reverse, own_gemm, h_mask, out_keys, out_drop):
     """Run one layer in one direction over all steps for one chunk of rows.
 
     The rows are sorted by length, longest first, so the rows still active at a
@@ -85,12 +88,25 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
     reverse : bool
     own_gemm : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
+    h_mask : (R, H) or (0, 0) array
+        Recurrent dropout: ``h_{t-1}`` is read times this where the recurrence reads it
+        (so ``xh`` holds the masked state, which the weight gradient then sees too);
+        ``hseq`` and ``h_last`` hold the state itself.  No rows: no recurrent dropout.
+    out_keys : (R,) or (0,) uint64 array
+        Dropout on ``hseq`` (as the layer above reads it): each row's key of
+        :func:`.dropout_cpu.unit_scale`; none: no dropout.
+    out_drop : tuple
+        ``(threshold, scale, unit0, width)`` of that dropout: a unit's number is
+        ``t * width + unit0 + j`` (``width``: both directions' units of the output).
     """
     I = x.shape[2]
     K = xh.shape[1]
     H = K - I
     S = active.shape[0] - 1
     keep_h = hseq.shape[1] > 0
+    masked_h = h_mask.shape[0] > 0
+    drop_out = out_keys.shape[0] > 0
+    threshold, scale, unit0, width = out_drop
     bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
     for s in range(S):
         t = S - 1 - s if reverse else s
@@ -106,6 +122,9 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
                 hr = cur[r, I:]
                 for j in range(H):
                     hr[j] = 0 if h0_zero else h_init[r, j]
+                if masked_h and not h0_zero:
+                    for j in range(H):
+                        hr[j] *= h_mask[r, j]
         if first:
             matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], z[:m], own_gemm)
         else:
@@ -134,12 +153,21 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
             for j in range(H):
                 h_new[j] = go[j] * tanh(c_new[j])
             if keep_h:
-                hseq[r, t] = h_new
+                if drop_out:
+                    hs, key, base = hseq[r, t], out_keys[r], t * width + unit0
+                    for j in range(H):
+                        hs[j] = h_new[j] * unit_scale(key, base + j, threshold, scale)
+                else:
+                    hseq[r, t] = h_new
+            if masked_h and r < nxt_m:  # what the next step's GEMM reads
+                hm = h_mask[r]
+                for j in range(H):
+                    h_new[j] *= hm[j]
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
-                   need_dh0, own_gemm):
+                   need_dh0, own_gemm, reverse, h_mask, out_keys, out_drop):
     """Backpropagate through one layer in one direction for one chunk of rows.
 
     The steps, rows and buffers are those of :func:`forward_layer`, walked back.
@@ -170,11 +198,17 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
     need_dh0 : bool
     own_gemm : bool
         Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
+    reverse, h_mask, out_keys, out_drop
+        As in :func:`forward_layer`: ``dh_seq`` is the gradient w.r.t. the masked
+        output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
     """
     G = gates.shape[1]
     H = G // 4
     S = active.shape[0] - 1
     has_seq = dh_seq.shape[0] > 0
+    masked_h = h_mask.shape[0] > 0
+    drop_out = out_keys.shape[0] > 0
+    threshold, scale, unit0, width = out_drop
     for s in range(S - 1, -1, -1):
         m = active[s]
         carried = min(m, active[s - 1]) if s > 0 else 0
@@ -188,8 +222,14 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
             dh_r, dc_r = dh[r], dc[r]
             if has_seq:
                 seq = dh_seq[row]
-                for j in range(H):
-                    dh_r[j] += seq[j]
+                if drop_out:
+                    t = S - 1 - s if reverse else s
+                    key, base = out_keys[r], t * width + unit0
+                    for j in range(H):
+                        dh_r[j] += seq[j] * unit_scale(key, base + j, threshold, scale)
+                else:
+                    for j in range(H):
+                        dh_r[j] += seq[j]
             for j in range(H):
                 tc = tanh(c_new[j])
                 grad_h = dh_r[j]
@@ -207,6 +247,11 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
         n = m if need_dh0 else carried
         if n > 0:
             matmul(dz[slot[s]:slot[s] + n], w_hh, dh[:n], own_gemm)
+            if masked_h:
+                for r in range(n):
+                    dh_r, hm = dh[r], h_mask[r]
+                    for j in range(H):
+                        dh_r[j] *= hm[j]
 
 
 @njit(cache=True, nogil=True)
@@ -223,3 +268,14 @@ def add_steps(dst, dst_slot, src, src_slot, active, reverse_src):
             d, v = dst[dst_slot[s] + r], src[src_slot[u] + r]
             for j in range(d.shape[0]):
                 d[j] += v[j]
+
+
+@functools.lru_cache(maxsize=None)
+def _no_dropout(dtype):
+    return np.empty((0, 0), dtype), np.empty(0, np.uint64), (np.uint64(0), dtype.type(0), 0, 0)
+
+
+def no_dropout(dtype):
+    """``(h_mask, out_keys, out_drop)`` of :func:`forward_layer` and :func:`backward_layer`
+    for a layer without dropout, in ``dtype`` (shared, empty arrays: never written)."""
+    return _no_dropout(np.dtype(dtype))
