@@ -195,3 +195,29 @@ def test_graph_replay_with_lengths_equals_uncaptured_steps(recurrence, bidirecti
             assert [len(s.graphs) for s in backend._slots.values()] == [1]
     assert runs[True][0] == runs[False][0]
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["fixed", "ragged"])
+def test_graph_replay_with_new_dropout_seeds_equals_uncaptured_steps(recurrence, ragged):
+    # one graph for every step of the slot, whatever its dropout's seed and rates (the parity
+    # of dropout with the oracle: tests/test_dropout.py, whose backends include this one)
+    from fastlstm.dropout import Dropout
+    spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32,
+                                            bidirectional=True)
+    lengths = np.random.default_rng(0).integers(1, 7, 64) if ragged else None
+    dropouts = [Dropout(0.3, 0.2, seed) for seed in range(3)] + [Dropout(0.5, 0.4, 2**64 - 1)]
+    runs = {}
+    for graphs in (True, False):
+        backend = cuda_backend(recurrence, graphs)
+        p = backend.asarray(params)
+        state = backend.adam_state(p)
+        losses = [float(backend.train_step(spec, p, state, backend.asarray(x),
+                                           backend.asarray(y), "cross_entropy",
+                                           AdamConfig(1e-2), lengths=lengths, dropout=dropout))
+                  for dropout in dropouts]
+        runs[graphs] = (losses, backend.to_host(p))
+        if graphs:
+            assert [len(s.graphs) for s in backend._slots.values()] == [1]
+    assert runs[True][0] == runs[False][0]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])

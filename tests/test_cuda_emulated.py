@@ -5,7 +5,7 @@ thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and
 Adam.  The generic parity tests are reused as they are (variable lengths and bidirectional
-layers: tests/test_cuda_ragged_emulated.py).  Not covered here: CUDA graph capture
+layers: tests/test_cuda_ragged_emulated.py; dropout: tests/test_cuda_dropout_emulated.py).  Not covered here: CUDA graph capture
 (a stand-in replays the step body instead), streams, real shared-memory limits, CuPy's own API
 (tests/test_cuda_backend.py, on a GPU).
 """

@@ -96,6 +96,7 @@ def test_step_schedule_packs_the_valid_steps_of_rows_sorted_by_length(B, T):
         part = {name: s.data[start:start + math.prod(shape)].reshape(shape)
                 for name, (start, shape) in s.offsets.items()}
         np.testing.assert_array_equal(s.order, order)
+        np.testing.assert_array_equal(part["row"], order)  # the dropout masks' row index
         assert s.total == len(column) == lengths.sum() and part["total"][0] == s.total
         for t in range(T):
             rows = [r for r in range(B) if (t, r) in column]
@@ -135,6 +136,8 @@ def test_step_schedule_packs_the_valid_steps_of_rows_sorted_by_length(B, T):
 def test_step_schedule_without_lengths_keeps_the_rows_and_every_step():
     s = step_schedule(None, 3, 4)
     assert s.order is None and s.total == s.columns == 12 and s.max_length == 4
+    start, shape = s.offsets["row"]
+    np.testing.assert_array_equal(s.data[start:start + shape[0]], np.arange(3))
     np.testing.assert_array_equal(s.xcol, [0, 3, 6, 9])
     with pytest.raises(ValueError, match="columns"):
         step_schedule(np.array([4, 4, 4]), 3, 4, columns=11)

@@ -23,6 +23,15 @@ A training slot of variable-length batches keeps all T*B columns (zeroed past th
 steps) and launches every step, so its CUDA graph serves every batch of its shape, the lengths
 being read from the schedule buffer written before each replay.
 
+Dropout (:mod:`fastlstm.dropout`) is fused into the recurrence kernels, which hash the masks
+where they apply from one key per mask and caller's row (``_Workspace.masks``, written before
+each step): recurrent dropout where the kernel stages h_{t-1} for its dot product (and where
+backward turns the recurrent gradient into the gradient of h_{t-1}); dropout between layers
+where the kernel writes the layer's output (a masked copy, which the layer above's GEMMs read)
+and where backward adds the gradient from the layer above.  The weight gradient of W_hh reads
+h_{t-1} as the recurrence read it, regathered through its mask.  Nothing of a step's dropout
+but which kinds are on is in a launch, so a captured training step replays with a new seed.
+
 Importing this module raises ImportError when CuPy, cuBLAS or a usable GPU is missing, so
 ``get_backend("cuda")`` says why and ``get_backend("auto")`` falls back to the CPU.
 """
@@ -36,12 +45,6 @@ from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import numpy as np
-
-
-def _refuse_dropout(dropout):
-    if dropout:
-        raise NotImplementedError("dropout is not implemented on the CUDA backend yet; train "
-                                  "with device='cpu'")
 
 
 def _first_line(exc):
@@ -65,7 +68,8 @@ from .. import model  # noqa: E402
 from .base import (  # noqa: E402
     AdamState, Backend, BackendUnavailable, Gradients, check_lengths, get_loss)
 from .cuda_support import (  # noqa: E402
-    ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, plan_recurrence)
+    ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, dropout_masks,
+    dropout_modes, plan_recurrence)
 
 __all__ = ["CUDABackend", "DeviceAdamState"]
 
@@ -230,7 +234,10 @@ def _graph_key(params, state):
     The settings' values are not part of it: the graph reads them from ``state.settings``,
     written before each replay, so a new learning rate never needs a new capture.  Nor are a
     batch's lengths: a slot of variable-length batches reads them from its schedule buffer,
-    written before each replay too (see :class:`_TrainSlot`).
+    written before each replay too (see :class:`_TrainSlot`).  Nor is the dropout's seed or
+    rate: the kernels read the masks' keys and rates from the slot's ``work.masks``, written
+    before each replay; only which kinds of dropout are on changes the launches, and the slot
+    keys its graphs by that beside this key.
     """
     return tuple(a.data.ptr for a in (params, *state.buffers()))
 
@@ -252,6 +259,12 @@ class _Workspace:
     layer above reads ``[h_forward, h_reverse]`` as ONE (2H, columns) operand.  A forward
     records in ``layer_inputs[k]`` the sequence layer ``k`` read, and in ``head_input`` the
     states the head read, for backward.
+
+    Dropout (:meth:`set_dropout`, training only): ``masks`` holds the keys and rates of every
+    mask (:func:`~fastlstm.backends.cuda_support.dropout_masks`), ``dropped[k]`` (D*H, columns)
+    layer ``k``'s output through its mask between layers, packed: what layer ``k + 1`` reads.
+    The stored states ``h[k]`` stay unmasked, as the layer computed them: the recurrence reads
+    them (through its own mask) and the head reads the top layer's.
     """
 
     def __init__(self, spec, batch, steps, dtype, train, schedule, padded=False, sched=None):
@@ -285,6 +298,37 @@ class _Workspace:
         self.layer_inputs = [None] * L
         self.head_input = None
         self.grad_buffers = None
+        self.between = self.recurrent = False
+        self.masks = None
+        self.dropped = [None] * (L - 1)
+
+    def set_dropout(self, dropout):
+        """Apply ``dropout`` (a :class:`~fastlstm.dropout.Dropout` or ``None``) to the passes
+        that follow, if this is a training workspace: its masks' keys and rates are copied into
+        :attr:`masks` (on the current stream, as the Adam settings), the buffers it needs are
+        allocated on first use.  Returns ``(between, recurrent)``, the kinds that are on."""
+        spec = self.spec
+        self.between, self.recurrent = dropout_modes(dropout if self.train else None, spec)
+        if self.between or self.recurrent:
+            host = dropout_masks(dropout, spec, self.batch)
+            if self.masks is None:
+                self.masks = cupy.empty(host.shape, cupy.uint64)
+            self.masks[...] = cupy.asarray(host)  # staged in pinned memory: no wait
+        if self.between:
+            width = spec.num_directions * spec.hidden_size
+            for k in range(spec.num_layers - 1):
+                if self.dropped[k] is None:
+                    self.dropped[k] = cupy.empty((width, self.columns), self.dtype)
+        return self.between, self.recurrent
+
+    def mask(self, k, d, recurrent):
+        """The section of :attr:`masks` of layer ``k``, direction ``d``'s recurrent mask (or
+        of its mask between layers), or ``None`` where that mask is off."""
+        if recurrent:
+            on = self.recurrent
+        else:
+            on = self.between and k < self.spec.num_layers - 1
+        return self.masks[k, d, int(recurrent)] if on else None
 
     def sched_view(self, name, direction=None):
         """The part ``name`` of :attr:`sched` (of one direction's row where given)."""
@@ -309,8 +353,11 @@ class _Workspace:
                 dh_seq=[cupy.empty((D * H, C), dtype) for _ in range(D if L > 1 else 0)],
                 ones=cupy.ones((C, 2), dtype))  # sums over columns by GEMM
             if self.ragged or D == 2:
-                self.grad_buffers.update(h_prev=cupy.empty((H, C), dtype),
-                                         dz_first=cupy.empty((4 * H, B), dtype))
+                self.grad_buffers.update(dz_first=cupy.empty((4 * H, B), dtype))
+        if (self.ragged or self.spec.num_directions == 2 or self.recurrent) and \
+                "h_prev" not in self.grad_buffers:  # a gather of h_{t-1} for dW_hh
+            self.grad_buffers["h_prev"] = cupy.empty((self.spec.hidden_size, self.columns),
+                                                     self.dtype)
         return self.grad_buffers
 
 
@@ -323,7 +370,9 @@ class _TrainSlot:
     graph captured once serves every batch of the shape; each batch's schedule is written into
     ``work.sched`` before its step, and the kernels skip the rows past their lengths.  A
     fixed-length batch takes a slot of its own (the key holds ``ragged``), which runs the
-    fixed-length path as it always did.
+    fixed-length path as it always did.  The slot's workspace owns the dropout's buffers
+    (:meth:`_Workspace.set_dropout`): each step writes its masks' keys there, and its graphs
+    are keyed by the kinds of dropout that are on beside :func:`_graph_key`.
     """
 
     def __init__(self, spec, batch, steps, dtype, loss_kind, ragged=False):
@@ -339,7 +388,8 @@ class _TrainSlot:
         self.grads = cupy.empty((spec.layout.size,), dtype)
         blocks = min(_MAX_NORM_BLOCKS, max(1, math.ceil(spec.layout.size / (4 * _ADAM_THREADS))))
         self.partials = cupy.zeros((blocks,), cupy.float64)
-        self.graphs = OrderedDict()  # _graph_key -> CUDA graph (or None: capture failed)
+        # (_graph_key, dropout modes) -> CUDA graph (or None: capture failed)
+        self.graphs = OrderedDict()
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -405,11 +455,14 @@ class _CudaOps:
         """``(matrix, transposed)``: ``seq`` as a GEMM operand whose ``op`` is (features, columns).
 
         Only the network's input (time-major or packed: rows are steps x batch) is transposed.
+        A layer's states start with the B columns of the initial states; its output through
+        the mask between layers (``work.dropped``) does not.
         """
         work = self.work
         if seq is work.x_in:
             return _Mat.of(seq, work.columns, seq.shape[-1]), True
-        return _Mat.of(seq, seq.shape[0], work.columns, ld=seq.shape[1], offset=work.batch), False
+        offset = work.batch if any(seq is h for h in work.h) else 0
+        return _Mat.of(seq, seq.shape[0], work.columns, ld=seq.shape[1], offset=offset), False
 
     def inputs(self, x, lengths):
         return x  # copied in, sorted and packed, by the backend
@@ -426,12 +479,15 @@ class _CudaOps:
             else:
                 block[:, :B] = initial.T
         self.backend._forward_recurrence(work, self.params, k, d, work.train, self._recurrence)
+        # what the layer above reads: the states, or their copy through the mask between layers
+        out = work.dropped[k] if work.mask(k, d, False) is not None else work.h[k]
         if work.padded and k < work.spec.num_layers - 1:
             # the columns past this batch's packed steps, which the layer above's GEMMs read
-            h = self._block(work.h[k], d)
-            self.backend._zero_tail(work, h[:, B:], h.shape[1], h.shape[0])
+            block = self._block(out, d)
+            tail = block if out is not work.h[k] else block[:, B:]
+            self.backend._zero_tail(work, tail, block.shape[1], block.shape[0])
         work.layer_inputs[k] = seq
-        return work.h[k]
+        return out
 
     def join(self, outs):
         return outs[0]  # the directions write their rows of one buffer
@@ -487,7 +543,15 @@ class _CudaOps:
         source, transposed = self._operand(work.layer_inputs[k])
         blas.gemm(_Mat.of(dw_ih), dz, source, tb=not transposed)
         h = self._block(work.h[k], d)
-        if work.ragged or reverse:
+        recurrent_mask = work.mask(k, d, True)
+        if recurrent_mask is not None:
+            # h_{t-1} as the recurrence read it, through its mask: regathered, not kept from the
+            # forward pass (the schedule's x gives each packed column's caller's row and step)
+            h_prev = buffers["h_prev"]
+            self.backend._mask_columns(h, h.shape[1], work.sched_view("prev", d), h_prev, C, H,
+                                       C, recurrent_mask, work.sched_view("x"), work.steps)
+            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h_prev), tb=True)
+        elif work.ragged or reverse:
             # the state each packed step started from, gathered in the packed order
             h_prev = buffers["h_prev"]
             self.backend._gather(h, 1, h.shape[1], work.sched_view("prev", d), h_prev, 1, C, H, C)
@@ -507,6 +571,9 @@ class _CudaOps:
             else:  # every row's first step is step 0: the first B columns
                 dz_first = _Mat(dz.ptr, 4 * H, B, C)
             blas.gemm(_Mat.of(dh), _Mat.of(w_hh), dz_first, ta=True)
+            if recurrent_mask is not None:  # h0 is h_{-1}: the first step read it masked
+                self.backend._mask_columns(dh, B, None, dh, B, H, B, recurrent_mask,
+                                           work.sched_view("row"), 1)
             n = k * work.spec.num_directions + d
             self.dh0[n], self.dc0[n] = dh.T, buffers["dc"].T.copy()
         if not input_grads:
@@ -590,21 +657,24 @@ class CUDABackend(Backend):
         return "persistent" if self._persistent_plan(direction, hidden, batch, dtype,
                                                      recurrence) else "step"
 
-    def _persistent_plan(self, direction, hidden, batch, dtype, recurrence=None):
+    def _persistent_plan(self, direction, hidden, batch, dtype, recurrence=None, dropout=False):
+        """The persistent kernel's plan, or ``None`` where the per-step kernels run; with
+        ``dropout`` compiled in, whose registers may make fewer blocks co-resident."""
         if (recurrence or self.recurrence) != "persistent":
             return None
-        key = (direction, hidden, batch, np.dtype(dtype))
+        key = (direction, hidden, batch, np.dtype(dtype), bool(dropout))
         if key not in self._persistent_ok:
             self._persistent_ok[key] = self._check_persistent(*key)
         return self._persistent_ok[key]
 
-    def _check_persistent(self, direction, hidden, batch, dtype):
+    def _check_persistent(self, direction, hidden, batch, dtype, dropout):
         limits = _limits()
         plan = plan_recurrence(direction, hidden, batch, dtype.itemsize, limits, persistent=True)
         if plan is None or not limits.cooperative:
             return None
         try:
-            kernel = _kernel("lstm_persistent", self._recurrence_name(direction, plan, True), dtype)
+            name = self._recurrence_name(direction, plan, True, dropout)
+            kernel = _kernel("lstm_persistent", name, dtype)
             per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                 kernel.kernel.ptr, plan.threads, plan.shared_bytes)
         except Exception as exc:
@@ -614,8 +684,8 @@ class CUDABackend(Backend):
         return plan if per_sm * limits.multiprocessors >= plan.grid[0] else None
 
     @staticmethod
-    def _recurrence_name(direction, plan, persistent):
-        kind = "persistent" if persistent else "step"
+    def _recurrence_name(direction, plan, persistent, dropout=False):
+        kind = ("persistent" if persistent else "step") + ("_dropout" if dropout else "")
         if direction == "forward":
             return f"forward_{kind}"
         return f"backward_{kind}_v{plan.vector}"
@@ -628,22 +698,36 @@ class CUDABackend(Backend):
         return (work.sched_view("active"), work.sched_view("xcol"),
                 work.sched_view("ring" if ring else "scol"), _i32(work.steps), _i32(d))
 
+    @staticmethod
+    def _dropout_args(work, k, d, forward):
+        """``(dropout, args)``: whether the recurrence of layer ``k``, direction ``d`` runs with
+        dropout compiled in, and the kernels' ``Dropout`` arguments (null where a mask is off;
+        forwards: and where the masked output goes)."""
+        recurrent, between = work.mask(k, d, True), work.mask(k, d, False)
+        args = (work.sched_view("row"), _ptr(recurrent), _ptr(between))
+        if forward:
+            H = work.spec.hidden_size
+            args += (_ptr(None if between is None else work.dropped[k][d * H:(d + 1) * H]),)
+        return recurrent is not None or between is not None, args
+
     def _forward_recurrence(self, work, params, k, d, store_gates, recurrence):
         layout, dtype = work.spec.layout, work.dtype
         H, B = layout.hidden_size, work.batch
         _, w_hh, b_ih, b_hh = layout.layer(layout.views(params), k, reverse=d == 1)
         h, c = (state[d * H:(d + 1) * H] for state in (work.h[k], work.c[k]))
+        dropout, dropout_args = self._dropout_args(work, k, d, forward=True)
         args = ((w_hh, b_ih, b_hh, work.xg[k][d], h, c, _i32(H), _i64(work.columns),
-                 _i64(h.shape[1])) + self._schedule_args(work, work.ring[k], d))
-        plan = self._persistent_plan("forward", H, B, dtype, recurrence)
+                 _i64(h.shape[1])) + self._schedule_args(work, work.ring[k], d) + dropout_args)
+        plan = self._persistent_plan("forward", H, B, dtype, recurrence, dropout)
         if plan is not None:
-            kernel = _kernel("lstm_persistent", "forward_persistent", dtype)
+            name = self._recurrence_name("forward", plan, True, dropout)
+            kernel = _kernel("lstm_persistent", name, dtype)
             tail = (_i32(store_gates), _i32(plan.slice_units), _i32(plan.chunk_rows),
                     _i32(plan.stage_rows))
             kernel(plan.grid, (plan.threads,), args + tail, shared_mem=plan.shared_bytes)
             return
         plan = plan_recurrence("forward", H, B, dtype.itemsize, _limits(), persistent=False)
-        kernel = _kernel("lstm_step", "forward_step", dtype)
+        kernel = _kernel("lstm_step", self._recurrence_name("forward", plan, False, dropout), dtype)
         tail = (_i32(store_gates), _i32(plan.slice_units), _i32(plan.chunk_rows),
                 _i32(plan.stage_rows))
         steps = range(work.launch_steps)
@@ -657,18 +741,20 @@ class CUDABackend(Backend):
         buffers = work.backward_buffers()
         w_hh = layout.layer(layout.views(params), k, reverse=d == 1)[1]
         c = work.c[k][d * H:(d + 1) * H]
+        dropout, dropout_args = self._dropout_args(work, k, d, forward=False)
         args = ((w_hh, work.xg[k][d], c, _ptr(dh_last), _ptr(dh_seq), buffers["dz"],
                  buffers["dc"], _i32(H), _i32(B), _i64(work.columns), _i64(c.shape[1]))
-                + self._schedule_args(work, False, d))
-        plan = self._persistent_plan("backward", H, B, dtype, recurrence)
+                + self._schedule_args(work, False, d) + dropout_args)
+        plan = self._persistent_plan("backward", H, B, dtype, recurrence, dropout)
         if plan is not None:
-            name = self._recurrence_name("backward", plan, True)
+            name = self._recurrence_name("backward", plan, True, dropout)
             tail = (_i32(plan.slice_units), _i32(plan.chunk_rows), _i32(plan.stage_rows))
             _kernel("lstm_persistent", name, dtype)(plan.grid, (plan.threads,), args + tail,
                                                    shared_mem=plan.shared_bytes)
             return
         plan = plan_recurrence("backward", H, B, dtype.itemsize, _limits(), persistent=False)
-        kernel = _kernel("lstm_step", self._recurrence_name("backward", plan, False), dtype)
+        kernel = _kernel("lstm_step", self._recurrence_name("backward", plan, False, dropout),
+                         dtype)
         tail = (_i32(plan.slice_units), _i32(plan.chunk_rows), _i32(plan.stage_rows))
         steps = range(work.launch_steps)  # the forward pass's, last first
         for t in steps if d else reversed(steps):
@@ -685,6 +771,17 @@ class CUDABackend(Backend):
             (blocks,), (_LAYOUT_THREADS,),
             (src, _i64(src_col), _i64(src_feature), idx, dst, _i64(dst_col), _i64(dst_feature),
              _i32(features), _i32(cols)))
+
+    @staticmethod
+    def _mask_columns(src, ld_src, idx, dst, ld_dst, features, cols, mask, rows, steps):
+        """``dst[f, c] = src[f, idx[c]] * mask(rows[c] // steps, rows[c] % steps, f)`` (``idx``
+        ``None``: ``c``; zero where ``idx[c] < 0``): a gather through a dropout mask (a section
+        of ``work.masks``), with each column's caller's row and step from ``rows``."""
+        blocks = max(1, min(4096, math.ceil(features * cols / _LAYOUT_THREADS)))
+        _kernel("lstm_step", "mask_columns", dst.dtype)(
+            (blocks,), (_LAYOUT_THREADS,),
+            (src, _i64(ld_src), _ptr(idx), dst, _i64(ld_dst), _i32(features), _i32(cols), mask,
+             rows, _i32(steps)))
 
     @staticmethod
     def _zero_tail(work, a, ld, rows):
@@ -720,7 +817,6 @@ class CUDABackend(Backend):
 
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
                 dropout=None):
-        _refuse_dropout(dropout if train else None)
         x = cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)
@@ -730,6 +826,7 @@ class CUDABackend(Backend):
         else:
             schedule, sched = StepSchedule(lengths, B, T), None
         work = _Workspace(spec, B, T, params.dtype, train, schedule, sched=sched)
+        work.set_dropout(dropout)  # in training only
         self._copy_in(work, x)
         if work.order is not None:  # the initial states, in the rows' sorted order
             h0, c0 = (None if a is None else cupy.asarray(a)[:, work.order] for a in (h0, c0))
@@ -864,16 +961,18 @@ class CUDABackend(Backend):
         gradient norm is not finite.  ``config`` is copied into ``state.settings``, where the
         step reads it.  The first step of a new shape (batch, steps, dtype, loss, and whether
         the rows have lengths) and set of buffers (``params`` and ``state``'s) runs directly and
-        captures a CUDA graph; the next ones replay it, whatever their settings and lengths.
+        captures a CUDA graph; the next ones replay it, whatever their settings, lengths and
+        dropout seed and rates (the kinds of dropout that are on, between layers and recurrent,
+        are a graph's own).
         """
-        _refuse_dropout(dropout)
         loss_kind, state, x = get_loss(loss), _device_state(state), cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)
         with self._train_lock:
-            return self._train_step(spec, params, state, x, y, loss_kind, config, lengths)
+            return self._train_step(spec, params, state, x, y, loss_kind, config, lengths,
+                                    dropout)
 
-    def _train_step(self, spec, params, state, x, y, loss_kind, config, lengths):
+    def _train_step(self, spec, params, state, x, y, loss_kind, config, lengths, dropout):
         B, T, _ = x.shape
         slot = self._train_slot(spec, B, T, params.dtype, loss_kind, lengths is not None)
         work = slot.work
@@ -887,10 +986,12 @@ class CUDABackend(Backend):
         self._copy_in(work, x)
         slot.y[...] = y
         state.write_settings(config)
+        modes = work.set_dropout(dropout)  # this step's masks: keys and rates, in the slot
+        work.backward_buffers()  # what these modes need, allocated before any capture
         if not self.graphs:
             self._step_body(slot, params, state, self.recurrence)
             return slot.loss.copy()
-        key = _graph_key(params, state)
+        key = (_graph_key(params, state), modes)
         if key in slot.graphs:
             graph = slot.graphs[key]
             if graph is None:

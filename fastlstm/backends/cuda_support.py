@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import dropout as _dropout
 from ..kernels import CUDA_SOURCE_DIR
 
 __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "plan_recurrence",
-           "StepSchedule", "step_schedule", "ADAM_SETTINGS", "adam_settings"]
+           "StepSchedule", "step_schedule", "ADAM_SETTINGS", "adam_settings", "MASK_HEADER",
+           "dropout_modes", "dropout_masks"]
 
 #: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
@@ -153,6 +155,7 @@ class StepSchedule:
         step before, or the initial state), per direction; -1 past ``total``
     ``x`` : (columns,), the row of ``x.reshape(B * T, I)`` (caller's order) of each packed
         column; -1 past ``total``
+    ``row`` : (B,), the caller's row of each sorted row (the dropout masks' row index)
 
     Parameters
     ----------
@@ -198,7 +201,7 @@ class StepSchedule:
                      total=np.array([self.total]),
                      last=np.stack([scol[last_t] + rows, scol[0] + rows]),
                      last_ring=np.stack([ring[last_t] + rows, ring[0] + rows]),
-                     first=np.stack([rows, xcol[last_t] + rows]), prev=prev, x=x)
+                     first=np.stack([rows, xcol[last_t] + rows]), prev=prev, x=x, row=original)
         self.offsets, start = {}, 0
         for name, value in parts.items():
             self.offsets[name] = (start, value.shape)
@@ -252,3 +255,58 @@ def adam_settings(config, grad_scale=1.0):
     values = dict(dataclasses.asdict(config), grad_scale=grad_scale)
     values["clip_grad_norm"] = values["clip_grad_norm"] or 0.0  # None, or positive
     return np.array([values[name] for name in ADAM_SETTINGS], np.float64)
+
+
+#: the header of each mask of the dropout buffer, before its row keys (``Mask`` in
+#: ``fastlstm/kernels/lstm_core.cuh``)
+MASK_HEADER = ("threshold", "scale", "step_stride", "unit_offset")
+
+
+def dropout_modes(dropout, spec):
+    """``(between, recurrent)``: which kinds of dropout a step of ``spec`` applies (``dropout``
+    a :class:`~fastlstm.dropout.Dropout` or ``None``).
+
+    This, not the rates or the seed, decides which kernels a step launches and which buffers
+    they read, so it is what a captured CUDA graph depends on.  A one-layer network has no
+    output that another layer reads: dropout between layers is a no-op there.
+    """
+    if not dropout:
+        return False, False
+    return dropout.p > 0 and spec.num_layers > 1, dropout.recurrent_p > 0
+
+
+def dropout_masks(dropout, spec, batch):
+    """The CUDA kernels' dropout buffer for one batch: uint64, ``(L, D, 2, 4 + batch)``.
+
+    ``[k, d, 0]`` is the mask between layers on direction ``d``'s units of layer ``k``'s
+    output (every layer but the last), ``[k, d, 1]`` the recurrent mask of layer ``k``,
+    direction ``d``.  Each holds :data:`MASK_HEADER` (the :func:`~fastlstm.dropout.threshold`,
+    the kept value ``1 / (1 - p)`` as the bits of a float64, the units per time step: ``D*H``
+    between layers, 0 for the recurrent mask, the same at every step; the first unit of the
+    direction: ``d*H`` between layers) and then :func:`~fastlstm.dropout.row_keys` of the
+    caller's rows ``0 .. batch - 1``.  The kernels hash unit ``t * step_stride + unit_offset +
+    j`` of a row from its key as :func:`~fastlstm.dropout.unit_masks` does.  A mask that does
+    not apply holds zeros (the kernels are not given it).  The keys are computed here, on the
+    host, rather than from the seed on the device: ``B * 4L`` hashes, and the kernels then need
+    no seed, only this buffer, which the host rewrites before every step.
+    """
+    L, D, H = spec.num_layers, spec.num_directions, spec.hidden_size
+    out = np.zeros((L, D, 2, len(MASK_HEADER) + batch), np.uint64)
+    between, recurrent = dropout_modes(dropout, spec)
+    rows = np.arange(batch)
+
+    def header(p, stride, offset):
+        scale = np.array(1 / (1 - p), np.float64).view(np.uint64)
+        return np.array([_dropout.threshold(p), scale, stride, offset], np.uint64)
+
+    for k in range(L):
+        for d in range(D):
+            if between and k < L - 1:
+                out[k, d, 0, :4] = header(dropout.p, D * H, d * H)
+                out[k, d, 0, 4:] = _dropout.row_keys(dropout.seed, _dropout.between_stream(k),
+                                                     rows)
+            if recurrent:
+                out[k, d, 1, :4] = header(dropout.recurrent_p, 0, 0)
+                out[k, d, 1, 4:] = _dropout.row_keys(dropout.seed,
+                                                     _dropout.recurrent_stream(k, d), rows)
+    return out

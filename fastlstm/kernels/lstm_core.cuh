@@ -28,6 +28,19 @@
 // a fixed order (deterministic).  The input rows (h_{t-1} forwards, dz_{t+1} backwards) are
 // staged in shared memory KC rows at a time; the weight slice is either resident in shared
 // memory for the whole kernel (persistent) or staged KC rows at a time (per-step).
+//
+// Dropout (fastlstm/dropout.py defines it; a kernel's DROPOUT template flag compiles it in, so
+// the kernels without it do no dropout work, not even a test of a null pointer): the masks are
+// not read from memory but hashed where they apply, from one key per (mask, caller's row) that
+// the host writes to a device buffer before each step (`Mask`), so a captured CUDA graph
+// replays with a new seed and backward recomputes the masks instead of storing them.
+// Recurrent dropout multiplies h_{t-1} as it is staged for the recurrent dot product (the
+// stored h stays unmasked: it is the layer's output) and, backwards, the recurrent part of
+// dL/dh_t, which is the gradient w.r.t. the masked read; dropout between layers writes a masked
+// copy of the output sequence, packed, for the layer above's GEMMs (`dropped`), and multiplies
+// the gradient coming back from the layer above.  The masks are hashed again at every step
+// rather than kept in shared memory: a few integer operations per staged value, against a
+// slice of the weights that already fills it.
 #pragma once
 
 // The block's dynamic shared memory (a hook, so that tests can run these kernels on the CPU).
@@ -103,6 +116,7 @@ struct Schedule {
 
 // Where step t of a recurrence reads and writes: read from the Schedule once per step.
 struct Step {
+    int t;                // the time step
     int rows;             // rows active at t; the step computes these only
     long long xcol;       // first column of t in the packed sequences
     long long scol;       // first column of t's state
@@ -120,6 +134,7 @@ __device__ __forceinline__ Step schedule_step(const Schedule& s, int t) {
     const bool has_before = before >= 0 && before < s.steps;
     const bool has_after = after >= 0 && after < s.steps;
     Step step;
+    step.t = t;
     step.rows = s.active[t];
     step.xcol = s.xcol[t];
     step.scol = s.scol[t];
@@ -130,22 +145,73 @@ __device__ __forceinline__ Step schedule_step(const Schedule& s, int t) {
     return step;
 }
 
-// Columns of the recurrent input each row of a step reads (-1: none, it reads zeros).
-struct PrevStateCols {  // forwards: h of the step before, or the initial state
+// ---- dropout masks: the device copy of fastlstm/dropout.py (tests/test_cuda_dropout_emulated.py
+// checks it bit for bit)
+
+// SplitMix64's increment and finaliser (fastlstm.dropout.GAMMA, _mix).
+constexpr unsigned long long SPLITMIX_GAMMA = 0x9E3779B97F4A7C15ULL;
+__device__ __forceinline__ unsigned long long splitmix_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// One mask of one recurrence, as the host writes it (fastlstm.backends.cuda_support.dropout_masks):
+//   m[0] threshold (the high 32 bits of a unit's hash must reach it to keep the unit),
+//   m[1] the kept value 1/(1-p) as the bits of a double, m[2] units per time step (0: the same
+//   mask at every step, recurrent dropout), m[3] the first unit of this direction, m[4 + r] the
+//   key of the caller's row r.  Everything that may change from one training step to the next
+//   is in this buffer, none of it in a kernel argument: a graph replays with the new values.
+struct Mask {
+    const unsigned long long* m;  // nullptr: no such mask
+    __device__ bool on() const { return m != nullptr; }
+    // the mask of caller's row `row`, time step t, unit j of this direction: 0 or 1/(1-p)
+    template <typename T>
+    __device__ T value(int row, int t, int j) const {
+        const unsigned long long unit = (unsigned long long)t * m[2] + m[3] + j;
+        const unsigned long long hash = splitmix_mix(m[4 + row] + SPLITMIX_GAMMA * (unit + 1));
+        return (hash >> 32) >= m[0] ? T(__longlong_as_double((long long)m[1])) : T(0);
+    }
+};
+
+// The dropout of one recurrence (layer, direction).  The kernels see the rows sorted by length;
+// the masks are those of the caller's rows (the masks of a sample never depend on the other
+// samples' lengths), hence `row`.
+struct Dropout {
+    const int* row;  // (B,) the caller's row of each sorted row
+    Mask recurrent;  // on h_{t-1} where this recurrence reads it
+    Mask between;    // on this direction's output where the layer above reads it
+};
+
+// Columns of the recurrent input each row of a step reads (-1: none, it reads zeros), and what
+// the staging does to a value it reads (`read`).
+template <typename T, bool DROPOUT>
+struct PrevStateCols {  // forwards: h of the step before, or the initial state, masked
     Step step;
+    Dropout drop;
     __device__ long long operator()(int b) const { return step.prev_col(b); }
+    __device__ T read(T h, int k, int b) const {
+        if constexpr (DROPOUT) {
+            // the initial state h0 is h_{-1}: masked like any other step's
+            if (drop.recurrent.on()) return h * drop.recurrent.value<T>(drop.row[b], 0, k);
+        }
+        return h;
+    }
 };
 struct NextStepCols {  // backwards: dz of the step after, for the rows it carried on
     Step step;
     __device__ long long operator()(int b) const {
         return b < step.carried_next ? step.next_xcol + b : -1;
     }
+    template <typename T>
+    __device__ T read(T dz, int, int) const { return dz; }
 };
 
 // One chunk of batch rows [b0, b0 + BC): acc[v] = sum_k in[k, cols(b)] * w[k, task*V + v]
 // for each warp task, then epi(column group, b, acc) for every row b < rows.  `in == nullptr`
-// means no recurrent input (acc = 0), so does cols(b) < 0 for that row.  Every thread of the
-// block must call this (it syncs).
+// means no recurrent input (acc = 0), so does cols(b) < 0 for that row; cols.read(value, k, b)
+// is what is staged of a value read (the recurrent dropout's mask applied, forwards).  Every
+// thread of the block must call this (it syncs).
 template <typename T, int V, bool RESIDENT, class Weights, class Cols, class Epilogue>
 __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, const Cols& cols, int rows,
                           int b0, const Tile& tile, T* ws, T* stage, T* partial,
@@ -174,7 +240,9 @@ __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, const Cols&
                 const int b = b0 + (e - kk * tile.BC);
                 const long long col = b < rows ? cols(b) : -1;
                 // __ldcg: the rows were written by other blocks (persistent kernel); bypass L1.
-                stage[e] = col >= 0 ? __ldcg(in + (long long)(k0 + kk) * ld_in + col) : T(0);
+                stage[e] = col >= 0
+                    ? cols.read(__ldcg(in + (long long)(k0 + kk) * ld_in + col), k0 + kk, b)
+                    : T(0);
             }
             if (!RESIDENT) load_weights(ws, weights, k0, kc, tile.ncol);
             __syncthreads();
@@ -208,8 +276,9 @@ __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, const Cols&
     if (active && part == 0 && b0 + row < rows) epi(group, b0 + row, acc);
 }
 
-// Forward pointwise step for unit j0 + group, batch row b: gates, cell and hidden state.
-template <typename T>
+// Forward pointwise step for unit j0 + group, batch row b: gates, cell and hidden state (and,
+// with dropout between layers, the masked copy of the hidden state the layer above reads).
+template <typename T, bool DROPOUT>
 struct ForwardEpilogue {
     const T* b_ih;
     const T* b_hh;
@@ -219,6 +288,8 @@ struct ForwardEpilogue {
     long long ld_seq, ld_state;  // row lengths of xg and of h, c
     int H, j0, store_gates;
     Step step;
+    Dropout drop;  // read where DROPOUT
+    T* dropped;    // (H, ld_seq) where drop.between is on: this direction's output, masked
     __device__ void operator()(int group, int b, const T (&z)[4]) const {
         const int j = j0 + group;
         if (j >= H) return;
@@ -238,7 +309,14 @@ struct ForwardEpilogue {
         const long long next = (long long)j * ld_state + step.scol + b;
         const T cell = f * c[prev] + i * g;
         c[next] = cell;
-        h[next] = o * dev_tanh(cell);
+        const T hidden = o * dev_tanh(cell);
+        h[next] = hidden;
+        if constexpr (DROPOUT) {
+            // packed like xg, so the layer above's GEMMs read it as they would read h
+            if (drop.between.on())
+                dropped[(long long)j * tb + col] =
+                    hidden * drop.between.value<T>(drop.row[b], step.t, j);
+        }
         if (store_gates) {
             xg[(long long)j * tb + col] = i;
             xg[((long long)H + j) * tb + col] = f;
@@ -250,7 +328,10 @@ struct ForwardEpilogue {
 
 // Backward pointwise step for units j0 + group*V + v, batch row b, given the recurrent part of
 // dL/dh_t (dz of the step after @ W_hh, zero at the row's last step): writes dz_t, carries dc.
-template <typename T, int V>
+// With dropout, that recurrent part is the gradient w.r.t. the masked h_t the step after read,
+// and dh_seq the gradient w.r.t. the masked output the layer above read: each is multiplied by
+// its mask here (dh_last, read by the head unmasked, is not).
+template <typename T, int V, bool DROPOUT>
 struct BackwardEpilogue {
     const T* gates;
     const T* c;        // (H, ld_state), every step kept
@@ -261,6 +342,7 @@ struct BackwardEpilogue {
     long long ld_seq, ld_state;
     int H, B, j0;
     Step step;
+    Dropout drop;  // read where DROPOUT
     __device__ void operator()(int group, int b, const T (&dh_rec)[V]) const {
         const long long tb = ld_seq;
         const long long col = step.xcol + b;
@@ -270,8 +352,18 @@ struct BackwardEpilogue {
             const int j = j0 + group * V + v;
             if (j >= H) return;
             T grad_h = dh_rec[v];
+            if constexpr (DROPOUT) {
+                if (drop.recurrent.on()) grad_h *= drop.recurrent.value<T>(drop.row[b], 0, j);
+            }
             if (last && dh_last != nullptr) grad_h += dh_last[(long long)j * B + b];
-            if (dh_seq != nullptr) grad_h += dh_seq[(long long)j * tb + col];
+            if (dh_seq != nullptr) {
+                T from_above = dh_seq[(long long)j * tb + col];
+                if constexpr (DROPOUT) {
+                    if (drop.between.on())
+                        from_above *= drop.between.value<T>(drop.row[b], step.t, j);
+                }
+                grad_h += from_above;
+            }
             const T i = gates[(long long)j * tb + col];
             const T f = gates[((long long)H + j) * tb + col];
             const T g = gates[((long long)2 * H + j) * tb + col];
@@ -302,21 +394,21 @@ struct SharedLayout {
 };
 
 // One forward step for the chunk(s) of batch rows [b_begin, b_end) that are active at it.
-template <typename T, bool RESIDENT>
-__device__ void forward_step_chunks(const ForwardWeights<T>& weights, const ForwardEpilogue<T>& epi,
-                                    const Tile& tile, const SharedLayout<T>& sh, int b_begin,
-                                    int b_end) {
+template <typename T, bool RESIDENT, bool DROPOUT>
+__device__ void forward_step_chunks(const ForwardWeights<T>& weights,
+                                    const ForwardEpilogue<T, DROPOUT>& epi, const Tile& tile,
+                                    const SharedLayout<T>& sh, int b_begin, int b_end) {
     const int rows = epi.step.rows;
-    const PrevStateCols cols{epi.step};
+    const PrevStateCols<T, DROPOUT> cols{epi.step, epi.drop};
     for (int b0 = b_begin; b0 < b_end && b0 < rows; b0 += tile.BC)
         chunk_dot<T, 4, RESIDENT>(epi.h, epi.ld_state, cols, rows, b0, tile, sh.ws, sh.stage,
                                   sh.partial, weights, epi);
 }
 
 // One backward step for the chunk(s) of batch rows [b_begin, b_end) that are active at it.
-template <typename T, int V, bool RESIDENT>
+template <typename T, int V, bool RESIDENT, bool DROPOUT>
 __device__ void backward_step_chunks(const BackwardWeights<T>& weights,
-                                     const BackwardEpilogue<T, V>& epi, const Tile& tile,
+                                     const BackwardEpilogue<T, V, DROPOUT>& epi, const Tile& tile,
                                      const SharedLayout<T>& sh, int b_begin, int b_end) {
     const int rows = epi.step.rows;
     const T* in = epi.step.carried_next > 0 ? epi.dz : nullptr;

@@ -63,7 +63,7 @@ def _maker(fn):
 
 empty, zeros, ones = _maker(np.empty), _maker(np.zeros), _maker(np.ones)
 empty_like, zeros_like, stack = _maker(np.empty_like), _maker(np.zeros_like), _maker(np.stack)
-float32, float64, int64, uint32 = np.float32, np.float64, np.int64, np.uint32
+float32, float64, int64, uint32, uint64 = np.float32, np.float64, np.int64, np.uint32, np.uint64
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -179,7 +179,8 @@ def modules():
     cupy = _module("cupy", cuda=cuda, RawModule=RawModule, **{
         name: getattr(this, name) for name in (
             "ndarray", "asarray", "ascontiguousarray", "asnumpy", "empty", "zeros", "ones",
-            "empty_like", "zeros_like", "stack", "float32", "float64", "int64", "uint32")})
+            "empty_like", "zeros_like", "stack", "float32", "float64", "int64", "uint32",
+            "uint64")})
     libs = _module("cupy_backends.cuda.libs", cublas=cublas)
     return {"cupy": cupy, "cupy.cuda": cuda, "cupy_backends": _module("cupy_backends"),
             "cupy_backends.cuda": _module("cupy_backends.cuda", libs=libs),
