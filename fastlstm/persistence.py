@@ -235,17 +235,39 @@ def _digest(metadata_json, arrays):
 
 def _write_atomically(path, arrays):
     """``np.savez`` to ``path`` through a temporary file, so an interrupted save leaves the
-    file that was there."""
+    file that was there, whole, even after a power loss.
+
+    The data reach the disk (``fsync``) before the rename, and the rename before
+    this returns (``fsync`` of the folder): otherwise a crash soon after could leave
+    ``path`` naming a file whose blocks were never written, or the old file back.
+    A crash during the write leaves only a partial temporary file (``.fastlstm-*.npz.tmp``,
+    next to ``path``), which nothing reads.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlstm-", suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # a file object: np.savez adds no ".npz" to the name
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make the entries of ``folder`` (a rename into it) durable, where the system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are written through
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _warn_if_other_version(version, what, stacklevel):

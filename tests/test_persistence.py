@@ -7,8 +7,10 @@ the fastlstm version and warn on a mismatch.
 """
 
 import json
+import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -135,6 +137,29 @@ def test_file_is_written_at_the_exact_path_and_replaced_whole(tmp_path):
     clf.save(str(path))
     clf.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.fastlstm"]
+    assert fastlstm.load(path).n_iter_ == clf.n_iter_
+
+
+def test_the_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    # power loss: a rename may be durable before the data it names, unless they are synced
+    # first; and the rename itself only once its folder is
+    clf = LSTMClassifier(**TINY).fit(X, np.arange(40) % 2)
+    path = tmp_path / "model.npz"
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    clf.save(path)
+    assert events == [("fsync", "file"), ("replace", "model.npz"), ("fsync", "folder")]
     assert fastlstm.load(path).n_iter_ == clf.n_iter_
 
 
