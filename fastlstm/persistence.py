@@ -39,7 +39,7 @@ __all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "lo
 
 #: version of the file layout written by :func:`save_state`; bumped on any incompatible change,
 #: with an upgrade of the previous version's metadata in :data:`_UPGRADES`
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _FORMAT = "fastlstm-model"
 #: metadata keys that the file writes around the estimator's own
 _FILE_KEYS = frozenset({"format", "format_version", "fastlstm_version", "object_arrays", "arrays"})
@@ -58,8 +58,20 @@ def _spec_from_layout(metadata):
     return metadata
 
 
+def _optimizer_schedule(metadata):
+    """Version 2 -> 3: the state of the learning-rate schedule (``learning_rate_`` among
+    the fitted attributes, ``"no_improvement_count"``) and ``"unfinished_fit"`` (``None``:
+    the file is of a finished fit).  Version 2 trained at ``learning_rate_init``
+    throughout and counted epochs without improvement afresh at every call."""
+    metadata = dict(metadata)
+    metadata["attributes"] = {**metadata["attributes"],
+                              "learning_rate_": metadata["params"]["learning_rate_init"]}
+    metadata.update(no_improvement_count=0, unfinished_fit=None)
+    return metadata
+
+
 #: the upgrade of the metadata of each format version to the next
-_UPGRADES = {1: _spec_from_layout}
+_UPGRADES = {1: _spec_from_layout, 2: _optimizer_schedule}
 
 
 class ModelFileError(ValueError):
