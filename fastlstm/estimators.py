@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 import warnings
@@ -44,6 +45,7 @@ from .backends import AdamConfig, AdamState, get_backend
 from .dropout import Dropout
 from .model import ModelSpec
 from .persistence import _warn_if_other_version, load_state, save_state
+from .schedule import LearningRateSchedule
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
     to_float32
 
@@ -68,6 +70,7 @@ class BaseLSTM(BaseEstimator):
         "recurrent_dropout": [Interval(Real, 0, 1, closed="left")],
         "input_size": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "adaptive"})],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -81,6 +84,7 @@ class BaseLSTM(BaseEstimator):
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "warm_start": ["boolean"],
+        "checkpoint": [str, os.PathLike, None],
         "verbose": ["verbose"],
         "random_state": ["random_state"],
         "device": [StrOptions({"auto", "cpu", "cuda"})],
@@ -92,11 +96,11 @@ class BaseLSTM(BaseEstimator):
     _what_to_scale = "X (e.g. StandardScaler in a Pipeline)"
 
     def __init__(self, hidden_size=128, num_layers=1, *, bidirectional=False, dropout=0.0,
-                 recurrent_dropout=0.0, input_size=None, batch_size=64,
+                 recurrent_dropout=0.0, input_size=None, batch_size=64, learning_rate="constant",
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, warm_start=False,
-                 verbose=0, random_state=None, device="auto"):
+                 checkpoint=None, verbose=0, random_state=None, device="auto"):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
@@ -104,6 +108,7 @@ class BaseLSTM(BaseEstimator):
         self.recurrent_dropout = recurrent_dropout
         self.input_size = input_size
         self.batch_size = batch_size
+        self.learning_rate = learning_rate
         self.learning_rate_init = learning_rate_init
         self.max_iter = max_iter
         self.alpha = alpha
@@ -117,6 +122,7 @@ class BaseLSTM(BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.warm_start = warm_start
+        self.checkpoint = checkpoint
         self.verbose = verbose
         self.random_state = random_state
         self.device = device
@@ -159,15 +165,21 @@ class BaseLSTM(BaseEstimator):
         state : dict
             ``"metadata"``: JSON-encodable class name, hyper-parameters,
             fitted attributes, the network's :class:`~fastlstm.model.ModelSpec`
-            (as a dict), Adam's step count and the
-            state of the training generator; ``"arrays"``: the weights,
-            Adam's moments and the fitted attributes that are arrays.
+            (as a dict), Adam's step count, the state of the training
+            generator, the schedule's count of epochs without improvement and,
+            for the checkpoint of an unfinished fit, its progress
+            (``"unfinished_fit"``, else ``None``); ``"arrays"``: the weights,
+            Adam's moments, the fitted attributes that are arrays and, for an
+            unfinished fit with early stopping, the best epoch's weights
+            (``"best_params"``).
         """
         check_is_fitted(self)
         adam = self._adam  # None until trained (weights set by load_state_dict)
         arrays = {"params": self._params}
         if adam is not None:
             arrays.update(adam_m=adam.m, adam_v=adam.v)
+        if self._best_params is not None:
+            arrays["best_params"] = self._best_params
         attributes = {}
         for name, value in vars(self).items():
             if not name.endswith("_") or name.startswith("_"):
@@ -183,6 +195,8 @@ class BaseLSTM(BaseEstimator):
                           "hold; it is saved as None (the fitted weights and the state of the "
                           "training generator are saved exactly).", UserWarning, stacklevel=3)
             params["random_state"] = None
+        if params["checkpoint"] is not None:
+            params["checkpoint"] = os.fspath(params["checkpoint"])
         spec = self._spec
         metadata = {
             "estimator": type(self).__name__,
@@ -190,6 +204,8 @@ class BaseLSTM(BaseEstimator):
             "spec": dataclasses.asdict(spec),
             "adam_step": None if adam is None else int(adam.step),
             "rng_state": self._rng.bit_generator.state,
+            "no_improvement_count": self._no_improvement_count,
+            "unfinished_fit": self._unfinished_fit,
             "attributes": attributes,
         }
         return {"metadata": metadata, "arrays": arrays}
@@ -217,6 +233,9 @@ class BaseLSTM(BaseEstimator):
             AdamState(arrays.pop("adam_m"), arrays.pop("adam_v"), metadata["adam_step"])
         estimator._rng = np.random.default_rng()
         estimator._rng.bit_generator.state = metadata["rng_state"]
+        estimator._no_improvement_count = metadata["no_improvement_count"]
+        estimator._unfinished_fit = metadata["unfinished_fit"]
+        estimator._best_params = arrays.pop("best_params", None)
         for name, value in metadata["attributes"].items():
             setattr(estimator, name, value)
         for name, value in arrays.items():
@@ -234,10 +253,15 @@ class BaseLSTM(BaseEstimator):
         if layout is not None and "_spec" not in state:  # pickled by fastlstm 0.1
             state["_spec"] = ModelSpec(layout.input_size, layout.hidden_size,
                                        layout.num_layers, layout.output_size)
-        # parameters since fastlstm 0.2
+        # parameters since fastlstm 0.2; pickled before the learning-rate schedule and
+        # checkpoints, the rate was constant
         for name, default in (("bidirectional", False), ("dropout", 0.0),
-                              ("recurrent_dropout", 0.0)):
+                              ("recurrent_dropout", 0.0), ("learning_rate", "constant"),
+                              ("checkpoint", None)):
             state.setdefault(name, default)
+        if "_params" in state and "learning_rate_" not in state:
+            state.update(learning_rate_=state["learning_rate_init"], _no_improvement_count=0,
+                         _unfinished_fit=None, _best_params=None)
         super().__setstate__(state)
 
     # ---------------------------------------------------------- subclass hooks
@@ -281,6 +305,12 @@ class BaseLSTM(BaseEstimator):
         self.best_loss_ = math.inf
         self.validation_scores_ = [] if self.early_stopping else None
         self.best_validation_score_ = -math.inf if self.early_stopping else None
+        self.learning_rate_ = self.learning_rate_init
+        self._no_improvement_count = 0
+        # the record of the fit a checkpoint was saved in the midst of (see _fit_record), and
+        # its best weights so far (early stopping): what resuming it needs
+        self._unfinished_fit = None
+        self._best_params = None
 
     def state_dict(self):
         """The fitted weights with PyTorch's names, shapes and gate order (i, f, g, o).
@@ -412,6 +442,12 @@ class BaseLSTM(BaseEstimator):
     def fit(self, X, y):
         """Train on ``X`` and ``y`` for up to ``max_iter`` epochs.
 
+        With ``warm_start``, training continues from the fitted state: a new
+        run of up to ``max_iter`` epochs with a new optimizer, except for a
+        model loaded from the ``checkpoint`` of an unfinished fit, which
+        resumes that fit (its optimizer, learning-rate schedule, shuffling and
+        validation split) for the rest of its ``max_iter`` epochs.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_steps, n_inputs) or (n_samples, n_features), \
@@ -427,6 +463,13 @@ or list of array-like of shape (n_steps_i, n_inputs)
         Returns
         -------
         self
+
+        Raises
+        ------
+        ValueError
+            A checkpoint of an unfinished fit is resumed on another number of
+            samples, or with another ``early_stopping`` or
+            ``validation_fraction``, than the fit's (the message says what to do).
         """
         self._validate_params()
         return self._fit(X, y, incremental=False)
@@ -435,6 +478,11 @@ or list of array-like of shape (n_steps_i, n_inputs)
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
                              "is None.")
+        if self.checkpoint is not None:  # refused before any work rather than after an epoch
+            folder = os.path.dirname(os.path.abspath(self.checkpoint))
+            if not os.path.isdir(folder):
+                raise ValueError(f"checkpoint={self.checkpoint!r} is in a folder that does not "
+                                 f"exist ({folder}); create it, or pass another path.")
         first = not hasattr(self, "_params") or not (incremental or self.warm_start)
         X, lengths = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
@@ -452,47 +500,92 @@ or list of array-like of shape (n_steps_i, n_inputs)
                 f"cannot continue training a {self._spec!r} as a {spec!r}: the data or "
                 "hidden_size/num_layers/bidirectional changed; set warm_start=False to start "
                 "afresh.")
+        # the checkpoint of an unfinished fit goes on with it; partial_fit trains an epoch of
+        # its own instead (and the unfinished fit is over)
+        resume = None if incremental else self._unfinished_fit
+        record = None
+        if not incremental:
+            record = self._fit_record(resume, len(X))
         lengths_val = X_val = y_val = None
         if self.early_stopping and not incremental:
             # the lengths join the split where there are any; X and y split the same either way
             split = train_test_split(
                 X, y, *([] if lengths is None else [lengths]), test_size=self.validation_fraction,
-                random_state=self._rng.integers(2**31), stratify=self._stratify(y))
+                random_state=record["validation_seed"], stratify=self._stratify(y))
             X, X_val, y, y_val = split[:4]
             if lengths is not None:
                 lengths, lengths_val = split[4:]
         backend = get_backend(self.device)
         with backend.session():  # per-call setup of the backend, held for the whole fit
             self._train(backend, X, y, lengths, X_val, y_val, lengths_val,
-                        n_epochs=1 if incremental else self.max_iter,
-                        fresh_optimizer=not incremental)
+                        n_epochs=1 if incremental else max(0, self.max_iter - record["epochs"]),
+                        record=record, resume=resume is not None)
         return self
 
-    def _train(self, backend, X, y, lengths, X_val, y_val, lengths_val, n_epochs,
-               fresh_optimizer):
+    def _fit_record(self, resume, n_samples):
+        """What a ``fit`` on ``n_samples`` samples records of itself, to be resumed exactly:
+        its epochs so far, its sample count and validation split (fraction and seed, drawn
+        from the generator here for a new fit), or ``resume``'s, checked against the data
+        and parameters of this call."""
+        fraction = self.validation_fraction if self.early_stopping else None
+        if resume is None:
+            seed = None if fraction is None else int(self._rng.integers(2**31))
+            return {"epochs": 0, "n_samples": n_samples, "validation_fraction": fraction,
+                    "validation_seed": seed}
+        stopped = (f"this {type(self).__name__} is the checkpoint of a fit stopped after "
+                   f"{resume['epochs']} of its epochs")
+        if n_samples != resume["n_samples"]:
+            raise ValueError(
+                f"{stopped} on {resume['n_samples']} samples, but X has {n_samples}; resume it "
+                "with the X and y of that fit, or set warm_start=False to start afresh.")
+        if fraction != resume["validation_fraction"]:
+            was = resume["validation_fraction"]
+            raise ValueError(
+                f"{stopped} with " + ("early_stopping=False" if was is None else
+                                      f"early_stopping=True, validation_fraction={was}")
+                + "; set them back with set_params to resume it on the same validation split, "
+                "or set warm_start=False to start afresh.")
+        return dict(resume)
+
+    def _train(self, backend, X, y, lengths, X_val, y_val, lengths_val, n_epochs, record,
+               resume):
         """The epoch loop; fitted state is committed to the host however it ends.
 
         ``lengths`` and ``lengths_val`` (host arrays, or ``None``: every sample has
-        all steps) stay on the host, where the backends take them.
+        all steps) stay on the host, where the backends take them.  ``record``
+        is the fit's record of itself (see :meth:`_fit_record`), counted on
+        and saved with each checkpoint, or ``None`` for ``partial_fit``, whose
+        one epoch never stops training nor leaves a fit to resume.  A new
+        ``fit`` starts a new optimizer (Adam's moments and the learning-rate
+        schedule); ``partial_fit`` and a resumed fit go on with the
+        estimator's.
         """
         spec = self._spec
         params = backend.asarray(self._params)
         adam = backend.adam_state(params)  # the backend's own kind (the GPU's counts on the GPU)
+        fresh_optimizer = record is not None and not resume
         if not fresh_optimizer and self._adam is not None:
             adam.m[...] = backend.asarray(self._adam.m)
             adam.v[...] = backend.asarray(self._adam.v)
             adam.step = self._adam.step
+        if fresh_optimizer:
+            schedule = LearningRateSchedule(self.learning_rate, self.learning_rate_init,
+                                            self.n_iter_no_change)
+        else:
+            schedule = LearningRateSchedule(self.learning_rate, self.learning_rate_init,
+                                            self.n_iter_no_change, self.learning_rate_,
+                                            self._no_improvement_count)
+        self.learning_rate_ = schedule.rate
         X_dev, y_dev = backend.asarray(X), backend.asarray(y)
         X_val_dev = None if X_val is None else backend.asarray(X_val)
         n_samples = X.shape[0]
         batch_size = min(self.batch_size, n_samples)
-        best_params = None
-        no_improvement = 0
-        if X_val is not None:  # each fit picks its best epoch on its own validation split
+        best_params = self._best_params if resume else None
+        if X_val is not None and not resume:  # each fit picks its best epoch on its own split
             self.validation_scores_ = self.validation_scores_ or []
             self.best_validation_score_ = -math.inf
         try:
-            for _ in range(n_epochs):
+            for epoch in range(n_epochs):
                 start = time.perf_counter()
                 # a diverging epoch is rolled back to here (copies on the backend: no transfer)
                 epoch_start = (params.copy(), adam.m.copy(), adam.v.copy(), adam.step)
@@ -537,23 +630,51 @@ or list of array-like of shape (n_steps_i, n_inputs)
                     if score > self.best_validation_score_:
                         self.best_validation_score_ = score
                         best_params = backend.to_host(params).copy()
-                no_improvement = 0 if improved else no_improvement + 1
+                reason = schedule.end_epoch(improved)
                 if self.verbose:
                     print(f"Epoch {self.n_iter_}: loss {epoch_loss:.4f}"
                           + ("" if score is None else f", validation score {score:.4f}")
+                          + ("" if self.learning_rate == "constant"
+                             else f", learning rate {self.learning_rate_:.3g}")
                           + f", {time.perf_counter() - start:.1f} s", flush=True)
-                if no_improvement > self.n_iter_no_change:
+                self.learning_rate_ = schedule.rate
+                self._no_improvement_count = schedule.no_improvement_count
+                stop = record is not None and reason is not None
+                if record is not None:
+                    record["epochs"] += 1
+                if self.checkpoint is not None:
+                    last = record is None or stop or epoch == n_epochs - 1
+                    self._commit(backend, params, adam, best_params, None if last else record)
+                    self.save(self.checkpoint)
+                if stop:
                     if self.verbose:
-                        print(f"No improvement of more than tol={self.tol} for "
-                              f"{self.n_iter_no_change} epochs: stopping.", flush=True)
+                        print(f"No improvement of more than tol={self.tol} {reason}: stopping.",
+                              flush=True)
                     break
         except KeyboardInterrupt:
             warnings.warn(f"training interrupted by the user during epoch {self.n_iter_ + 1}; "
                           "the estimator keeps the weights of the last completed step.",
                           UserWarning, stacklevel=3)
         finally:
-            self._params = backend.to_host(params) if best_params is None else best_params
-            self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
+            self._commit(backend, params, adam, best_params)
+
+    def _commit(self, backend, params, adam, best_params, unfinished=None):
+        """Hand the state of training over to the estimator's host attributes.
+
+        A finished fit keeps the weights of its best epoch (``best_params``, where
+        early stopping picked one).  The checkpoint of an ``unfinished`` one (its
+        record, see :meth:`_fit_record`) keeps its current weights, and the
+        best aside, to go on exactly from there.  Interrupted or diverged, a fit
+        is finished too: its state in memory is not that of the end of an epoch.
+        """
+        current = backend.to_host(params)
+        self._adam = AdamState(backend.to_host(adam.m), backend.to_host(adam.v), adam.step)
+        if unfinished is None:
+            self._params = current if best_params is None else best_params
+            self._unfinished_fit = self._best_params = None
+        else:
+            self._params, self._best_params = current, best_params
+            self._unfinished_fit = dict(unfinished)
 
     def _dropout(self):
         """The dropout of the next minibatch, its masks seeded from the training generator
@@ -565,9 +686,10 @@ or list of array-like of shape (n_steps_i, n_inputs)
                        int(self._rng.integers(2**64, dtype=np.uint64)))
 
     def _adam_config(self, batch_length):
-        """The optimizer's settings for a minibatch of ``batch_length`` samples."""
+        """The optimizer's settings for a minibatch of ``batch_length`` samples, at the
+        current rate of the schedule (``learning_rate_``)."""
         # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
-        return AdamConfig(self.learning_rate_init, self.beta_1, self.beta_2, self.epsilon,
+        return AdamConfig(self.learning_rate_, self.beta_1, self.beta_2, self.epsilon,
                           self.alpha / batch_length, self.clip_grad_norm)
 
     # --------------------------------------------------------------- inference
@@ -677,8 +799,18 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         are (and must then have ``input_size`` inputs per step if it is set).
     batch_size : int, default=64
         Samples per minibatch (the last, smaller batch of an epoch is trained too).
+    learning_rate : {"constant", "adaptive"}, default="constant"
+        Adam's learning rate over the epochs, as
+        :class:`~sklearn.neural_network.MLPClassifier` defines them:
+        ``"constant"`` trains at ``learning_rate_init`` throughout;
+        ``"adaptive"`` divides the rate by 5 each time two consecutive epochs
+        fail to improve by ``tol`` (the training loss, or the validation score
+        with ``early_stopping``), and stops training when the rate is at most
+        1e-6 and would be divided again.  Either way ``n_iter_no_change``
+        still stops training, counted from the last improvement across changes
+        of the rate.  The current rate is ``learning_rate_``.
     learning_rate_init : float, default=2e-3
-        Adam's learning rate.  Chosen together with ``batch_size=64`` and
+        Adam's (starting) learning rate.  Chosen together with ``batch_size=64`` and
         ``max_iter=15`` on Fashion-MNIST rows (pixels / 255), where they scored
         better than ``batch_size=128`` with ``1e-3``: the README's usage example
         is that fit, and ``benchmarks/RESULTS.md`` records its scores.
@@ -707,10 +839,26 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     tol : float, default=1e-4
         Smallest improvement that counts.
     warm_start : bool, default=False
-        Continue from the fitted weights on ``fit`` instead of starting afresh
-        (the Adam moments restart).
+        Continue from the fitted weights on ``fit`` instead of starting afresh:
+        another ``max_iter`` epochs with a new optimizer (Adam's moments and
+        the learning rate restart).  A model loaded from the ``checkpoint`` of
+        an unfinished fit instead resumes that fit exactly where it was saved:
+        same optimizer, schedule, shuffling and validation split, up to
+        ``max_iter`` epochs in all, so on the CPU (with the same number of
+        threads) its weights end bit-identical to those of the fit had it
+        never stopped.  It must then be given the same ``X`` and ``y``.
+    checkpoint : str or path-like, default=None
+        If set, the model is saved there (as by :meth:`save`, atomically,
+        durably) at the end of every epoch, with what it takes to resume an
+        unfinished fit: its optimizer's and generator's state and its
+        progress.  A fit killed at any moment loses at most the epoch in
+        flight: ``fastlstm.load(checkpoint)``, ``set_params(warm_start=True)``
+        and ``fit`` continue it.  The checkpoint of the last epoch is the
+        finished model.  Fits that run at the same time (e.g. in a
+        ``GridSearchCV``) must not share one path.
     verbose : int, default=0
-        1: one line per epoch (loss, validation score, seconds) on stdout;
+        1: one line per epoch (loss, validation score, learning rate where
+        adaptive, seconds) on stdout, and why training stopped early;
         2: also a progress bar within each epoch when stderr is a terminal.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial weights, the shuffling and the validation split; an
@@ -731,6 +879,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         Column names of a DataFrame ``X`` (only when it had string names).
     n_iter_ : int
         Epochs trained so far.
+    learning_rate_ : float
+        Adam's learning rate at the end of the last epoch trained (the one the
+        next epoch of ``partial_fit`` or of a resumed fit uses).
     loss_curve_ : list of float
         Mean training loss of each epoch.
     best_loss_ : float
@@ -797,6 +948,11 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
 
     def partial_fit(self, X, y, classes=None):
         """Train one epoch on ``X`` and ``y``, continuing from the current state.
+
+        The optimizer goes on too: Adam's moments and the learning-rate
+        schedule (whose stopping rule ends nothing here).  On a model loaded
+        from the checkpoint of an unfinished fit, the epoch is one of its own
+        and that fit is over.
 
         Parameters
         ----------
@@ -912,6 +1068,11 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
 
     def partial_fit(self, X, y):
         """Train one epoch on ``X`` and ``y``, continuing from the current state.
+
+        The optimizer goes on too: Adam's moments and the learning-rate
+        schedule (whose stopping rule ends nothing here).  On a model loaded
+        from the checkpoint of an unfinished fit, the epoch is one of its own
+        and that fit is over.
 
         Parameters
         ----------

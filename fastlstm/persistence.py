@@ -39,7 +39,7 @@ __all__ = ["FORMAT_VERSION", "InconsistentVersionWarning", "ModelFileError", "lo
 
 #: version of the file layout written by :func:`save_state`; bumped on any incompatible change,
 #: with an upgrade of the previous version's metadata in :data:`_UPGRADES`
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _FORMAT = "fastlstm-model"
 #: metadata keys that the file writes around the estimator's own
 _FILE_KEYS = frozenset({"format", "format_version", "fastlstm_version", "object_arrays", "arrays"})
@@ -58,8 +58,20 @@ def _spec_from_layout(metadata):
     return metadata
 
 
+def _optimizer_schedule(metadata):
+    """Version 2 -> 3: the state of the learning-rate schedule (``learning_rate_`` among
+    the fitted attributes, ``"no_improvement_count"``) and ``"unfinished_fit"`` (``None``:
+    the file is of a finished fit).  Version 2 trained at ``learning_rate_init``
+    throughout and counted epochs without improvement afresh at every call."""
+    metadata = dict(metadata)
+    metadata["attributes"] = {**metadata["attributes"],
+                              "learning_rate_": metadata["params"]["learning_rate_init"]}
+    metadata.update(no_improvement_count=0, unfinished_fit=None)
+    return metadata
+
+
 #: the upgrade of the metadata of each format version to the next
-_UPGRADES = {1: _spec_from_layout}
+_UPGRADES = {1: _spec_from_layout, 2: _optimizer_schedule}
 
 
 class ModelFileError(ValueError):
@@ -235,17 +247,39 @@ def _digest(metadata_json, arrays):
 
 def _write_atomically(path, arrays):
     """``np.savez`` to ``path`` through a temporary file, so an interrupted save leaves the
-    file that was there."""
+    file that was there, whole, even after a power loss.
+
+    The data reach the disk (``fsync``) before the rename, and the rename before
+    this returns (``fsync`` of the folder): otherwise a crash soon after could leave
+    ``path`` naming a file whose blocks were never written, or the old file back.
+    A crash during the write leaves only a partial temporary file (``.fastlstm-*.npz.tmp``,
+    next to ``path``), which nothing reads.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlstm-", suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)  # a file object: np.savez adds no ".npz" to the name
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make the entries of ``folder`` (a rename into it) durable, where the system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are written through
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _warn_if_other_version(version, what, stacklevel):

@@ -115,6 +115,84 @@ def test_partial_fit_classes_rules():
     assert clf.n_iter_ == 2
 
 
+@pytest.fixture
+def step_rates(monkeypatch):
+    """Record the learning rate of every train_step of the CPU backend."""
+    backend = get_backend("cpu")
+    rates = []
+    original = backend.train_step
+
+    def recording(spec, params, state, x, y, loss, config, **kwargs):
+        rates.append(config.learning_rate)
+        return original(spec, params, state, x, y, loss, config, **kwargs)
+
+    monkeypatch.setattr(backend, "train_step", recording)
+    return rates
+
+
+#: no epoch after the first improves on it (by more than tol), and nothing stops for that
+NO_PROGRESS = dict(tol=1e9, n_iter_no_change=100)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True], ids=["training-loss", "validation"])
+def test_adaptive_rate_is_divided_by_5_after_two_epochs_without_improvement(step_rates,
+                                                                            early_stopping):
+    X, y = sequences()  # two minibatches per epoch, with or without the validation split
+    rate = TINY["learning_rate_init"]
+    clf = LSTMClassifier(**{**TINY, "max_iter": 7}, **NO_PROGRESS, learning_rate="adaptive",
+                         early_stopping=early_stopping, validation_fraction=0.25, warm_start=True)
+    clf.fit(X, y)
+    # epoch 1 improves (on nothing), 2 and 3 do not: 4 and 5 train at rate / 5, and so on
+    per_epoch = [rate] * 3 + [rate / 5] * 2 + [rate / 5 / 5] * 2
+    assert step_rates == [r for r in per_epoch for _ in range(2)]
+    assert clf.n_iter_ == 7 and clf.learning_rate_ == rate / 5 / 5 / 5
+    step_rates.clear()
+    clf.fit(X, y)  # warm start: a new run, from learning_rate_init again
+    assert step_rates[:2] == [rate, rate] and clf.n_iter_ == 14
+
+
+def test_constant_rate_is_learning_rate_init_at_every_step(step_rates):
+    X, y = sequences()
+    params = {**TINY, "max_iter": 7, "n_iter_no_change": 100}
+    clf = LSTMClassifier(**params, tol=1e9).fit(X, y)
+    assert step_rates == [TINY["learning_rate_init"]] * 14
+    assert clf.learning_rate == "constant" and clf.learning_rate_ == TINY["learning_rate_init"]
+    # whether epochs improve or not changes nothing but when training stops
+    assert_same_weights(clf, LSTMClassifier(**params, tol=0.0).fit(X, y))
+
+
+@pytest.mark.parametrize("learning_rate_init, n_iter_no_change, epochs, rate, why", [
+    # the rate is divided at epoch 3 (to 6e-7, below 1e-6); 2 epochs later it would be again
+    (3e-6, 100, 5, 6e-7, "for 2 epochs at learning rate 6e-07 (at most 1e-06)"),
+    # 4 epochs without improvement, counted across the change of the rate at epoch 3
+    (0.05, 3, 5, 0.01, "for 3 epochs"),
+])
+def test_adaptive_rate_stops_when_tiny_or_after_n_iter_no_change(
+        capsys, learning_rate_init, n_iter_no_change, epochs, rate, why):
+    X, y = sequences()
+    params = {**TINY, "max_iter": 20, "learning_rate_init": learning_rate_init}
+    clf = LSTMClassifier(**params, learning_rate="adaptive", tol=1e9,
+                         n_iter_no_change=n_iter_no_change, verbose=1).fit(X, y)
+    assert clf.n_iter_ == epochs and clf.learning_rate_ == pytest.approx(rate, rel=1e-12)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"Epoch 1: loss \d+\.\d{{4}}, learning rate {learning_rate_init:.3g}, "
+                        r"\d+\.\d s", lines[0]), lines[0]
+    assert f"learning rate {rate:.3g}, " in lines[epochs - 1]
+    assert lines[epochs:] == [f"No improvement of more than tol=1000000000.0 {why}: stopping."]
+
+
+def test_partial_fit_goes_on_with_the_adaptive_schedule(step_rates):
+    X, y = sequences()
+    params = {**TINY, "max_iter": 5, "learning_rate": "adaptive", **NO_PROGRESS}
+    fitted = LSTMClassifier(**params).fit(X, y)
+    stepped = LSTMClassifier(**params)
+    for _ in range(5):
+        stepped.partial_fit(X, y, classes=[0, 1, 2])
+    assert step_rates[10:] == step_rates[:10] and stepped.learning_rate_ == fitted.learning_rate_
+    assert stepped.loss_curve_ == fitted.loss_curve_
+    assert_same_weights(stepped, fitted)
+
+
 def test_early_stopping_keeps_the_best_epoch():
     X, y = sequences(n=80)
     params = {**TINY, "max_iter": 8, "early_stopping": True, "validation_fraction": 0.25}

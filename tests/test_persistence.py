@@ -1,14 +1,16 @@
 """Persistence: ``est.save`` / ``fastlstm.load`` (a file that cannot run code) and pickles.
 
 Round trips predict identically and go on training identically (bidirectional
-models and files of format version 1 too); truncated, corrupted, edited,
+models and files of older format versions too); truncated, corrupted, edited,
 foreign and newer-format files are refused with a clear error; pickles carry
 the fastlstm version and warn on a mismatch.
 """
 
 import json
+import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -138,6 +140,29 @@ def test_file_is_written_at_the_exact_path_and_replaced_whole(tmp_path):
     assert fastlstm.load(path).n_iter_ == clf.n_iter_
 
 
+def test_the_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    # power loss: a rename may be durable before the data it names, unless they are synced
+    # first; and the rename itself only once its folder is
+    clf = LSTMClassifier(**TINY).fit(X, np.arange(40) % 2)
+    path = tmp_path / "model.npz"
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    clf.save(path)
+    assert events == [("fsync", "file"), ("replace", "model.npz"), ("fsync", "folder")]
+    assert fastlstm.load(path).n_iter_ == clf.n_iter_
+
+
 @pytest.mark.parametrize("Estimator", [LSTMClassifier, LSTMRegressor])
 def test_bidirectional_model_round_trips(tmp_path, Estimator):
     lengths = np.arange(40) % 5 + 1
@@ -158,36 +183,49 @@ def test_the_file_stores_the_networks_spec(tmp_path):
     LSTMClassifier(**TINY, bidirectional=True).fit(X, np.arange(40) % 3).save(tmp_path / "m.npz")
     with np.load(tmp_path / "m.npz", allow_pickle=False) as archive:
         metadata = json.loads(str(archive["metadata"]))
-    assert metadata["format_version"] == FORMAT_VERSION == 2 and "layout" not in metadata
+    assert metadata["format_version"] == FORMAT_VERSION == 3 and "layout" not in metadata
     assert metadata["spec"] == {"input_size": 2, "hidden_size": 4, "num_layers": 1,
                                 "output_size": 3, "bidirectional": True}
+    assert metadata["unfinished_fit"] is None and metadata["no_improvement_count"] >= 0
 
 
-def as_version_1(path):
-    """Rewrite the model file at ``path`` as version 1 wrote it: the network as ``layout``,
-    ``[input_size, hidden_size, num_layers, output_size]``, no ``bidirectional``."""
+def as_version(path, version):
+    """Rewrite the model file at ``path`` as format ``version`` (1 or 2) wrote it.
+
+    Version 2 had no learning-rate schedule (``learning_rate`` and ``learning_rate_``,
+    the count of epochs without improvement), no checkpoints (``checkpoint``, the record
+    of an unfinished fit); version 1 also had the network as ``layout``,
+    ``[input_size, hidden_size, num_layers, output_size]``, and no ``bidirectional``.
+    """
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     metadata = json.loads(str(arrays["metadata"]))
-    spec = metadata.pop("spec")
-    assert not spec.pop("bidirectional")
-    metadata["layout"] = [spec["input_size"], spec["hidden_size"], spec["num_layers"],
-                          spec["output_size"]]
-    del metadata["params"]["bidirectional"]
-    metadata["format_version"] = 1
+    assert metadata["params"].pop("learning_rate") == "constant"
+    del metadata["params"]["checkpoint"], metadata["attributes"]["learning_rate_"]
+    assert metadata.pop("no_improvement_count") == 0 and metadata.pop("unfinished_fit") is None
+    metadata["format_version"] = 2
+    if version == 1:
+        spec = metadata.pop("spec")
+        assert not spec.pop("bidirectional")
+        metadata["layout"] = [spec["input_size"], spec["hidden_size"], spec["num_layers"],
+                              spec["output_size"]]
+        del metadata["params"]["bidirectional"]
+        metadata["format_version"] = 1
     rewrite(path, arrays, metadata)
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("Estimator", [LSTMClassifier, LSTMRegressor])
-def test_version_1_file_loads_and_predicts_identically(tmp_path, Estimator):
+def test_older_format_file_loads_and_predicts_identically(tmp_path, Estimator, version):
     est = Estimator(**{**TINY, "num_layers": 2}).partial_fit(X, np.arange(40) % 2,
                                                              **_classes(Estimator))
-    path = tmp_path / "v1.npz"
+    path = tmp_path / f"v{version}.npz"
     est.save(path)
-    as_version_1(path)
+    as_version(path, version)
     loaded = fastlstm.load(path)
     assert_same_model(loaded, est)
     assert loaded._spec == est._spec and not loaded.bidirectional
+    assert loaded.learning_rate == "constant" and loaded.learning_rate_ == TINY["learning_rate_init"]
     np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
     loaded.partial_fit(X, np.arange(40) % 2)
     est.partial_fit(X, np.arange(40) % 2)
