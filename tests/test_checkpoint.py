@@ -143,7 +143,10 @@ def ragged_data(n=60):
     (LSTMRegressor, dict(hidden_size=4, batch_size=16, max_iter=8, learning_rate="adaptive",
                          n_iter_no_change=3, tol=1e9, random_state=0, device="cpu",
                          bidirectional=True), ragged_data),
-], ids=["early-stopping-adaptive", "constant", "ragged-stopping-regressor"])
+    # the dropout masks are seeded from the generator the checkpoint holds
+    (LSTMClassifier, {**PARAMS, "num_layers": 2, "dropout": 0.3, "recurrent_dropout": 0.3},
+     data),
+], ids=["early-stopping-adaptive", "constant", "ragged-stopping-regressor", "dropout"])
 def test_every_epochs_checkpoint_resumes_to_the_uninterrupted_fit(
         tmp_path, monkeypatch, Estimator, params, make_data):
     X, y = make_data()
