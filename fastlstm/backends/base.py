@@ -215,8 +215,8 @@ class Backend:
         ``sample_weight`` (an array of this backend, one non-negative weight per row, or
         ``None``: all 1) makes the loss the weighted mean ``sum_i w_i l_i / sum_i w_i``
         of the rows' losses ``l_i``, as :func:`fastlstm.reference.loss` defines them;
-        weights of all ones give the unweighted results bit for bit.  Weights that sum
-        to zero give a loss of 0 and a zero gradient.
+        weights of all ones give the unweighted results (bit for bit on the NumPy and CPU
+        backends).  Weights that sum to zero give a loss of 0 and a zero gradient.
         The loss is a Python float on the CPU; a backend on a device may
         return a 0-d device array so that the caller decides when to synchronise.
         """

@@ -45,8 +45,9 @@ __device__ double weight_total(const double* weight, int rows) {
 
 // The losses weight each row by `weight` (nullptr: 1) and divide by the weights' sum, which they
 // write to `weight_sum` where it is not nullptr.  A row's terms are multiplied by its weight
-// before the division, so weights of 1 give the unweighted mean bit for bit.  Weights that sum
-// to zero give a zero loss and gradient (the Adam kernel then skips the step).
+// before the division, so weights of 1 give the unweighted mean (up to how the compiler fuses
+// the sums' multiply-adds).  Weights that sum to zero give a zero loss and gradient (the Adam
+// kernel then skips the step).
 
 // Weighted mean softmax cross-entropy; dlogits = w * (softmax - onehot(y)) / sum(w).
 // A label outside [0, cols) makes the loss NaN (so a training step skips its update).
