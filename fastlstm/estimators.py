@@ -11,9 +11,10 @@ the fitted state; the subclasses only say how targets are encoded and scored.
 The training loop follows the contract of :mod:`fastlstm.backends`: the data
 and the flat parameter buffer are moved to the backend once per ``fit``, one
 :meth:`~fastlstm.backends.Backend.train_step` per minibatch (with the lengths of
-its samples, a host array, where they differ), the loss is brought to the host
-once per epoch.  Fitted weights always live on the host
-(NumPy), so a model trained on a GPU pickles and predicts on a CPU-only box.
+its samples, a host array, where they differ, and their weights where there are
+any), the loss is brought to the host once per epoch.  Fitted weights always
+live on the host (NumPy), so a model trained on a GPU pickles and predicts on a
+CPU-only box.
 
 :meth:`BaseLSTM.save` hands its state to :mod:`fastlstm.persistence` as plain
 data, and :func:`load` turns what that module reads back into the estimator
@@ -23,6 +24,7 @@ class named in the file.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -37,8 +39,9 @@ from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 from ._version import __version__
 from .backends import AdamConfig, AdamState, get_backend
@@ -197,6 +200,10 @@ class BaseLSTM(BaseEstimator):
             params["random_state"] = None
         if params["checkpoint"] is not None:
             params["checkpoint"] = os.fspath(params["checkpoint"])
+        if isinstance(params.get("class_weight"), dict):
+            # JSON objects have string keys only, and labels may be numbers or bools
+            params["class_weight"] = [[_json_label(label), weight]
+                                      for label, weight in params["class_weight"].items()]
         spec = self._spec
         metadata = {
             "estimator": type(self).__name__,
@@ -226,7 +233,10 @@ class BaseLSTM(BaseEstimator):
             An instance of ``cls`` that predicts and goes on training as the described one.
         """
         metadata, arrays = state["metadata"], dict(state["arrays"])
-        estimator = cls(**metadata["params"])
+        params = dict(metadata["params"])
+        if isinstance(params.get("class_weight"), list):  # [label, weight] pairs: see above
+            params["class_weight"] = {label: weight for label, weight in params["class_weight"]}
+        estimator = cls(**params)
         estimator._spec = ModelSpec(**metadata["spec"])
         estimator._params = arrays.pop("params")
         estimator._adam = None if metadata["adam_step"] is None else \
@@ -253,12 +263,10 @@ class BaseLSTM(BaseEstimator):
         if layout is not None and "_spec" not in state:  # pickled by fastlstm 0.1
             state["_spec"] = ModelSpec(layout.input_size, layout.hidden_size,
                                        layout.num_layers, layout.output_size)
-        # parameters since fastlstm 0.2; pickled before the learning-rate schedule and
-        # checkpoints, the rate was constant
-        for name, default in (("bidirectional", False), ("dropout", 0.0),
-                              ("recurrent_dropout", 0.0), ("learning_rate", "constant"),
-                              ("checkpoint", None)):
-            state.setdefault(name, default)
+        # parameters newer than the pickle (bidirectional since fastlstm 0.2, the others
+        # after it) take their defaults; before the learning-rate schedule, the rate was constant
+        signature = inspect.signature(type(self).__init__).parameters.values()
+        state = {**{p.name: p.default for p in signature if p.default is not p.empty}, **state}
         if "_params" in state and "learning_rate_" not in state:
             state.update(learning_rate_=state["learning_rate_init"], _no_improvement_count=0,
                          _unfinished_fit=None, _best_params=None)
@@ -273,9 +281,20 @@ class BaseLSTM(BaseEstimator):
         """Set the target attributes of an unfitted estimator from the head's size."""
         raise NotImplementedError
 
-    def _validation_score(self, outputs, y):
-        """Score of network ``outputs`` against encoded targets ``y`` (higher is better)."""
+    def _validation_score(self, outputs, y, sample_weight):
+        """Score of network ``outputs`` against encoded targets ``y`` (higher is better),
+        weighted by ``sample_weight`` (or ``None``) as :meth:`score` weights it."""
         raise NotImplementedError
+
+    def _sample_weight(self, sample_weight, X, y, incremental):
+        """The weight of each sample in the loss (float64, validated), or ``None`` where
+        every sample weighs 1.
+
+        ``y`` holds the encoded targets; the classifier multiplies in its class weights.
+        """
+        if sample_weight is None:
+            return None
+        return _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
 
     def _stratify(self, y):
         """What ``train_test_split`` stratifies the validation split on (or ``None``)."""
@@ -439,7 +458,7 @@ class BaseLSTM(BaseEstimator):
         return self
 
     # ---------------------------------------------------------------- training
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Train on ``X`` and ``y`` for up to ``max_iter`` epochs.
 
         With ``warm_start``, training continues from the fitted state: a new
@@ -459,6 +478,10 @@ or list of array-like of shape (n_steps_i, n_inputs)
             lengths.  Not rescaled.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
             Targets.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each sample's loss (see the class docstring):
+            each minibatch's loss is the weighted mean of its samples' losses.
+            ``None``: every sample weighs 1.
 
         Returns
         -------
@@ -472,9 +495,9 @@ or list of array-like of shape (n_steps_i, n_inputs)
             ``validation_fraction``, than the fit's (the message says what to do).
         """
         self._validate_params()
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def _fit(self, X, y, incremental, classes=None):
+    def _fit(self, X, y, incremental, classes=None, sample_weight=None):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
                              "is None.")
@@ -491,6 +514,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
             warnings.warn(f"dropout={self.dropout} drops the output of every layer but the last, "
                           "and there is one layer: it does nothing. Set num_layers >= 2, or use "
                           "recurrent_dropout.", UserWarning, stacklevel=3)
+        weights = self._sample_weight(sample_weight, X, y, incremental)
         spec = ModelSpec(X.shape[2], self.hidden_size, self.num_layers, self._n_outputs,
                          self.bidirectional)
         if first:
@@ -506,18 +530,28 @@ or list of array-like of shape (n_steps_i, n_inputs)
         record = None
         if not incremental:
             record = self._fit_record(resume, len(X))
-        lengths_val = X_val = y_val = None
+        X_val = y_val = lengths_val = weights_val = None
         if self.early_stopping and not incremental:
-            # the lengths join the split where there are any; X and y split the same either way
+            # the lengths and weights join the split where there are any; X and y split the
+            # same either way
+            per_sample = {name: a for name, a in (("lengths", lengths), ("weights", weights))
+                          if a is not None}
             split = train_test_split(
-                X, y, *([] if lengths is None else [lengths]), test_size=self.validation_fraction,
+                X, y, *per_sample.values(), test_size=self.validation_fraction,
                 random_state=record["validation_seed"], stratify=self._stratify(y))
             X, X_val, y, y_val = split[:4]
-            if lengths is not None:
-                lengths, lengths_val = split[4:]
+            parts = dict(zip(per_sample, zip(split[4::2], split[5::2])))
+            lengths, lengths_val = parts.get("lengths", (None, None))
+            weights, weights_val = parts.get("weights", (None, None))
+            for part, w in (("training", weights), ("validation", weights_val)):
+                if w is not None and not w.sum() > 0:
+                    raise ValueError(
+                        f"every sample of the {part} part of the early_stopping split has zero "
+                        "weight; change random_state or validation_fraction, or give more "
+                        "samples a positive weight.")
         backend = get_backend(self.device)
         with backend.session():  # per-call setup of the backend, held for the whole fit
-            self._train(backend, X, y, lengths, X_val, y_val, lengths_val,
+            self._train(backend, X, y, lengths, weights, X_val, y_val, lengths_val, weights_val,
                         n_epochs=1 if incremental else max(0, self.max_iter - record["epochs"]),
                         record=record, resume=resume is not None)
         return self
@@ -547,12 +581,14 @@ or list of array-like of shape (n_steps_i, n_inputs)
                 "or set warm_start=False to start afresh.")
         return dict(resume)
 
-    def _train(self, backend, X, y, lengths, X_val, y_val, lengths_val, n_epochs, record,
-               resume):
+    def _train(self, backend, X, y, lengths, weights, X_val, y_val, lengths_val, weights_val,
+               n_epochs, record, resume):
         """The epoch loop; fitted state is committed to the host however it ends.
 
         ``lengths`` and ``lengths_val`` (host arrays, or ``None``: every sample has
-        all steps) stay on the host, where the backends take them.  ``record``
+        all steps) stay on the host, where the backends take them.  ``weights`` (float64,
+        or ``None``: every sample weighs 1) go to the backend too; the sum of each
+        batch's is taken on the host.  ``weights_val`` weigh the validation score.  ``record``
         is the fit's record of itself (see :meth:`_fit_record`), counted on
         and saved with each checkpoint, or ``None`` for ``partial_fit``, whose
         one epoch never stops training nor leaves a fit to resume.  A new
@@ -577,8 +613,11 @@ or list of array-like of shape (n_steps_i, n_inputs)
                                             self._no_improvement_count)
         self.learning_rate_ = schedule.rate
         X_dev, y_dev = backend.asarray(X), backend.asarray(y)
+        w_dev = None if weights is None else backend.asarray(weights)
         X_val_dev = None if X_val is None else backend.asarray(X_val)
         n_samples = X.shape[0]
+        # what the epoch's loss is the mean over: samples, or their weights
+        epoch_weight = n_samples if weights is None else float(weights.sum())
         batch_size = min(self.batch_size, n_samples)
         best_params = self._best_params if resume else None
         if X_val is not None and not resume:  # each fit picks its best epoch on its own split
@@ -599,16 +638,20 @@ or list of array-like of shape (n_steps_i, n_inputs)
                     rows = slice(lo, hi) if permutation is None else permutation[lo:hi]
                     batch = rows if order is None else order[lo:hi]  # the same, on the backend
                     xb, yb = X_dev[batch], y_dev[batch]
+                    if weights is None:
+                        wb, batch_weight = None, xb.shape[0]
+                    else:
+                        wb, batch_weight = w_dev[batch], float(weights[rows].sum())
                     loss = backend.train_step(spec, params, adam, xb, yb, self._loss,
-                                              self._adam_config(xb.shape[0]),
-                                              lengths=_rows(lengths, rows),
+                                              self._adam_config(batch_weight),
+                                              lengths=_rows(lengths, rows), sample_weight=wb,
                                               dropout=self._dropout())
-                    total = total + loss * xb.shape[0]
+                    total = total + loss * batch_weight
                     if progress is not None:
                         progress.update(xb.shape[0])
                 if progress is not None:
                     progress.close()
-                epoch_loss = float(total) / n_samples
+                epoch_loss = float(total) / epoch_weight
                 if not math.isfinite(epoch_loss):
                     params[...], adam.m[...], adam.v[...], adam.step = epoch_start
                     raise FloatingPointError(
@@ -624,7 +667,8 @@ or list of array-like of shape (n_steps_i, n_inputs)
                     self.best_loss_ = min(self.best_loss_, epoch_loss)
                 else:
                     score = self._validation_score(
-                        self._forward(backend, params, X_val_dev, lengths_val), y_val)
+                        self._forward(backend, params, X_val_dev, lengths_val), y_val,
+                        weights_val)
                     self.validation_scores_.append(score)
                     improved = score > self.best_validation_score_ + self.tol
                     if score > self.best_validation_score_:
@@ -685,12 +729,15 @@ or list of array-like of shape (n_steps_i, n_inputs)
         return Dropout(self.dropout, self.recurrent_dropout,
                        int(self._rng.integers(2**64, dtype=np.uint64)))
 
-    def _adam_config(self, batch_length):
-        """The optimizer's settings for a minibatch of ``batch_length`` samples, at the
-        current rate of the schedule (``learning_rate_``)."""
-        # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch length
+    def _adam_config(self, batch_weight):
+        """The optimizer's settings for a minibatch of ``batch_weight`` (its number of
+        samples, or the sum of their weights), at the current rate of the schedule
+        (``learning_rate_``)."""
+        # alpha as MLPClassifier's: penalty 0.5 * alpha * ||w||^2 / batch weight; a batch of
+        # no weight takes no step, so its penalty does not matter
+        decay = self.alpha / batch_weight if batch_weight > 0 else 0.0
         return AdamConfig(self.learning_rate_, self.beta_1, self.beta_2, self.epsilon,
-                          self.alpha / batch_length, self.clip_grad_norm)
+                          decay, self.clip_grad_norm)
 
     # --------------------------------------------------------------- inference
     def _forward(self, backend, params, X, lengths=None, activation=None, prepare=None):
@@ -765,6 +812,14 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     inside a step, or an all-NaN step before a valid one, is refused, as are
     infinite values and sequences without a valid step.
 
+    Samples may be weighted, as in scikit-learn: ``fit(X, y, sample_weight=w)``
+    (and ``partial_fit``, ``score``) makes each minibatch's loss the weighted
+    mean ``sum_i w_i l_i / sum_i w_i`` of its samples' losses, and
+    ``class_weight`` multiplies each sample's weight by that of its class.  A
+    minibatch whose weights sum to zero takes no step.  ``Pipeline`` and
+    ``GridSearchCV`` pass ``sample_weight`` on (with metadata routing enabled,
+    after ``set_fit_request(sample_weight=True)``).
+
     Parameters
     ----------
     hidden_size : int, default=128
@@ -818,7 +873,8 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         Maximum number of epochs (passes over the data).
     alpha : float, default=0.0
         L2 penalty, scaled as :class:`~sklearn.neural_network.MLPClassifier`'s:
-        ``alpha / batch length`` times the parameters is added to the gradient
+        ``alpha / batch length`` (with sample weights: ``alpha`` over the sum of
+        the batch's weights) times the parameters is added to the gradient
         (``torch.optim.Adam``'s ``weight_decay``), here for every parameter.
     beta_1, beta_2, epsilon : float, default=0.9, 0.999, 1e-8
         Adam's moment decay rates and denominator term.
@@ -829,8 +885,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         Shuffle the samples every epoch (from ``random_state``).
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data (stratified),
-        stop when its accuracy has not improved by ``tol`` for
-        ``n_iter_no_change`` epochs, and keep the weights of the best epoch.
+        stop when its accuracy (weighted by the held-out samples' weights, where
+        there are any) has not improved by ``tol`` for ``n_iter_no_change``
+        epochs, and keep the weights of the best epoch.
     validation_fraction : float, default=0.1
         Share of the training data held out when ``early_stopping``.
     n_iter_no_change : int, default=10
@@ -838,6 +895,13 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         else of the training loss) after which training stops.
     tol : float, default=1e-4
         Smallest improvement that counts.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes, ``{label: weight}`` (labels left out weigh 1),
+        multiplied into the samples' weights; ``"balanced"`` weighs each class
+        by ``n_samples / (n_classes * np.bincount(y))`` of the ``y`` passed to
+        ``fit``, as :func:`sklearn.utils.class_weight.compute_class_weight`
+        does.  ``partial_fit`` takes a dict only (it sees part of ``y`` at a
+        time).  ``None``: every class weighs 1.
     warm_start : bool, default=False
         Continue from the fitted weights on ``fit`` instead of starting afresh:
         another ``max_iter`` epochs with a new optimizer (Adam's moments and
@@ -883,7 +947,7 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         Adam's learning rate at the end of the last epoch trained (the one the
         next epoch of ``partial_fit`` or of a resumed fit uses).
     loss_curve_ : list of float
-        Mean training loss of each epoch.
+        Mean training loss of each epoch (weighted by the samples' weights).
     best_loss_ : float
         Lowest training loss (``inf`` with early stopping, where the validation score rules).
     validation_scores_ : list of float or None
@@ -909,11 +973,51 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     (3,)
     """
 
+    _parameter_constraints = {
+        **BaseLSTM._parameter_constraints,
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+    }
+
     _loss = "cross_entropy"
+
+    def __init__(self, hidden_size=128, num_layers=1, *, bidirectional=False, dropout=0.0,
+                 recurrent_dropout=0.0, input_size=None, batch_size=64, learning_rate="constant",
+                 learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, class_weight=None,
+                 warm_start=False, checkpoint=None, verbose=0, random_state=None, device="auto"):
+        super().__init__(
+            hidden_size, num_layers, bidirectional=bidirectional, dropout=dropout,
+            recurrent_dropout=recurrent_dropout, input_size=input_size, batch_size=batch_size,
+            learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            max_iter=max_iter, alpha=alpha, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+            clip_grad_norm=clip_grad_norm, shuffle=shuffle, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            tol=tol, warm_start=warm_start, checkpoint=checkpoint, verbose=verbose,
+            random_state=random_state, device=device)
+        self.class_weight = class_weight
 
     @property
     def _n_outputs(self):
         return len(self.classes_)
+
+    def _sample_weight(self, sample_weight, X, y, incremental):
+        weights = super()._sample_weight(sample_weight, X, y, incremental)
+        if self.class_weight is None:
+            return weights
+        if self.class_weight == "balanced" and incremental:
+            raise ValueError(
+                "class_weight='balanced' is not supported by partial_fit, which sees part of y "
+                "at a time; compute the weights from y of the whole training set with "
+                "sklearn.utils.class_weight.compute_class_weight('balanced', classes=classes, "
+                "y=y) and pass them as class_weight={label: weight}.")
+        per_class = compute_class_weight(self.class_weight, classes=self.classes_,
+                                         y=self.classes_[y])
+        weights = per_class[y] if weights is None else per_class[y] * weights
+        if not weights.sum() > 0:
+            raise ValueError("every sample has zero weight (class_weight times sample_weight); "
+                             "give the classes of some samples a positive weight.")
+        return weights
 
     def _encode_targets(self, y, first, classes=None):
         y = column_or_1d(y, warn=True)
@@ -940,13 +1044,13 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
     def _targets_from_state_dict(self, n_outputs):
         self.classes_ = np.arange(n_outputs)
 
-    def _validation_score(self, outputs, y):
-        return accuracy_score(y, outputs.argmax(axis=1))
+    def _validation_score(self, outputs, y, sample_weight):
+        return accuracy_score(y, outputs.argmax(axis=1), sample_weight=sample_weight)
 
     def _stratify(self, y):
         return y
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Train one epoch on ``X`` and ``y``, continuing from the current state.
 
         The optimizer goes on too: Adam's moments and the learning-rate
@@ -964,6 +1068,8 @@ or list of array-like of shape (n_steps_i, n_inputs)
         classes : array-like of shape (n_classes,), default=None
             Every label the model will ever see: required on the first call,
             optional (and then equal) afterwards.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each sample's loss (see :meth:`fit`).
 
         Returns
         -------
@@ -974,7 +1080,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
             if classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit "
                                  "(every label the model will see, e.g. classes=np.unique(y)).")
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def predict_proba(self, X):
         """Class probabilities (softmax of the head), columns in the order of ``classes_``.
@@ -1034,8 +1140,9 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
     minibatch Adam on half the mean squared error, as
     :class:`sklearn.neural_network.MLPRegressor`; ``y`` is not rescaled.
     Parameters, attributes and input forms of ``X`` (sequences of different
-    lengths included) are those of :class:`LSTMClassifier`, except that scores
-    are R², there are no ``classes_`` and there is no stratification.
+    lengths included) and sample weights are those of :class:`LSTMClassifier`,
+    except that scores are R², there are no ``classes_``, no ``class_weight``
+    and no stratification.
 
     Attributes
     ----------
@@ -1063,10 +1170,10 @@ class LSTMRegressor(RegressorMixin, BaseLSTM):
     def _targets_from_state_dict(self, n_outputs):
         self.n_outputs_ = n_outputs
 
-    def _validation_score(self, outputs, y):
-        return r2_score(y, outputs)
+    def _validation_score(self, outputs, y, sample_weight):
+        return r2_score(y, outputs, sample_weight=sample_weight)
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """Train one epoch on ``X`` and ``y``, continuing from the current state.
 
         The optimizer goes on too: Adam's moments and the learning-rate
@@ -1081,6 +1188,8 @@ or list of array-like of shape (n_steps_i, n_inputs)
             Sequences (see :meth:`fit`).
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
             Targets, as many as at the first call.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each sample's loss (see :meth:`fit`).
 
         Returns
         -------
@@ -1088,7 +1197,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
         """
         if not hasattr(self, "_params"):
             self._validate_params()
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X):
         """Predicted targets.
@@ -1159,6 +1268,17 @@ def _json_value(name, value):
         return value
     raise TypeError(f"the fitted attribute {name} (a {type(value).__name__}) cannot be saved "
                     "in a model file; pickle the model instead.")
+
+
+def _json_label(label):
+    """A label of ``class_weight`` as JSON, or a ``TypeError`` saying what a file can hold."""
+    if isinstance(label, np.generic):
+        label = label.item()
+    if isinstance(label, (bool, int, float, str)):
+        return label
+    raise TypeError(f"class_weight has the label {label!r} (a {type(label).__name__}), which "
+                    "a model file cannot hold; use labels of one type among int, float, str or "
+                    "bool, or pickle the model instead.")
 
 
 class _ProgressBar:

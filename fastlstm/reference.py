@@ -179,36 +179,50 @@ def backward(params, cache, doutputs):
     return grads, dx, np.stack(dh0), np.stack(dc0)
 
 
-def loss(outputs, y, kind):
-    """Mean loss over the batch and its gradient w.r.t. ``outputs``.
+def loss(outputs, y, kind, sample_weight=None):
+    """Weighted mean loss over the batch and its gradient w.r.t. ``outputs``.
+
+    Each sample's loss ``l_i`` is weighted by ``sample_weight`` (one non-negative
+    weight per sample; ``None``: all 1), as scikit-learn weights samples: the loss is
+    ``sum_i w_i l_i / sum_i w_i``.  Weights that sum to zero give a loss of 0 and a
+    zero gradient: such a batch carries no loss.
 
     ``cross_entropy``: softmax cross-entropy, ``y`` holds class indices.
-    ``squared_error``: ``mean((outputs - y) ** 2) / 2`` over every element, as
-    scikit-learn's ``MLPRegressor``; ``y`` has the shape of ``outputs``.
+    ``squared_error``: ``l_i = sum((outputs_i - y_i) ** 2) / 2 / n_outputs``, so that
+    without weights the loss is ``mean((outputs - y) ** 2) / 2`` over every element,
+    as scikit-learn's ``MLPRegressor``; ``y`` has the shape of ``outputs``.
     """
-    B = outputs.shape[0]
+    B, K = outputs.shape
+    w = np.ones(B, outputs.dtype) if sample_weight is None else \
+        np.asarray(sample_weight, dtype=outputs.dtype)
     if kind == "cross_entropy":
         shifted = outputs - outputs.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         rows = np.arange(B)
-        value = -log_p[rows, y].mean()
+        per_sample = -log_p[rows, y]
         grad = np.exp(log_p)
         grad[rows, y] -= 1
-        return value, grad / B
-    if kind == "squared_error":
+    elif kind == "squared_error":
         diff = outputs - y
-        return 0.5 * np.mean(diff * diff), diff / diff.size
-    raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+        per_sample = 0.5 * (diff * diff).sum(axis=1) / K
+        grad = diff / K
+    else:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    total = w.sum()
+    if not total > 0:
+        return outputs.dtype.type(0), np.zeros_like(outputs)
+    return (w * per_sample).sum() / total, grad * (w / total)[:, None]
 
 
-def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None, between_masks=None,
-                  recurrent_masks=None):
-    """Forward, loss and backward in one call (arguments as :func:`forward`).
+def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None, sample_weight=None,
+                  between_masks=None, recurrent_masks=None):
+    """Forward, loss (weighted by ``sample_weight``, see :func:`loss`) and backward in one call
+    (the other arguments as :func:`forward`).
 
     Returns ``(loss, grads, dx, dh0, dc0, outputs)``.
     """
     outputs, cache = forward(params, x, h0, c0, lengths, between_masks, recurrent_masks)
-    value, doutputs = loss(outputs, y, kind)
+    value, doutputs = loss(outputs, y, kind, sample_weight)
     grads, dx, dh0, dc0 = backward(params, cache, doutputs)
     return value, grads, dx, dh0, dc0, outputs
 

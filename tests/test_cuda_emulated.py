@@ -88,10 +88,26 @@ def test_big_batch_chunks_agree_with_reference(cuda_module):
             assert rel_err(got["grads"][name], want["grads"][name]) < 1e-10, (recurrence, name)
 
 
+@pytest.mark.parametrize("loss, dtype", [("cross_entropy", np.float64),
+                                         ("squared_error", np.float64),
+                                         ("cross_entropy", np.float32),
+                                         ("squared_error", np.float32)],
+                         ids=["cross_entropy-float64", "squared_error-float64",
+                              "cross_entropy-float32", "squared_error-float32"])
+def test_weighted_loss_and_gradients_match_reference(backend, loss, dtype):
+    parity.test_weighted_loss_and_gradients_match_reference(backend, ODD_SHAPE, loss, dtype)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["fixed", "ragged"])
+def test_weighted_train_step_matches_reference(backend, ragged):
+    parity.test_weighted_train_step_matches_reference(backend, ragged)
+
+
 @pytest.mark.parametrize("generic", [
     parity.test_omitted_initial_states_mean_zeros,
     parity.test_gradients_without_input_grads,
     parity.test_train_step_skips_update_on_non_finite_loss,
+    parity.test_train_step_of_a_batch_of_no_weight_moves_nothing,
 ], ids=lambda f: f.__name__)
 def test_generic_behaviour(backend, generic):
     generic(backend)
@@ -158,6 +174,34 @@ def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
     got, want = train_on_schedule(backend)
     assert len(captured) == 1, "a new config must not need a new capture"
     assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["fixed", "ragged"])
+def test_weighted_steps_replay_one_capture_reading_each_batchs_weights(cuda_module, monkeypatch,
+                                                                      ragged):
+    # The weights, unlike the settings, are data of the batch: a slot keeps them in its own
+    # buffer, written before each replay, so steps of other weights (a batch of no weight among
+    # them, which the Adam kernel skips) replay the first capture.
+    backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
+    captured = stand_in_captures(backend, monkeypatch)
+    spec, params, x, y, _, _ = make_problem((9, 5, 3, 4, 2, 3), "cross_entropy")
+    lengths = np.array([5, 2, 4, 1, 5, 3, 5, 2, 4]) if ragged else None
+    p_ref, p_dev = params.copy(), backend.asarray(params.copy())
+    s_ref, s_dev = ORACLE.adam_state(p_ref), backend.adam_state(p_dev)
+    config = AdamConfig(1e-2)
+    for weights in (parity.weights_with_zeros(9), np.zeros(9), np.ones(9),
+                    parity.weights_with_zeros(9, seed=1)):
+        l_ref = ORACLE.train_step(spec, p_ref, s_ref, x, y, "cross_entropy", config, lengths,
+                                  weights)
+        l_dev = backend.train_step(spec, p_dev, s_dev, backend.asarray(x), backend.asarray(y),
+                                   "cross_entropy", config, lengths, backend.asarray(weights))
+        assert abs(float(l_dev) - l_ref) < 1e-10
+    assert len(captured) == 1 and s_dev.step == s_ref.step == 3
+    assert rel_err(backend.to_host(p_dev), p_ref) < 1e-10
+    # unweighted batches of the same shape run in a slot of their own, without weights
+    backend.train_step(spec, p_dev, s_dev, backend.asarray(x), backend.asarray(y),
+                       "cross_entropy", config, lengths)
+    assert [slot.weights is None for slot in captured] == [False, True]
 
 
 def record_launches(monkeypatch):

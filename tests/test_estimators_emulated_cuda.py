@@ -24,25 +24,30 @@ from test_cuda_emulated import stand_in_captures
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_training_on_the_cuda_backend_matches_the_cpu_and_predicts_on_the_cpu(
-        cuda_module, monkeypatch):  # noqa: F811
+        cuda_module, monkeypatch, weighted):  # noqa: F811
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 4, 3)).astype(np.float32)
     y = np.digitize(X[:, :, 0].sum(axis=1), [-1.0, 1.0])
     params = dict(hidden_size=5, batch_size=8, learning_rate_init=0.01, random_state=0,
                   device="cpu")
+    if weighted:  # in order, so that the first batch weighs nothing: a step the device skips
+        params.update(class_weight={0: 2.0}, shuffle=False)
+    fit = dict(classes=[0, 1, 2], sample_weight=np.r_[np.zeros(8), rng.random(12)]
+               if weighted else None)
 
     cpu = LSTMClassifier(**params)
     for _ in range(2):
-        cpu.partial_fit(X, y, classes=[0, 1, 2])
+        cpu.partial_fit(X, y, **fit)
 
     gpu = LSTMClassifier(**params)
     emulated = cuda_module.CUDABackend(recurrence="step", graphs=False)
     with monkeypatch.context() as patch:
         patch.setattr(fastlstm.estimators, "get_backend", lambda device: emulated)
         for _ in range(2):
-            gpu.partial_fit(X, y, classes=[0, 1, 2])
-        assert gpu._adam.step == 6 and isinstance(gpu._adam.m, np.ndarray)
+            gpu.partial_fit(X, y, **fit)
+        assert gpu._adam.step == (4 if weighted else 6) and isinstance(gpu._adam.m, np.ndarray)
         on_gpu = gpu.predict_proba(X)
 
     assert isinstance(gpu.loss_curve_[-1], float)

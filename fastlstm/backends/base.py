@@ -113,6 +113,29 @@ def check_lengths(lengths, batch, steps):
     return None if lengths.min() == steps else lengths.astype(np.int64)
 
 
+def check_sample_weight(sample_weight, batch, xp=np):
+    """``sample_weight`` as a contiguous float64 array of ``xp`` (one weight per row), and
+    the sum of the weights; ``(None, batch)`` where there are none (every row weighs 1).
+
+    The sum is in float64, so weights of all ones sum to ``batch`` exactly: a loss divided
+    by it is the unweighted mean, bit for bit.  It is a host float for NumPy and a 0-d
+    array of ``xp`` otherwise (nothing waits for a device).
+
+    Raises
+    ------
+    ValueError
+        ``sample_weight`` is not one value per row.
+    """
+    if sample_weight is None:
+        return None, batch
+    weights = xp.ascontiguousarray(xp.asarray(sample_weight), dtype=xp.float64)
+    if weights.shape != (batch,):
+        raise ValueError(f"sample_weight must hold one weight per row of the batch, shape "
+                         f"({batch},), got shape {weights.shape}")
+    total = weights.sum()
+    return weights, float(total) if xp is np else total
+
+
 @dataclass
 class AdamState:
     """First and second moment buffers (layout of the parameters) and the step count."""
@@ -188,11 +211,16 @@ class Backend:
         """Backpropagate ``doutputs`` through the head and the stack; returns :class:`Gradients`."""
         raise NotImplementedError
 
-    def loss(self, outputs, y, kind):
+    def loss(self, outputs, y, kind, sample_weight=None):
         """``(loss, doutputs)``: mean loss over the batch and its gradient w.r.t. ``outputs``.
 
         ``kind`` names one of :data:`LOSSES`: ``"cross_entropy"`` (``y``: int class
         indices) or ``"squared_error"`` (``y``: targets of the shape of ``outputs``).
+        ``sample_weight`` (an array of this backend, one non-negative weight per row, or
+        ``None``: all 1) makes the loss the weighted mean ``sum_i w_i l_i / sum_i w_i``
+        of the rows' losses ``l_i``, as :func:`fastlstm.reference.loss` defines them;
+        weights of all ones give the unweighted results (bit for bit on the NumPy and CPU
+        backends).  Weights that sum to zero give a loss of 0 and a zero gradient.
         The loss is a Python float on the CPU; a backend on a device may
         return a 0-d device array so that the caller decides when to synchronise.
         """
@@ -220,19 +248,25 @@ class Backend:
         """
         raise NotImplementedError
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None,
+                   sample_weight=None, dropout=None):
         """One minibatch step: forward, loss, backward, optional clipping, Adam, in place.
 
         ``loss`` names one of :data:`LOSSES`; ``config`` is an :class:`AdamConfig`;
-        ``lengths`` and ``dropout`` as in :meth:`forward`.
+        ``lengths`` and ``dropout`` as in :meth:`forward`; ``sample_weight`` weights the
+        rows' losses as in :meth:`loss`.
         If the loss or the gradient is not finite, ``params`` and ``state`` are
-        left untouched, so a diverging run never corrupts the weights.  Returns
-        the loss (a float here; a device backend may return a 0-d device array
-        and keep the whole step on the device, e.g. as a replayed CUDA graph).
+        left untouched, so a diverging run never corrupts the weights.  So are they
+        where the weights sum to zero: such a batch carries no loss (0 is returned)
+        and no step is taken, not even one of Adam's momentum.  Returns the loss (a
+        float here; a device backend may return a 0-d device array and keep the whole
+        step on the device, e.g. as a replayed CUDA graph).
         """
+        if sample_weight is not None and not check_sample_weight(sample_weight, len(x), self.xp)[1] > 0:
+            return 0.0
         outputs, cache = self.forward(spec, params, x, train=True, lengths=lengths,
                                       dropout=dropout)
-        value, doutputs = self.loss(outputs, y, loss)
+        value, doutputs = self.loss(outputs, y, loss, sample_weight)
         if not math.isfinite(value):
             return value
         grads = self.backward(spec, params, cache, doutputs).params

@@ -50,7 +50,7 @@ from threadpoolctl import ThreadpoolController
 
 from .. import dropout as masks, model
 from ..kernels import adam_cpu, dropout_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
-from .base import Backend, Gradients, check_lengths, get_loss
+from .base import Backend, Gradients, check_lengths, check_sample_weight, get_loss
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
@@ -484,22 +484,27 @@ class CPUBackend(Backend):
         return Gradients(grads, _unordered(dx, order), _unordered(dh0, order, axis=1),
                          _unordered(dc0, order, axis=1))
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None,
+                   sample_weight=None, dropout=None):
         # The step of the base class with ONE meeting of the threads: the head and the
         # gradient of the loss are per row too, so each thread runs forward, head, loss
         # gradient and backward for its chunks; the loss value and the gradient sums
         # come after.  Every piece computes what forward/loss/backward do, in the same
         # order, so the two give identical results (with lengths, the rows are summed in
         # the order of the chunks: the loss value may then differ in its last bit, the
-        # update does not).  Buffers are reused between steps.
+        # update does not).  Each chunk's loss gradient divides by the whole batch's
+        # weight sum, taken before the threads start.  Buffers are reused between steps.
         kernel, y_dtype = self._loss_kernel(loss, params.dtype)
+        weights, weight_sum = check_sample_weight(sample_weight, len(x))
+        if not weight_sum > 0:
+            return 0.0  # a batch of no weight: no step (see Backend.train_step)
         with self._single_threaded_blas():
             views, x, ws, order, lengths = self._prepare(spec, params, x, lengths, "step")
-            B = x.shape[0]
             y = np.asarray(y, dtype=y_dtype)
             if order is not None:
                 y = y[order]
-            dropout = _DropoutPlan.of(spec, dropout, order, B, params.dtype)
+                weights = None if weights is None else weights[order]
+            dropout = _DropoutPlan.of(spec, dropout, order, x.shape[0], params.dtype)
             outputs, doutputs = ws.outputs, ws.doutputs
 
             def work(worker, chunk_ids):
@@ -512,11 +517,13 @@ class CPUBackend(Backend):
                                         order=order, dropout=dropout)
                         model.forward(ops, spec, x, lengths=_rows(lengths, ws.rows[ci]))
                         lo, hi = ws.rows[ci]
-                        kernel(outputs[lo:hi], y[lo:hi], doutputs[lo:hi], B)
+                        kernel(outputs[lo:hi], y[lo:hi], _rows(weights, ws.rows[ci]),
+                               doutputs[lo:hi], weight_sum)
                         model.backward(ops, spec, doutputs)
 
             self._run(work, ws.groups)
-            value = float(kernel(outputs, y, doutputs, B))  # the batch's loss, summed in order
+            # the batch's loss, summed in order
+            value = float(kernel(outputs, y, weights, doutputs, weight_sum))
             if not math.isfinite(value):
                 return value
             grads = self._grad_buffer(params)
@@ -590,10 +597,13 @@ class CPUBackend(Backend):
         loss = get_loss(kind)
         return getattr(head_cpu, loss.name), loss.target_dtype(dtype)
 
-    def loss(self, outputs, y, kind):
+    def loss(self, outputs, y, kind, sample_weight=None):
         kernel, y_dtype = self._loss_kernel(kind, outputs.dtype)
+        weights, weight_sum = check_sample_weight(sample_weight, len(outputs))
+        if not weight_sum > 0:
+            return 0.0, np.zeros_like(outputs)
         doutputs = np.empty_like(outputs)
-        value = kernel(outputs, np.asarray(y, dtype=y_dtype), doutputs, len(outputs))
+        value = kernel(outputs, np.asarray(y, dtype=y_dtype), weights, doutputs, weight_sum)
         return float(value), doutputs
 
     def softmax(self, outputs):
@@ -608,9 +618,9 @@ class CPUBackend(Backend):
                              float(config.weight_decay), float(grad_scale), state.step)
 
 
-def _rows(lengths, bounds):
-    """The lengths of the rows ``bounds`` (``None`` stays ``None``)."""
-    return None if lengths is None else lengths[bounds[0]:bounds[1]]
+def _rows(per_row, bounds):
+    """The lengths (or weights) of the rows ``bounds`` (``None`` stays ``None``)."""
+    return None if per_row is None else per_row[bounds[0]:bounds[1]]
 
 
 def _unordered(a, order, axis=0):

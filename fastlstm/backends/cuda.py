@@ -66,7 +66,8 @@ if _DEVICE_COUNT < 1:
 
 from .. import model  # noqa: E402
 from .base import (  # noqa: E402
-    AdamState, Backend, BackendUnavailable, Gradients, check_lengths, get_loss)
+    AdamState, Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
+    get_loss)
 from .cuda_support import (  # noqa: E402
     ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, dropout_masks,
     dropout_modes, plan_recurrence)
@@ -233,11 +234,12 @@ def _graph_key(params, state):
 
     The settings' values are not part of it: the graph reads them from ``state.settings``,
     written before each replay, so a new learning rate never needs a new capture.  Nor are a
-    batch's lengths: a slot of variable-length batches reads them from its schedule buffer,
-    written before each replay too (see :class:`_TrainSlot`).  Nor is the dropout's seed or
-    rate: the kernels read the masks' keys and rates from the slot's ``work.masks``, written
-    before each replay; only which kinds of dropout are on changes the launches, and the slot
-    keys its graphs by that beside this key.
+    batch's lengths and weights: a slot of variable-length batches reads the lengths from its
+    schedule buffer, and one of weighted batches the weights from its own buffer, both written
+    before each replay too (see :class:`_TrainSlot`).  Nor is the dropout's seed or rate: the
+    kernels read the masks' keys and rates from the slot's ``work.masks``, written before each
+    replay; only which kinds of dropout are on changes the launches, and the slot keys its
+    graphs by that beside this key.
     """
     return tuple(a.data.ptr for a in (params, *state.buffers()))
 
@@ -372,10 +374,14 @@ class _TrainSlot:
     fixed-length batch takes a slot of its own (the key holds ``ragged``), which runs the
     fixed-length path as it always did.  The slot's workspace owns the dropout's buffers
     (:meth:`_Workspace.set_dropout`): each step writes its masks' keys there, and its graphs
-    are keyed by the kinds of dropout that are on beside :func:`_graph_key`.
+    are keyed by the kinds of dropout that are on beside :func:`_graph_key`.  A slot of
+    ``weighted`` batches holds their weights (``weights``, float64, written before each step
+    like the targets) and the loss kernel's sum of them (``weight_sum``), which the Adam kernel
+    checks; one of unweighted batches has neither, and its kernels get null pointers (the key
+    holds ``weighted``).
     """
 
-    def __init__(self, spec, batch, steps, dtype, loss_kind, ragged=False):
+    def __init__(self, spec, batch, steps, dtype, loss_kind, ragged=False, weighted=False):
         schedule = StepSchedule(None, batch, steps, columns=batch * steps)
         self.work = _Workspace(spec, batch, steps, dtype, train=True, schedule=schedule,
                                padded=ragged)
@@ -385,6 +391,8 @@ class _TrainSlot:
         self.y = cupy.empty(targets, loss_kind.target_dtype(dtype))
         self.doutputs = cupy.empty((batch, spec.output_size), dtype)
         self.loss = cupy.zeros((), cupy.float64)
+        self.weights = cupy.empty((batch,), cupy.float64) if weighted else None
+        self.weight_sum = cupy.zeros((), cupy.float64) if weighted else None
         self.grads = cupy.empty((spec.layout.size,), dtype)
         blocks = min(_MAX_NORM_BLOCKS, max(1, math.ceil(spec.layout.size / (4 * _ADAM_THREADS))))
         self.partials = cupy.zeros((blocks,), cupy.float64)
@@ -858,22 +866,25 @@ class CUDABackend(Backend):
                          cupy.ascontiguousarray(dc0))
 
     @staticmethod
-    def _launch_loss(outputs, y, loss_kind, doutputs, value):
+    def _launch_loss(outputs, y, loss_kind, doutputs, value, weights=None, weight_sum=None):
         """The kernel of ``loss_kind`` (a :class:`Loss`): ``value`` and ``doutputs`` from
-        ``outputs`` and ``y``."""
+        ``outputs`` and ``y`` with the rows weighted by ``weights`` (float64, or ``None``:
+        all 1), whose sum goes to ``weight_sum`` where given."""
         rows, cols = outputs.shape
         _kernel("head", loss_kind.name, outputs.dtype)(
-            (1,), (_HEAD_THREADS,), (outputs, y, doutputs, value, _i32(rows), _i32(cols)))
+            (1,), (_HEAD_THREADS,), (outputs, y, _ptr(weights), doutputs, value,
+                                     _ptr(weight_sum), _i32(rows), _i32(cols)))
 
-    def loss(self, outputs, y, kind):
+    def loss(self, outputs, y, kind, sample_weight=None):
         loss_kind = get_loss(kind)
         outputs = cupy.ascontiguousarray(outputs)
         y = cupy.ascontiguousarray(cupy.asarray(y), dtype=loss_kind.target_dtype(outputs.dtype))
         if not loss_kind.class_targets and y.shape != outputs.shape:
             raise ValueError(f"y has shape {y.shape}, expected {outputs.shape}")
+        weights, _ = check_sample_weight(sample_weight, outputs.shape[0], cupy)
         doutputs = cupy.empty_like(outputs)
         value = cupy.empty((), cupy.float64)
-        self._launch_loss(outputs, y, loss_kind, doutputs, value)
+        self._launch_loss(outputs, y, loss_kind, doutputs, value, weights)
         return value, doutputs
 
     def softmax(self, outputs):
@@ -889,16 +900,17 @@ class CUDABackend(Backend):
         return DeviceAdamState(cupy.zeros_like(params), cupy.zeros_like(params), 0)
 
     @staticmethod
-    def _launch_adam(params, grads, state, partials, loss):
+    def _launch_adam(params, grads, state, partials, loss, weight_sum=None):
         """The Adam kernel on ``state``'s buffers and settings; ``partials`` (the gradient's
-        sums of squares) and ``loss`` are checked for finiteness where given."""
+        sums of squares) and ``loss`` are checked for finiteness where given, and the batch's
+        ``weight_sum`` for being positive."""
         n = params.size
         blocks = max(1, min(4096, math.ceil(n / (4 * _ADAM_THREADS))))
         n_partials = 0 if partials is None else partials.size
         _kernel("adam", "adam", params.dtype)(
             (blocks,), (_ADAM_THREADS,),
             (params, grads, state.m, state.v, np.int64(n), state.settings, _ptr(partials),
-             _i32(n_partials), _ptr(loss), state.counter, state.arrivals))
+             _i32(n_partials), _ptr(loss), _ptr(weight_sum), state.counter, state.arrivals))
 
     def adam_step(self, params, grads, state, config, grad_scale=1.0):
         _device_state(state).write_settings(config, grad_scale)
@@ -906,11 +918,11 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ training step
 
-    def _train_slot(self, spec, batch, steps, dtype, loss_kind, ragged):
-        key = (spec, batch, steps, np.dtype(dtype), loss_kind, ragged)
+    def _train_slot(self, spec, batch, steps, dtype, loss_kind, ragged, weighted):
+        key = (spec, batch, steps, np.dtype(dtype), loss_kind, ragged, weighted)
         slot = self._slots.pop(key, None)
         if slot is None:
-            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind, ragged)
+            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind, ragged, weighted)
         self._slots[key] = slot
         while len(self._slots) > _CACHED_SHAPES:
             self._slots.popitem(last=False)
@@ -922,12 +934,13 @@ class CUDABackend(Backend):
         work, spec = slot.work, slot.work.spec
         ops = _CudaOps(self, work, params, slot.grads, recurrence=recurrence)
         model.forward(ops, spec, work.x_in)
-        self._launch_loss(work.outputs, slot.y, slot.loss_kind, slot.doutputs, slot.loss)
+        self._launch_loss(work.outputs, slot.y, slot.loss_kind, slot.doutputs, slot.loss,
+                          slot.weights, slot.weight_sum)
         model.backward(ops, spec, slot.doutputs)
         n = slot.grads.size
         _kernel("adam", "sumsq_partials", params.dtype)(
             (slot.partials.size,), (_ADAM_THREADS,), (slot.grads, np.int64(n), slot.partials))
-        self._launch_adam(params, slot.grads, state, slot.partials, slot.loss)
+        self._launch_adam(params, slot.grads, state, slot.partials, slot.loss, slot.weight_sum)
 
     def _capture(self, slot, params, state):
         """A CUDA graph of ``_step_body``, or ``None`` where capture fails here (with a warning)."""
@@ -954,37 +967,45 @@ class CUDABackend(Backend):
                       stacklevel=3)
         return None
 
-    def train_step(self, spec, params, state, x, y, loss, config, lengths=None, dropout=None):
+    def train_step(self, spec, params, state, x, y, loss, config, lengths=None,
+                   sample_weight=None, dropout=None):
         """One training step, all on the device; returns the loss as a 0-d device array.
 
         No host synchronisation: the Adam kernel itself skips the update when the loss or the
-        gradient norm is not finite.  ``config`` is copied into ``state.settings``, where the
-        step reads it.  The first step of a new shape (batch, steps, dtype, loss, and whether
-        the rows have lengths) and set of buffers (``params`` and ``state``'s) runs directly and
-        captures a CUDA graph; the next ones replay it, whatever their settings, lengths and
-        dropout seed and rates (the kinds of dropout that are on, between layers and recurrent,
-        are a graph's own).
+        gradient norm is not finite, or the batch's weights sum to zero.  ``config`` is copied
+        into ``state.settings``, where the step reads it.  The first step of a new shape (batch, steps, dtype, loss, and whether
+        the rows have lengths, whether they have weights) and set of buffers (``params`` and
+        ``state``'s) runs directly and captures a CUDA graph; the next ones replay it, whatever
+        their settings, lengths, weights and dropout seed and rates (the kinds of dropout that
+        are on, between layers and recurrent, are a graph's own).
         """
         loss_kind, state, x = get_loss(loss), _device_state(state), cupy.asarray(x)
         B, T, _ = x.shape
         lengths = check_lengths(lengths, B, T)
+        weights, _ = check_sample_weight(sample_weight, B, cupy)
         with self._train_lock:
             return self._train_step(spec, params, state, x, y, loss_kind, config, lengths,
-                                    dropout)
+                                    weights, dropout)
 
-    def _train_step(self, spec, params, state, x, y, loss_kind, config, lengths, dropout):
+    def _train_step(self, spec, params, state, x, y, loss_kind, config, lengths, weights,
+                    dropout):
         B, T, _ = x.shape
-        slot = self._train_slot(spec, B, T, params.dtype, loss_kind, lengths is not None)
+        slot = self._train_slot(spec, B, T, params.dtype, loss_kind, lengths is not None,
+                                weights is not None)
         work = slot.work
         y = cupy.asarray(y)
-        # A graph reads its inputs and this batch's schedule from the slot, its settings from
-        # the state.
+        # A graph reads its inputs, weights and this batch's schedule from the slot, its
+        # settings from the state.
         if lengths is not None:
             schedule = StepSchedule(lengths, B, T, columns=work.columns)
             work.sched[...] = cupy.asarray(schedule.data)
-            y = y[cupy.asarray(schedule.order)]
+            order = cupy.asarray(schedule.order)
+            y = y[order]
+            weights = None if weights is None else weights[order]
         self._copy_in(work, x)
         slot.y[...] = y
+        if weights is not None:
+            slot.weights[...] = weights
         state.write_settings(config)
         modes = work.set_dropout(dropout)  # this step's masks: keys and rates, in the slot
         work.backward_buffers()  # what these modes need, allocated before any capture

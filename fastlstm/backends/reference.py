@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import model, reference
-from .base import Backend, Gradients, check_lengths
+from .base import Backend, Gradients, check_lengths, check_sample_weight
 
 
 class _NumpyOps:
@@ -160,8 +160,9 @@ class ReferenceBackend(Backend):
             return Gradients(cache.grads, dx, np.stack(cache.dh0), np.stack(cache.dc0))
         return Gradients(cache.grads)
 
-    def loss(self, outputs, y, kind):
-        value, grad = reference.loss(outputs, y, kind)
+    def loss(self, outputs, y, kind, sample_weight=None):
+        weights, _ = check_sample_weight(sample_weight, len(outputs))
+        value, grad = reference.loss(outputs, y, kind, weights)
         return float(value), grad
 
     def softmax(self, outputs):

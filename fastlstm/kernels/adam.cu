@@ -4,7 +4,7 @@
 //
 // Everything a training step decides happens on the device, so a step never waits for the host:
 // every Adam block sums the partials (same order: identical result in every block), skips the
-// update when the norm or the loss is not finite, scales the gradient for clipping, and reads
+// update when the norm or the loss is not finite or the batch's weights sum to zero, scales the gradient for clipping, and reads
 // the step count from device memory; the last block to finish records the new count.  The
 // settings are read from device memory too, so a captured CUDA graph stays valid when they
 // change (a learning-rate schedule): the host writes them before each launch or replay.
@@ -30,13 +30,15 @@ __device__ void sumsq_partials(const T* g, long long n, double* partials) {
 
 // settings: see AdamSetting; settings[CLIP] <= 0: no clipping.
 // partials == nullptr: no norm (no clipping, no finiteness check of the gradient);
-// loss == nullptr: no finiteness check of the loss.
+// loss == nullptr: no finiteness check of the loss;
+// weight_sum == nullptr: no check of the batch's weights (else no update unless *weight_sum > 0:
+// a batch of no weight has a zero gradient, and Adam would still move on its momentum).
 // step: count of applied updates (read, and incremented when this update is applied);
 // done: zero-initialised scratch counter, back to zero after every launch.
 template <typename T>
 __device__ void adam(T* p, const T* g, T* m, T* v, long long n, const double* settings,
-                     const double* partials, int n_partials, const double* loss, long long* step,
-                     unsigned int* done) {
+                     const double* partials, int n_partials, const double* loss,
+                     const double* weight_sum, long long* step, unsigned int* done) {
     __shared__ double s_scale;
     __shared__ long long s_step;
     __shared__ int s_ok;
@@ -55,6 +57,7 @@ __device__ void adam(T* p, const T* g, T* m, T* v, long long n, const double* se
             if (clip > 0.0 && norm > clip) scale = grad_scale * (clip / norm);
         }
         if (loss != nullptr) ok = ok && isfinite(*loss);
+        if (weight_sum != nullptr) ok = ok && *weight_sum > 0.0;
         s_ok = ok;
         s_scale = scale;
         s_step = *step + 1;
@@ -97,9 +100,10 @@ __device__ void adam(T* p, const T* g, T* m, T* v, long long n, const double* se
     }                                                                                            \
     extern "C" __global__ void fastlstm_adam_##SUFFIX(                                           \
         T* p, const T* g, T* m, T* v, long long n, const double* settings,                      \
-        const double* partials, int n_partials, const double* loss, long long* step,            \
-        unsigned int* done) {                                                                    \
-        fastlstm::adam<T>(p, g, m, v, n, settings, partials, n_partials, loss, step, done);      \
+        const double* partials, int n_partials, const double* loss, const double* weight_sum,   \
+        long long* step, unsigned int* done) {                                                   \
+        fastlstm::adam<T>(p, g, m, v, n, settings, partials, n_partials, loss, weight_sum, step, \
+                          done);                                                                 \
     }
 
 FASTLSTM_ADAM(f32, float)

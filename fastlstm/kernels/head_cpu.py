@@ -63,17 +63,22 @@ def softmax(logits, probs):
 
 
 @njit(cache=True, nogil=True)
-def cross_entropy(logits, y, dlogits, batch_size):
-    """Softmax cross-entropy of these rows, summed and divided by ``batch_size``.
+def cross_entropy(logits, y, weights, dlogits, weight_sum):
+    """Softmax cross-entropy of these rows, each times its weight, summed and divided by
+    ``weight_sum``.
 
     Writes the gradient w.r.t. ``logits`` into ``dlogits``.  ``y`` holds class
-    indices.  With ``batch_size = len(logits)`` this is the batch mean; a
-    larger one serves a chunk of the batch.  Returns the loss (float64
-    accumulation).
+    indices; ``weights`` is one float64 per row, or ``None``: every row weighs 1.
+    With ``weight_sum`` the sum of the batch's weights this is the weighted batch
+    mean; passing the whole batch's sum serves a chunk of it.  Each row's terms are
+    multiplied by its weight before the division, so weights of 1 (or none) and
+    ``weight_sum = len(batch)`` give the plain mean bit for bit.  Returns the loss
+    (float64 accumulation).
     """
     B, K = logits.shape
     total = 0.0
     for r in range(B):
+        w = 1.0 if weights is None else weights[r]
         top = logits[r, 0]
         for k in range(1, K):
             top = max(top, logits[r, k])
@@ -82,24 +87,27 @@ def cross_entropy(logits, y, dlogits, batch_size):
             s += math.exp(logits[r, k] - top)
         log_s = math.log(s)
         for k in range(K):
-            dlogits[r, k] = math.exp(logits[r, k] - top - log_s) / batch_size
-        dlogits[r, y[r]] -= 1.0 / batch_size
-        total += log_s - (logits[r, y[r]] - top)
-    return total / batch_size
+            dlogits[r, k] = w * math.exp(logits[r, k] - top - log_s) / weight_sum
+        dlogits[r, y[r]] -= w / weight_sum
+        total += w * (log_s - (logits[r, y[r]] - top))
+    return total / weight_sum
 
 
 @njit(cache=True, nogil=True)
-def squared_error(outputs, y, doutputs, batch_size):
-    """``sum((outputs - y) ** 2) / 2`` divided by every element of the batch, ``batch_size`` rows.
+def squared_error(outputs, y, weights, doutputs, weight_sum):
+    """Half the squared error of these rows, each row's sum times its weight, divided by
+    ``weight_sum`` times the outputs per row.
 
-    Writes its gradient into ``doutputs``; with ``batch_size = len(outputs)`` this
-    is the mean over every element.
+    Writes its gradient into ``doutputs``.  ``weights`` and ``weight_sum`` as in
+    :func:`cross_entropy`: without weights and with ``weight_sum = len(batch)`` this is
+    the mean over every element.
     """
-    n = batch_size * outputs.shape[1]
+    n = weight_sum * outputs.shape[1]
     total = 0.0
     for r in range(outputs.shape[0]):
+        w = 1.0 if weights is None else weights[r]
         for k in range(outputs.shape[1]):
             d = outputs[r, k] - y[r, k]
-            total += d * d
-            doutputs[r, k] = d / n
+            total += w * (d * d)
+            doutputs[r, k] = w * d / n
     return 0.5 * total / n
