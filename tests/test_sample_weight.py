@@ -221,8 +221,9 @@ def test_weights_follow_the_shuffles_and_the_validation_split(monkeypatch):
     backend = get_backend("cpu")
     step, seen = backend.train_step, []
 
-    def recording(spec, params, state, x, yb, loss, config, lengths=None, sample_weight=None):
-        value = step(spec, params, state, x, yb, loss, config, lengths, sample_weight)
+    def recording(spec, params, state, x, yb, loss, config, lengths=None, sample_weight=None,
+                  dropout=None):
+        value = step(spec, params, state, x, yb, loss, config, lengths, sample_weight, dropout)
         seen.append((x.copy(), sample_weight.copy(), value))
         return value
 
