@@ -70,3 +70,22 @@ def test_ragged_compares_every_contender_and_writes_json(tmp_path):
         assert "epoch_fastlstm_ragged_over_torch_packed" in results["ratios"]
     assert results["machine"] and "ragged.py" in results["command"]
     assert "fastlstm ragged / fastlstm padded" in text
+
+
+def test_dropout_compares_each_pair_and_writes_json(tmp_path):
+    out = tmp_path / "dropout.json"
+    text = run("dropout.py", "--samples", "256", "--batch", "64", "--hidden", "8", "--repeat", "1",
+               "--json", str(out))
+    ratios = json.loads(out.read_text())["ratios"]
+    assert set(ratios) == {"1 layer, recurrent_dropout / 1 layer", "2 layers, dropout / 2 layers"}
+    assert all(r["cpu_s"] > 0 for r in ratios.values())
+    assert "target <= 1.10x" in text
+
+
+def test_fashion_recipe_fits_and_scores(tmp_path):
+    out = tmp_path / "recipe.json"
+    text = run("fashion_recipe.py", "--samples", "512", "--max-iter", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["epochs"] == 1 and result["train_samples"] == 512
+    assert 0 <= result["test_accuracy"] <= 1
+    assert "test accuracy" in text
