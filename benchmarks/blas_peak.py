@@ -8,10 +8,12 @@ register-blocked kernel of ``fastlstm.kernels.gemm_cpu`` (one thread; the
 backend runs it per thread).  The weight gradient is timed in the layout the
 backend uses: ``[x, h]^T`` is a transposed view.
 
-Then the ceiling of inference: one core's arithmetic peak (independent fused
-multiply-adds on registers only), and one inference chunk of the backend's
-shape (its rows, 28 steps) through ``lstm_cpu.forward_layer`` next to its step
-GEMMs alone: the samples/s of one core if the gate math cost nothing.
+Every rate is also given as a fraction of this machine's floor (``floor.py``):
+the larger of one core's arithmetic peak (independent fused multiply-adds in
+registers of the target's full width) and the best one-thread rate at the
+training step's shapes.  Then one inference chunk of the backend's shape (its
+rows, 28 steps) through ``lstm_cpu.forward_layer`` next to its step GEMMs alone:
+the samples/s of one core if the gate math cost nothing, and at the floor.
 
     python benchmarks/blas_peak.py [--size 2048]
 """
@@ -22,54 +24,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from _common import machine_description, summarize, time_call
+from floor import chunk_rows, fma_peak_gflops, gemm_rates, step_shapes
 
 T, I, H = 28, 28, 128
-
-
-def chunk_rows():
-    """Rows of the CPU backend's first chunk of a training step (batch 128) and of inference
-    (batch 1000)."""
-    from fastlstm.backends.cpu import CPUBackend
-    from fastlstm.model import ModelSpec
-
-    spec, backend = ModelSpec(I, H, 1, 10), CPUBackend()
-    train, infer = (backend._workspace(spec, batch, T, np.float32, mode).rows[0]
-                    for batch, mode in ((128, "step"), (1000, "inference")))
-    return train[1] - train[0], infer[1] - infer[0]
-
-
-def step_shapes():
-    """``{name: (m, k, n, A transposed)}`` of the GEMMs of one chunk, in training and inference."""
-    R, Ri = chunk_rows()
-    return {
-        f"forward step [x,h] @ [W_ih,W_hh]^T, {R} rows": (R, I + H, 4 * H, False),
-        f"backward step dz @ W_hh, {R} rows": (R, 4 * H, H, False),
-        f"weight gradient [x,h]^T @ dz, {T} x {R} rows": (I + H, T * R, 4 * H, True),
-        f"inference step, {Ri} rows": (Ri, I + H, 4 * H, False),
-    }
-
-
-def fma_peak_gflops():
-    """One core's GFLOP/s on fused multiply-adds alone: 12 SIMD vectors of independent chains."""
-    from numba import njit
-    from fastlstm.kernels._cpu_features import vector_bits
-
-    lanes = 12 * max(vector_bits(), 128) // 32
-
-    @njit(fastmath={"contract"}, error_model="numpy")
-    def chains(start, rounds):
-        # a local copy and a trip count known when compiling: LLVM keeps ``acc`` in registers
-        acc = start.copy()
-        a, b = np.float32(0.999), np.float32(1e-3)
-        for _ in range(rounds):
-            for j in range(lanes):
-                acc[j] = acc[j] * a + b
-        return acc
-
-    start = np.ones(lanes, np.float32)
-    rounds = 200_000
-    chains(start, 1)
-    return gflops(lambda: chains(start, rounds), 1, start.size, rounds)
 
 
 def inference_split(rows):
@@ -104,17 +61,6 @@ def inference_split(rows):
         return tuple(summarize(time_call(fn, 9, min_time=0.05))[0] for fn in (layer, gemms))
 
 
-def operands(m, k, n, transposed):
-    rng = np.random.default_rng(0)
-    a = rng.random((k, m) if transposed else (m, k), dtype=np.float32)
-    return (a.T if transposed else a), rng.random((k, n), dtype=np.float32)
-
-
-def gflops(fn, m, k, n, repeat=7):
-    median, _ = summarize(time_call(fn, repeat, min_time=0.05))
-    return 2 * m * k * n / median / 1e9
-
-
 def main():
     from fastlstm.kernels import gemm_cpu
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,31 +71,32 @@ def main():
     print(f"fastlstm gemm: blocks of {gemm_cpu.MR} x {gemm_cpu.NR}; the CPU backend uses it "
           f"{'here' if gemm_cpu.PAYS_OFF else 'nowhere here (BLAS instead)'}")
     shapes = {f"square sgemm {args.size}": (args.size,) * 3 + (False,), **step_shapes()}
-    print(f"{'GEMM':48s} {'BLAS 1 thr':>11s} {f'BLAS {cores} thr':>11s} {'ours 1 thr':>11s}"
-          f"   GFLOP/s")
-    for name, (m, k, n, transposed) in shapes.items():
-        a, b = operands(m, k, n, transposed)
-        out = np.empty((m, n), np.float32)
-        gemm_cpu.gemm(a, b, out, False)  # compile or load before timing
-        figures = []
-        for threads in (1, cores):
-            with threadpool_limits(threads, user_api="blas"):
-                figures.append(gflops(lambda: np.matmul(a, b, out=out), m, k, n))
-        figures.append(gflops(lambda: gemm_cpu.gemm(a, b, out, False), m, k, n))
-        print(f"{name:48s} " + " ".join(f"{g:11.1f}" for g in figures))
-
+    rates = gemm_rates(shapes, threads=sorted({1, cores}))
     peak = fma_peak_gflops()
+    # the floor: the best one-thread rate at the training step's shapes, or the probe's
+    best = max(rate for name, r in rates.items() if not name.startswith(("square", "inference"))
+               for key, rate in r.items() if "1 thr" in key)
+    floor = max(peak, best)
+    print(f"one core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s; best one-thread "
+          f"GEMM at the training step's shapes {best:.1f};\n  the floor of this machine: "
+          f"{floor:.1f} GFLOP/s per thread (each figure below: GFLOP/s, and its fraction of it)")
+    print(f"{'GEMM':48s} " + " ".join(f"{key:>13s}" for key in next(iter(rates.values()))))
+    for name, r in rates.items():
+        # BLAS on all cores: its fraction of the floor of as many threads
+        cells = [f"{g:6.1f} ({g / (floor * (1 if '1 thr' in key else cores)):4.0%})"
+                 for key, g in r.items()]
+        print(f"{name:48s} " + " ".join(f"{c:>13s}" for c in cells))
+
     rows = chunk_rows()[1]
     layer, gemms = inference_split(rows)
     flop = 2 * rows * 4 * H * (I + (T - 1) * (I + H))
-    print(f"\none core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s")
-    print(f"inference, one chunk of {rows} rows x {T} steps on one core: {layer * 1e3:.2f} ms, "
-          f"{rows / layer:,.0f} samples/s;\n  its step GEMMs alone {gemms * 1e3:.2f} ms "
-          f"({flop / gemms / 1e9:.1f} GFLOP/s, {flop / gemms / 1e9 / peak:.0%} of the peak), "
+    print(f"\ninference, one chunk of {rows} rows x {T} steps on one core: {layer * 1e3:.2f} ms, "
+          f"{rows / layer:,.0f} samples/s ({rows / layer * flop / rows / 1e9 / floor:.0%} of the "
+          f"floor);\n  its step GEMMs alone {gemms * 1e3:.2f} ms "
+          f"({flop / gemms / 1e9:.1f} GFLOP/s, {flop / gemms / 1e9 / floor:.0%} of the floor), "
           f"the gate math and copies {(layer - gemms) * 1e3:.2f} ms "
           f"({(layer - gemms) / layer:.0%});\n  with free gate math: {rows / gemms:,.0f} samples/s"
-          f" per core, at the peak {rows * peak * 1e9 / flop:,.0f}")
-
+          f" per core, at the floor {rows * floor * 1e9 / flop:,.0f}")
 
 if __name__ == "__main__":
     main()

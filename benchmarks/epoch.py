@@ -13,6 +13,10 @@ varies from round to round by more than the gaps worth measuring (every round
 is printed, so the spread shows).  CPU time (all threads) is shown beside
 the wall time: on a busy machine the wall time also counts the time other
 processes held the cores.
+Each median is also printed as a fraction of this machine's floor (``floor.py``):
+the epoch against the least time its GEMMs take at the best one-thread GEMM rate of
+the step's shapes (or the peak probe, if higher) on every thread, inference against
+the throughput that rate allows.
 Last, in a fresh process (warm Numba cache): one epoch of
 ``LSTMClassifier.fit``, the time until its first minibatch is done, and the
 peak resident memory of the fit next to the size of the training data.  The
@@ -192,6 +196,28 @@ def torch_inference(net, X, batch):
     return len(X) / (time.perf_counter() - start)
 
 
+def report_floor(results, medians, args, threads):
+    """Each median as a fraction of this machine's floor (``benchmarks/floor.py``): the least
+    time the epoch's GEMMs can take, and the most samples/s inference's allow, at the best
+    one-thread GEMM rate (or the peak probe) on every thread."""
+    from floor import floor_gflops, inference_flop, training_flop
+    rate = floor_gflops(args.hidden, args.batch)
+    per_s = threads * rate["floor"] * 1e9
+    floor_epoch = args.samples * training_flop(args.hidden) / per_s
+    floor_throughput = per_s / inference_flop(args.hidden)
+    results["floor"] = dict(rate, threads=threads, epoch_s=floor_epoch,
+                            inference_samples_per_s=floor_throughput)
+    print(f"\n  the floor here: {rate['floor']:.1f} GFLOP/s per thread (peak probe "
+          f"{rate['probe']:.1f}, best one-thread GEMM at the step's shapes "
+          f"{rate['best_gemm']:.1f}) x {threads} threads: the epoch's GEMMs take at least "
+          f"{floor_epoch:.2f} s, inference's allow at most {floor_throughput:,.0f} samples/s")
+    for name, m in medians.items():
+        m["epoch_floor_fraction"] = floor_epoch / m["epoch_s"]
+        m["inference_floor_fraction"] = m["inference_samples_per_s"] / floor_throughput
+        print(f"  {name:8s}  epoch at {m['epoch_floor_fraction']:.0%} of the floor, inference "
+              f"at {m['inference_floor_fraction']:.0%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +290,7 @@ def main():
     for name, m in medians.items():
         print(f"  {name:8s}  epoch {m['epoch_s']:6.2f} s   inference "
               f"{m['inference_samples_per_s']:8,.0f} samples/s")
+    report_floor(results, medians, args, threads)
     if "PyTorch" in medians:
         f, t = medians["fastlstm"], medians["PyTorch"]
         results["epoch_time_ratio"] = f["epoch_s"] / t["epoch_s"]

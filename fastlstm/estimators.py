@@ -294,7 +294,13 @@ class BaseLSTM(BaseEstimator):
         """
         if sample_weight is None:
             return None
-        return _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        weights = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                       ensure_non_negative=True)
+        # scikit-learn refuses weights of zero sum itself only since 1.9
+        if not weights.sum() > 0:
+            raise ValueError("every sample has zero weight; give some samples a positive "
+                             "weight.")
+        return weights
 
     def _stratify(self, y):
         """What ``train_test_split`` stratifies the validation split on (or ``None``)."""
@@ -510,7 +516,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
         X, lengths = self._validate_X(X, reset=first)
         y = self._encode_targets(y, first, classes)
         check_same_length(X, y)
-        if self.dropout and self.num_layers == 1:
+        if first and self.dropout and self.num_layers == 1:
             warnings.warn(f"dropout={self.dropout} drops the output of every layer but the last, "
                           "and there is one layer: it does nothing. Set num_layers >= 2, or use "
                           "recurrent_dropout.", UserWarning, stacklevel=3)
@@ -885,8 +891,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         Shuffle the samples every epoch (from ``random_state``).
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data (stratified),
-        stop when its accuracy (weighted by the held-out samples' weights, where
-        there are any) has not improved by ``tol`` for ``n_iter_no_change``
+        stop when its accuracy (weighted by the held-out samples' weights, times
+        their class weights, where there are any) has not improved by ``tol`` for
+        ``n_iter_no_change``
         epochs, and keep the weights of the best epoch.
     validation_fraction : float, default=0.1
         Share of the training data held out when ``early_stopping``.
@@ -910,7 +917,8 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         same optimizer, schedule, shuffling and validation split, up to
         ``max_iter`` epochs in all, so on the CPU (with the same number of
         threads) its weights end bit-identical to those of the fit had it
-        never stopped.  It must then be given the same ``X`` and ``y``.
+        never stopped.  It must then be given the same ``X``, ``y`` and
+        ``sample_weight`` (only the number of samples is checked).
     checkpoint : str or path-like, default=None
         If set, the model is saved there (as by :meth:`save`, atomically,
         durably) at the end of every epoch, with what it takes to resume an

@@ -24,7 +24,7 @@ class Oracle(ReferenceBackend):
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
                 dropout=None):
         masks = {}
-        if dropout:  # the masks of :mod:`fastlstm.dropout`, for rows numbered as in ``x``
+        if dropout and train:  # the masks of fastlstm.dropout, rows numbered as in ``x``
             rows = np.arange(x.shape[0])
             masks = dict(between_masks=dropout.between_masks(spec, rows, x.shape[1], params.dtype),
                          recurrent_masks=dropout.recurrent_masks(spec, rows, params.dtype))

@@ -7,6 +7,7 @@ process with an empty cache, about ten seconds.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +38,19 @@ def test_epoch_compares_and_writes_json(tmp_path):
     out = tmp_path / "epoch.json"
     run("epoch.py", "--samples", "256", "--batch", "64", "--hidden", "8", "--infer-samples", "64",
         "--infer-batch", "32", "--repeat", "1", "--no-estimator", "--json", str(out))
-    medians = json.loads(out.read_text())["medians"]
+    results = json.loads(out.read_text())
+    medians = results["medians"]
     assert medians["fastlstm"]["epoch_s"] > 0
     assert medians["fastlstm"]["inference_samples_per_s"] > 0
+    floor = results["floor"]
+    assert floor["floor"] == max(floor["probe"], floor["best_gemm"]) > 0
+    assert medians["fastlstm"]["epoch_floor_fraction"] > 0
 
 
 def test_blas_peak_reports_the_inference_ceiling():
     text = run("blas_peak.py", "--size", "64")
     assert "peak on fused multiply-adds alone" in text
+    assert "the floor of this machine" in text and "of the floor" in text
     assert "with free gate math" in text
 
 
@@ -89,3 +95,32 @@ def test_fashion_recipe_fits_and_scores(tmp_path):
     assert result["epochs"] == 1 and result["train_samples"] == 512
     assert 0 <= result["test_accuracy"] <= 1
     assert "test accuracy" in text
+
+
+PROBE_ASM = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from numba import types
+from floor import CHAINS, _probe
+run = _probe(16, True)
+run.compile((types.int64,))
+asm = "\\n".join(run.inspect_asm().values())
+fma = [line for line in asm.splitlines() if "vfmadd" in line]
+print(len(fma), sum("zmm" in line for line in fma), CHAINS)
+"""
+
+
+def test_the_peak_probe_uses_whole_registers_where_llvm_prefers_halves():
+    """Built for an Intel server core (LLVM's vectoriser prefers 256-bit vectors there), the
+    probe still multiplies in 512-bit registers only, at least one FMA per chain (LLVM
+    unrolls the rounds).  Compiled only, never run: this machine need not be that CPU."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    if not features.get("avx512f"):
+        features["avx512f"] = True  # the target's features: the host's, with AVX-512
+    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", PROBE_ASM, str(BENCHMARKS)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    fmas, full_width, chains = map(int, done.stdout.split())
+    assert fmas == full_width >= chains

@@ -85,6 +85,10 @@ def test_train_step_with_dropout_matches_oracle(backend, lengths_kind):
     dropout_cases.test_train_step_with_dropout_matches_oracle(backend, lengths_kind)
 
 
+def test_weighted_train_step_with_dropout_matches_oracle(backend):
+    dropout_cases.test_weighted_train_step_with_dropout_matches_oracle(backend)
+
+
 # -- the kernels' masks ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])

@@ -101,6 +101,27 @@ def test_train_step_with_dropout_matches_oracle(backend, lengths_kind):
     assert rel_err(*results) < 1e-10
 
 
+def test_weighted_train_step_with_dropout_matches_oracle(backend):
+    """Weights and dropout together, with lengths, on a bidirectional stack: the rows' weights
+    and masks both follow the rows through the backend's reordering."""
+    shape = (11, 5, 3, 4, 2, 3)
+    spec, flat, x, y, _, _ = make_problem(shape, "cross_entropy", initial_states=False,
+                                          bidirectional=True)
+    lengths = make_lengths(shape[0], shape[1], "random")
+    weights = np.random.default_rng(4).uniform(0, 2, shape[0])
+    weights[2] = 0
+    results = []
+    for b in (backend, ORACLE):
+        params = b.asarray(flat.copy())
+        state = b.adam_state(params)
+        for seed in range(2):
+            b.train_step(spec, params, state, b.asarray(x), b.asarray(y), "cross_entropy",
+                         AdamConfig(1e-2), lengths=lengths, sample_weight=b.asarray(weights),
+                         dropout=Dropout(0.3, 0.3, seed))
+        results.append(b.to_host(params))
+    assert rel_err(*results) < 1e-10
+
+
 # -- the masks ------------------------------------------------------------------------------
 
 def test_masks_keep_the_expected_share_and_scale():
