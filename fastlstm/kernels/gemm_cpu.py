@@ -4,7 +4,7 @@ At one time step's shapes (a training chunk of 16 rows times a 156 x 512
 weight matrix, or 16 x 512 times 512 x 128 backwards, and inference's 128
 rows) OpenBLAS on one core is slowest where the chunks are smallest; this
 kernel runs the same products, and the weight gradient, faster on the
-project's machine (Zen 4), without packing anything.
+project's machine (an AMD EPYC of CPU family 26, Zen 5), without packing anything.
 ``python benchmarks/blas_peak.py`` times both at the backend's shapes.
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
