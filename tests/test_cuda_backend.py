@@ -173,14 +173,11 @@ def ragged_run(backend, problem, lengths):
     return named
 
 
-@pytest.mark.parametrize("recurrence", ["persistent", "step"])
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_graph_replay_with_lengths_equals_uncaptured_steps(recurrence, bidirectional):
-    # one slot and one graph for every batch of the shape, whatever its lengths
+def assert_replays_equal_uncaptured_steps(recurrence, bidirectional, steps):
+    """Train steps with the keyword arguments ``steps`` (one dict a step) replay one graph of
+    one slot, and equal the same steps run without graphs."""
     spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32,
                                             bidirectional=bidirectional)
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(1, 7, 64) for _ in range(4)]
     runs = {}
     for graphs in (True, False):
         backend = cuda_backend(recurrence, graphs)
@@ -188,13 +185,22 @@ def test_graph_replay_with_lengths_equals_uncaptured_steps(recurrence, bidirecti
         state = backend.adam_state(p)
         losses = [float(backend.train_step(spec, p, state, backend.asarray(x),
                                            backend.asarray(y), "cross_entropy",
-                                           AdamConfig(1e-2), lengths=lengths))
-                  for lengths in batches]
+                                           AdamConfig(1e-2), **kwargs))
+                  for kwargs in steps]
         runs[graphs] = (losses, backend.to_host(p))
         if graphs:
             assert [len(s.graphs) for s in backend._slots.values()] == [1]
     assert runs[True][0] == runs[False][0]
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_graph_replay_with_lengths_equals_uncaptured_steps(recurrence, bidirectional):
+    # one slot and one graph for every batch of the shape, whatever its lengths
+    rng = np.random.default_rng(0)
+    assert_replays_equal_uncaptured_steps(recurrence, bidirectional,
+                                          [dict(lengths=rng.integers(1, 7, 64)) for _ in range(4)])
 
 
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
@@ -203,21 +209,7 @@ def test_graph_replay_with_new_dropout_seeds_equals_uncaptured_steps(recurrence,
     # one graph for every step of the slot, whatever its dropout's seed and rates (the parity
     # of dropout with the oracle: tests/test_dropout.py, whose backends include this one)
     from fastlstm.dropout import Dropout
-    spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32,
-                                            bidirectional=True)
     lengths = np.random.default_rng(0).integers(1, 7, 64) if ragged else None
     dropouts = [Dropout(0.3, 0.2, seed) for seed in range(3)] + [Dropout(0.5, 0.4, 2**64 - 1)]
-    runs = {}
-    for graphs in (True, False):
-        backend = cuda_backend(recurrence, graphs)
-        p = backend.asarray(params)
-        state = backend.adam_state(p)
-        losses = [float(backend.train_step(spec, p, state, backend.asarray(x),
-                                           backend.asarray(y), "cross_entropy",
-                                           AdamConfig(1e-2), lengths=lengths, dropout=dropout))
-                  for dropout in dropouts]
-        runs[graphs] = (losses, backend.to_host(p))
-        if graphs:
-            assert [len(s.graphs) for s in backend._slots.values()] == [1]
-    assert runs[True][0] == runs[False][0]
-    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+    assert_replays_equal_uncaptured_steps(recurrence, True, [dict(lengths=lengths, dropout=d)
+                                                             for d in dropouts])
