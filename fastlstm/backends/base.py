@@ -118,8 +118,9 @@ def check_sample_weight(sample_weight, batch, xp=np):
     the sum of the weights; ``(None, batch)`` where there are none (every row weighs 1).
 
     The sum is in float64, so weights of all ones sum to ``batch`` exactly: a loss divided
-    by it is the unweighted mean, bit for bit.  It is a host float for NumPy and a 0-d
-    array of ``xp`` otherwise (nothing waits for a device).
+    by it is the unweighted mean, bit for bit.  It is a host float for NumPy and ``None``
+    otherwise: a device backend's loss kernel sums the weights itself, and nothing here
+    launches a reduction whose result no one reads.
 
     Raises
     ------
@@ -132,8 +133,7 @@ def check_sample_weight(sample_weight, batch, xp=np):
     if weights.shape != (batch,):
         raise ValueError(f"sample_weight must hold one weight per row of the batch, shape "
                          f"({batch},), got shape {weights.shape}")
-    total = weights.sum()
-    return weights, float(total) if xp is np else total
+    return weights, float(weights.sum()) if xp is np else None
 
 
 @dataclass
