@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Dropout", "row_keys", "unit_masks", "between_stream", "recurrent_stream"]
+__all__ = ["Dropout", "kinds", "row_keys", "unit_masks", "between_stream", "recurrent_stream"]
 
 #: SplitMix64's increment: the odd 64-bit integer closest to 2^64 / golden ratio
 GAMMA = 0x9E3779B97F4A7C15
@@ -58,12 +58,23 @@ def row_keys(seed, stream, rows):
     Counter ``stream * 2^32 + row`` of a SplitMix64 sequence started at ``seed``:
     distinct for every mask and row (rows below 2^32).
     """
-    rows = np.asarray(rows, dtype=np.uint64)
-    stream = np.asarray(stream, dtype=np.uint64)
-    counter = (stream[..., None] << _U64(32)) + rows if stream.ndim else \
-        (stream << _U64(32)) + rows
+    counter = (np.asarray(stream, np.uint64)[..., None] << _U64(32)) + \
+        np.asarray(rows, np.uint64)
     with np.errstate(over="ignore"):
         return _mix(_U64(seed) + _U64(GAMMA) * (counter + _U64(1)))
+
+
+def kinds(dropout, spec):
+    """``(between, recurrent)``: which kinds of dropout ``dropout`` (a :class:`Dropout` or
+    ``None``) applies to the network of ``spec``.
+
+    A network of one layer has no output that another layer reads: dropout between
+    layers does nothing there.  What a backend compiles in, allocates, or keys a captured
+    CUDA graph by is these two, never the rates or the seed.
+    """
+    if not dropout:
+        return False, False
+    return dropout.p > 0 and spec.num_layers > 1, dropout.recurrent_p > 0
 
 
 def threshold(p):
@@ -72,7 +83,8 @@ def threshold(p):
 
 
 def unit_masks(keys, start, count, p, dtype):
-    """The masks of units ``start`` to ``start + count - 1`` of each row key: ``(len(keys), count)``.
+    """The masks of units ``start`` to ``start + count - 1`` of each row key, ``(len(keys),
+    count)``.
 
     Unit ``u`` of a row is kept where the high 32 bits of the ``u + 1``-th value of
     the SplitMix64 sequence started at the row's key reach :func:`threshold`; a

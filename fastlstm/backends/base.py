@@ -262,8 +262,9 @@ class Backend:
         float here; a device backend may return a 0-d device array and keep the whole
         step on the device, e.g. as a replayed CUDA graph).
         """
-        if sample_weight is not None and not check_sample_weight(sample_weight, len(x), self.xp)[1] > 0:
-            return 0.0
+        if sample_weight is not None and \
+                not check_sample_weight(sample_weight, len(x), self.xp)[1] > 0:
+            return 0.0  # a batch of no weight: no step
         outputs, cache = self.forward(spec, params, x, train=True, lengths=lengths,
                                       dropout=dropout)
         value, doutputs = self.loss(outputs, y, loss, sample_weight)

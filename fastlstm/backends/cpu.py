@@ -666,11 +666,12 @@ class _DropoutPlan:
         D, L = spec.num_directions, spec.num_layers
         streams = []
         self.recurrent_keys, self.between_keys = {}, {}
-        if dropout.recurrent_p:
+        between, recurrent = masks.kinds(dropout, spec)
+        if recurrent:
             for n in range(L * D):
                 self.recurrent_keys[n] = len(streams)
                 streams.append(masks.recurrent_stream(n // D, n % D))
-        if dropout.p:
+        if between:
             for k in range(L - 1):
                 self.between_keys[k] = len(streams)
                 streams.append(masks.between_stream(k))
@@ -682,7 +683,7 @@ class _DropoutPlan:
     @classmethod
     def of(cls, spec, dropout, order, batch, dtype):
         """The plan of ``dropout``, or ``None`` where nothing is dropped."""
-        if not dropout or (dropout.recurrent_p == 0 and spec.num_layers == 1):
+        if not any(masks.kinds(dropout, spec)):
             return None
         return cls(spec, dropout, order, batch, np.dtype(dtype))
 

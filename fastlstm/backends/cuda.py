@@ -65,12 +65,13 @@ if _DEVICE_COUNT < 1:
     raise ImportError("CuPy finds no CUDA GPU")
 
 from .. import model  # noqa: E402
+from ..dropout import kinds as dropout_kinds  # noqa: E402
 from .base import (  # noqa: E402
     AdamState, Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
     get_loss)
 from .cuda_support import (  # noqa: E402
     ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, dropout_masks,
-    dropout_modes, plan_recurrence)
+    plan_recurrence)
 
 __all__ = ["CUDABackend", "DeviceAdamState"]
 
@@ -310,7 +311,7 @@ class _Workspace:
         :attr:`masks` (on the current stream, as the Adam settings), the buffers it needs are
         allocated on first use.  Returns ``(between, recurrent)``, the kinds that are on."""
         spec = self.spec
-        self.between, self.recurrent = dropout_modes(dropout if self.train else None, spec)
+        self.between, self.recurrent = dropout_kinds(dropout if self.train else None, spec)
         if self.between or self.recurrent:
             host = dropout_masks(dropout, spec, self.batch)
             if self.masks is None:
@@ -973,9 +974,9 @@ class CUDABackend(Backend):
 
         No host synchronisation: the Adam kernel itself skips the update when the loss or the
         gradient norm is not finite, or the batch's weights sum to zero.  ``config`` is copied
-        into ``state.settings``, where the step reads it.  The first step of a new shape (batch, steps, dtype, loss, and whether
-        the rows have lengths, whether they have weights) and set of buffers (``params`` and
-        ``state``'s) runs directly and captures a CUDA graph; the next ones replay it, whatever
+        into ``state.settings``, where the step reads it.  The first step of a new shape
+        (batch, steps, dtype, loss, whether the rows have lengths, whether they have weights)
+        and set of buffers (``params`` and ``state``'s) runs directly and captures a CUDA graph; the next ones replay it, whatever
         their settings, lengths, weights and dropout seed and rates (the kinds of dropout that
         are on, between layers and recurrent, are a graph's own).
         """

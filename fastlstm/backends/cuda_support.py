@@ -18,7 +18,7 @@ from ..kernels import CUDA_SOURCE_DIR
 
 __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "plan_recurrence",
            "StepSchedule", "step_schedule", "ADAM_SETTINGS", "adam_settings", "MASK_HEADER",
-           "dropout_modes", "dropout_masks"]
+           "dropout_masks"]
 
 #: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
@@ -262,19 +262,6 @@ def adam_settings(config, grad_scale=1.0):
 MASK_HEADER = ("threshold", "scale", "step_stride", "unit_offset")
 
 
-def dropout_modes(dropout, spec):
-    """``(between, recurrent)``: which kinds of dropout a step of ``spec`` applies (``dropout``
-    a :class:`~fastlstm.dropout.Dropout` or ``None``).
-
-    This, not the rates or the seed, decides which kernels a step launches and which buffers
-    they read, so it is what a captured CUDA graph depends on.  A one-layer network has no
-    output that another layer reads: dropout between layers is a no-op there.
-    """
-    if not dropout:
-        return False, False
-    return dropout.p > 0 and spec.num_layers > 1, dropout.recurrent_p > 0
-
-
 def dropout_masks(dropout, spec, batch):
     """The CUDA kernels' dropout buffer for one batch: uint64, ``(L, D, 2, 4 + batch)``.
 
@@ -292,7 +279,7 @@ def dropout_masks(dropout, spec, batch):
     """
     L, D, H = spec.num_layers, spec.num_directions, spec.hidden_size
     out = np.zeros((L, D, 2, len(MASK_HEADER) + batch), np.uint64)
-    between, recurrent = dropout_modes(dropout, spec)
+    between, recurrent = _dropout.kinds(dropout, spec)
     rows = np.arange(batch)
 
     def header(p, stride, offset):
