@@ -69,6 +69,7 @@ from ..dropout import kinds as dropout_kinds  # noqa: E402
 from .base import (  # noqa: E402
     AdamState, Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
     get_loss)
+from .cuda_gemm import Mat  # noqa: E402
 from .cuda_support import (  # noqa: E402
     ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, dropout_masks,
     plan_recurrence)
@@ -140,25 +141,6 @@ def _i64(n):
 
 
 # ----------------------------------------------------------------------------- cuBLAS
-
-
-class _Mat:
-    """A row-major matrix in device memory: pointer, shape and leading dimension (in elements)."""
-
-    __slots__ = ("ptr", "rows", "cols", "ld")
-
-    def __init__(self, ptr, rows, cols, ld):
-        self.ptr, self.rows, self.cols, self.ld = int(ptr), int(rows), int(cols), int(ld)
-
-    @classmethod
-    def of(cls, a, rows=None, cols=None, ld=None, offset=0):
-        """``a`` (C-contiguous, any shape) seen as ``rows x cols`` with ``ld``, from ``offset``."""
-        if rows is None:
-            rows, cols = a.shape
-        return cls(a.data.ptr + offset * a.itemsize, rows, cols, cols if ld is None else ld)
-
-    def shape(self, trans):
-        return (self.cols, self.rows) if trans else (self.rows, self.cols)
 
 
 class _Blas:
@@ -469,9 +451,9 @@ class _CudaOps:
         """
         work = self.work
         if seq is work.x_in:
-            return _Mat.of(seq, work.columns, seq.shape[-1]), True
+            return Mat.of(seq, work.columns, seq.shape[-1]), True
         offset = work.batch if any(seq is h for h in work.h) else 0
-        return _Mat.of(seq, seq.shape[0], work.columns, ld=seq.shape[1], offset=offset), False
+        return Mat.of(seq, seq.shape[0], work.columns, ld=seq.shape[1], offset=offset), False
 
     def inputs(self, x, lengths):
         return x  # copied in, sorted and packed, by the backend
@@ -480,7 +462,7 @@ class _CudaOps:
         work, B, d = self.work, self.work.batch, int(reverse)
         source, transposed = self._operand(seq)
         w_ih = self.layout.layer(self.views, k, reverse)[0]
-        self.blas.gemm(_Mat.of(work.xg[k][d]), _Mat.of(w_ih), source, tb=transposed)
+        self.blas.gemm(Mat.of(work.xg[k][d]), Mat.of(w_ih), source, tb=transposed)
         for state, initial in ((work.h[k], h0), (work.c[k], c0)):
             block = self._block(state, d)
             if initial is None:
@@ -507,16 +489,16 @@ class _CudaOps:
         h = work.h[top]
         if work.head_in is None:  # one direction, every row every step: time T-1's columns
             col = B + ((T - 1) % 2 if work.ring[top] else T - 1) * B
-            return _Mat.of(h, H, B, ld=h.shape[1], offset=col)
+            return Mat.of(h, H, B, ld=h.shape[1], offset=col)
         last = work.sched_view("last_ring" if work.ring[top] else "last")
         for d in range(len(outs)):
             self.backend._gather(self._block(h, d), 1, h.shape[1], last[d * B:(d + 1) * B],
                                  self._block(work.head_in, d), 1, B, H, B)
-        return _Mat.of(work.head_in)
+        return Mat.of(work.head_in)
 
     def head(self, h):
         outputs = self.work.outputs
-        self.blas.gemm(_Mat.of(outputs), h, _Mat.of(self.views["head.weight"]), ta=True, tb=True)
+        self.blas.gemm(Mat.of(outputs), h, Mat.of(self.views["head.weight"]), ta=True, tb=True)
         outputs += self.views["head.bias"]
         self.work.head_input = h
         return outputs
@@ -528,11 +510,11 @@ class _CudaOps:
             dz = buffers["dz"]
             self.backend._zero_tail(work, dz, dz.shape[1], dz.shape[0])
         B, O = doutputs.shape
-        d_out = _Mat.of(doutputs)
-        blas.gemm(_Mat.of(grads["head.weight"]), d_out, work.head_input, ta=True, tb=True)
-        blas.gemm(_Mat.of(grads["head.bias"], 1, O), _Mat.of(buffers["ones"], B, 1, ld=2), d_out,
+        d_out = Mat.of(doutputs)
+        blas.gemm(Mat.of(grads["head.weight"]), d_out, work.head_input, ta=True, tb=True)
+        blas.gemm(Mat.of(grads["head.bias"], 1, O), Mat.of(buffers["ones"], B, 1, ld=2), d_out,
                   ta=True)
-        blas.gemm(_Mat.of(buffers["dh_last"]), _Mat.of(self.views["head.weight"]), d_out,
+        blas.gemm(Mat.of(buffers["dh_last"]), Mat.of(self.views["head.weight"]), d_out,
                   ta=True, tb=True)
         return buffers["dh_last"]
 
@@ -548,9 +530,9 @@ class _CudaOps:
                                           self._recurrence)
         w_ih, w_hh = layout.layer(self.views, k, reverse)[:2]
         dw_ih, dw_hh, db_ih, _ = layout.layer(self.grad_views, k, reverse)
-        dz = _Mat.of(buffers["dz"])
+        dz = Mat.of(buffers["dz"])
         source, transposed = self._operand(work.layer_inputs[k])
-        blas.gemm(_Mat.of(dw_ih), dz, source, tb=not transposed)
+        blas.gemm(Mat.of(dw_ih), dz, source, tb=not transposed)
         h = self._block(work.h[k], d)
         recurrent_mask = work.mask(k, d, True)
         if recurrent_mask is not None:
@@ -559,16 +541,16 @@ class _CudaOps:
             h_prev = buffers["h_prev"]
             self.backend._mask_columns(h, h.shape[1], work.sched_view("prev", d), h_prev, C, H,
                                        C, recurrent_mask, work.sched_view("x"), work.steps)
-            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h_prev), tb=True)
+            blas.gemm(Mat.of(dw_hh), dz, Mat.of(h_prev), tb=True)
         elif work.ragged or reverse:
             # the state each packed step started from, gathered in the packed order
             h_prev = buffers["h_prev"]
             self.backend._gather(h, 1, h.shape[1], work.sched_view("prev", d), h_prev, 1, C, H, C)
-            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h_prev), tb=True)
+            blas.gemm(Mat.of(dw_hh), dz, Mat.of(h_prev), tb=True)
         else:  # forwards over every step: step t started from the state in column t*B + b
-            blas.gemm(_Mat.of(dw_hh), dz, _Mat.of(h, H, C, ld=h.shape[1]), tb=True)
+            blas.gemm(Mat.of(dw_hh), dz, Mat.of(h, H, C, ld=h.shape[1]), tb=True)
         # bias_ih and bias_hh are adjacent in the layout: one GEMM fills both (2 x 4H).
-        blas.gemm(_Mat(db_ih.data.ptr, 2, 4 * H, 4 * H), _Mat.of(buffers["ones"], C, 2), dz,
+        blas.gemm(Mat(db_ih.data.ptr, 2, 4 * H, 4 * H), Mat.of(buffers["ones"], C, 2), dz,
                   ta=True, tb=True)
         if self.dh0 is not None:
             dh = cupy.empty((H, B), work.dtype)
@@ -576,10 +558,10 @@ class _CudaOps:
                 first = buffers["dz_first"]
                 self.backend._gather(buffers["dz"], 1, C, work.sched_view("first", 1), first, 1,
                                      B, 4 * H, B)
-                dz_first = _Mat.of(first)
+                dz_first = Mat.of(first)
             else:  # every row's first step is step 0: the first B columns
-                dz_first = _Mat(dz.ptr, 4 * H, B, C)
-            blas.gemm(_Mat.of(dh), _Mat.of(w_hh), dz_first, ta=True)
+                dz_first = Mat(dz.ptr, 4 * H, B, C)
+            blas.gemm(Mat.of(dh), Mat.of(w_hh), dz_first, ta=True)
             if recurrent_mask is not None:  # h0 is h_{-1}: the first step read it masked
                 self.backend._mask_columns(dh, B, None, dh, B, H, B, recurrent_mask,
                                            work.sched_view("row"), 1)
@@ -596,7 +578,7 @@ class _CudaOps:
             out = self._dx
         else:
             out = buffers["dh_seq"][(k - 1) % len(buffers["dh_seq"])]
-        blas.gemm(_Mat.of(out), _Mat.of(w_ih), dz, ta=True, accumulate=k in self._summed)
+        blas.gemm(Mat.of(out), Mat.of(w_ih), dz, ta=True, accumulate=k in self._summed)
         self._summed.add(k)
         return _SeqGrad(last=None, steps=out)
 
