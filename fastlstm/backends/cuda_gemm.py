@@ -8,7 +8,12 @@ accumulates in float32, no TF32).
 
 from __future__ import annotations
 
-__all__ = ["Mat"]
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Mat", "KernelGemm", "GemmPlan", "gemm_plan"]
 
 
 class Mat:
@@ -28,3 +33,122 @@ class Mat:
 
     def shape(self, trans):
         return (self.cols, self.rows) if trans else (self.rows, self.cols)
+
+
+# ----------------------------------------------------------------------------- our own kernels
+
+#: the tiling of ``fastlstm/kernels/gemm.cu`` (its ``TILE``, ``TILE_K``, ``THREADS``)
+TILE, TILE_K, THREADS = 64, 16, 256
+#: split K only while the output tiles leave fewer blocks than this (about 2 per SM of an H200)
+TARGET_BLOCKS = 256
+#: K tiles each split multiplies at least, so a split outweighs its partial's store and sum
+MIN_SPLIT_TILES = 16
+#: blocks of the split sum, looping over the elements beyond
+MAX_SUM_BLOCKS = 1024
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How :class:`KernelGemm` launches one shape.
+
+    ``grid``: (column tiles, row tiles x ``splits``) of the tile kernel; ``k_chunk``: K per
+    split (a multiple of ``TILE_K``; every split has some K).  ``splits == 1`` writes C
+    directly, more write partials that a second kernel sums in split order.
+    """
+
+    grid: tuple
+    splits: int
+    k_chunk: int
+
+
+def gemm_plan(m, n, k):
+    """The :class:`GemmPlan` of ``(m x k) @ (k x n)``: a function of the shape alone.
+
+    K is split when the tiles of C alone leave a GPU short of blocks (the weight gradients:
+    few tiles, K = T*B columns), into as many splits as bring the blocks to
+    :data:`TARGET_BLOCKS`, each at least :data:`MIN_SPLIT_TILES` K tiles deep.  The plan does
+    not depend on the device, so every GPU (and the emulator) adds in the same order.
+    """
+    row_tiles, col_tiles = math.ceil(m / TILE), math.ceil(n / TILE)
+    k_tiles = math.ceil(k / TILE_K)
+    splits = max(1, min(math.ceil(TARGET_BLOCKS / max(1, row_tiles * col_tiles)),
+                        k_tiles // MIN_SPLIT_TILES))
+    k_chunk = math.ceil(k_tiles / splits) * TILE_K
+    splits = math.ceil(k / k_chunk) if k else 1  # no empty split
+    if row_tiles * splits > MAX_GRID_Y:
+        raise ValueError(f"a GEMM of {m} rows is too large for the kernel's grid")
+    return GemmPlan((col_tiles, row_tiles * splits), splits, k_chunk)
+
+
+class KernelGemm:
+    """Row-major GEMM on fastlstm's own kernels (``fastlstm/kernels/gemm.cu``), on CuPy's
+    current stream: plain kernel launches, which a CUDA graph captures.
+
+    Tiling: 64 x 64 tiles of C per block of 256 threads, each thread a 4 x 4 micro-tile,
+    operands staged 16 deep in shared memory, K-major whatever the transpositions, so the
+    inner loop reads shared memory without bank conflicts (the reasons are in gemm.cu).  These
+    are the textbook sizes for a CUDA-core GEMM in both precisions (float32 must not use TF32,
+    float64 has no tensor-core path here), chosen, not tuned: they have not been measured on a
+    GPU, and no benchmark here times them yet (it would time this class against cuBLAS at the
+    backend's GEMM shapes).
+
+    K is split (:func:`gemm_plan`) where the tiles of C are few; the partials go to a workspace
+    that this object owns, one per shape, allocated on the first call of that shape (so before
+    any capture: the backend runs every step once first) and reused, never reallocated, by
+    every later call of it.  A second kernel adds them in split order: every run gives the same
+    bits.  The workspace makes calls of one shape stream-ordered: do not run them on two
+    streams at once.
+
+    Parameters
+    ----------
+    dtype : float32 or float64
+    kernel : callable
+        ``kernel(name, dtype)`` gives the kernel ``fastlstm_<name>_<f32|f64>`` of
+        ``fastlstm/kernels/gemm.cu`` (the CUDA backend's ``_kernel``, bound to that module).
+    """
+
+    def __init__(self, dtype, kernel):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"KernelGemm supports float32 and float64, not {self.dtype}")
+        self._kernel = kernel
+        self._workspaces = {}
+
+    def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
+        """``c = op(a) @ op(b)`` (``c += ...`` where ``accumulate``) with ``op`` transposing where
+        ``ta`` / ``tb``; ``c`` must not overlap ``a`` or ``b``.
+
+        Without ``accumulate`` the old ``c`` is not read (NaN there does not propagate).
+        """
+        m, k = a.shape(ta)
+        k2, n = b.shape(tb)
+        if k != k2 or (c.rows, c.cols) != (m, n):
+            raise ValueError(f"GEMM of ({m}, {k}) @ ({k2}, {n}) into ({c.rows}, {c.cols})")
+        if m == 0 or n == 0:
+            return
+        plan = gemm_plan(m, n, k)
+        tile = self._kernel(f"gemm_{'nt'[ta]}{'nt'[tb]}", self.dtype)
+        operands = (np.uint64(a.ptr), np.int64(a.ld), np.uint64(b.ptr), np.int64(b.ld))
+        shape = (np.int32(m), np.int32(n), np.int32(k), np.int32(plan.k_chunk))
+        if plan.splits == 1:
+            tile(plan.grid, (THREADS,), operands + (np.uint64(c.ptr), np.int64(c.ld),
+                                                    np.int64(0)) + shape
+                 + (np.int32(accumulate),))
+            return
+        partials = self._workspace(m, n, k, plan.splits)
+        tile(plan.grid, (THREADS,), operands + (partials, np.int64(n), np.int64(m * n)) + shape
+             + (np.int32(0),))
+        blocks = min(math.ceil(m * n / THREADS), MAX_SUM_BLOCKS)
+        self._kernel("gemm_sum_splits", self.dtype)(
+            (blocks,), (THREADS,), (partials, np.int32(plan.splits), np.int64(m * n),
+                                    np.uint64(c.ptr), np.int64(c.ld), np.int32(m), np.int32(n),
+                                    np.int32(accumulate)))
+
+    def _workspace(self, m, n, k, splits):
+        """The partials of shape ``(m, n, k)``: allocated by its first call, then reused."""
+        key = (m, n, k)
+        if key not in self._workspaces:
+            import cupy  # here, not at the top: this module imports without a GPU
+            self._workspaces[key] = cupy.empty(splits * m * n, self.dtype)
+        return self._workspaces[key]

@@ -21,7 +21,7 @@ __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "pla
            "dropout_masks"]
 
 #: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
-CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam")
+CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam", "gemm")
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
 _PRAGMA_ONCE = re.compile(r"^#pragma once\s*$", re.MULTILINE)
