@@ -36,9 +36,9 @@ SHAPES = [
 ]
 
 
-def cuda_backend(recurrence, graphs=True):
+def cuda_backend(recurrence, graphs=True, gemm="cublas"):
     from fastlstm.backends.cuda import CUDABackend
-    return CUDABackend(recurrence=recurrence, graphs=graphs)
+    return CUDABackend(recurrence=recurrence, graphs=graphs, gemm=gemm)
 
 
 def gradients(backend, problem, loss):
@@ -56,12 +56,13 @@ def gradients(backend, problem, loss):
     return named
 
 
+@pytest.mark.parametrize("gemm", ["cublas", "kernels"])
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_matches_the_oracle(shape, dtype, recurrence):
+def test_matches_the_oracle(shape, dtype, recurrence, gemm):
     problem = make_problem(shape, "cross_entropy", dtype)
-    got = gradients(cuda_backend(recurrence), problem, "cross_entropy")
+    got = gradients(cuda_backend(recurrence, gemm=gemm), problem, "cross_entropy")
     want = gradients(ORACLE, in_float64(*problem), "cross_entropy")
     for name, expected in want.items():
         err = rel_err(got[name], expected)
@@ -85,12 +86,13 @@ def test_persistent_and_per_step_agree(shape):
         assert err < 1e-5, f"{name}: persistent vs per-step relative difference {err:.2e}"
 
 
+@pytest.mark.parametrize("gemm", ["cublas", "kernels"])
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
-def test_graph_replay_equals_uncaptured_steps(recurrence):
+def test_graph_replay_equals_uncaptured_steps(recurrence, gemm):
     spec, params, x, y, _, _ = make_problem((64, 6, 5, 16, 2, 4), "cross_entropy", np.float32)
     runs = {}
     for graphs in (True, False):
-        backend = cuda_backend(recurrence, graphs)
+        backend = cuda_backend(recurrence, graphs, gemm)
         p = backend.asarray(params)
         state = backend.adam_state(p)
         losses = []
@@ -109,6 +111,7 @@ def test_graph_replay_equals_uncaptured_steps(recurrence):
             assert all(g is not None for s in slots for g in s.graphs.values()), \
                 "graph capture failed (see the warning)"
             assert [len(s.graphs) for s in slots] == [1, 1], "new settings, new capture"
+            assert backend.graph_replays == 3
     assert runs[True][0] == runs[False][0]
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
     np.testing.assert_array_equal(runs[True][2], runs[False][2])

@@ -25,7 +25,7 @@ from fastlstm.dropout import Dropout
 from fastlstm.model import ModelSpec
 from oracle import ORACLE
 from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
-from test_cuda_emulated import stand_in_captures
+from test_cuda_emulated import captures
 from test_cuda_ragged_emulated import _record_step_body, emulated
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
@@ -135,10 +135,10 @@ DROPOUTS = [Dropout(0.3, 0.3, 0), Dropout(0.5, 0.2, 2**64 - 1), None, Dropout(0.
 @pytest.mark.parametrize("ragged", [False, True], ids=["fixed", "ragged"])
 def test_a_graph_replays_with_new_dropout_seeds_and_rates(cuda_module, monkeypatch,
                                                           ragged):  # noqa: F811
-    # As test_cuda_emulated's stand-in for the CUDA graph: the body captured once per kind of
-    # dropout, replayed on its buffers with the next steps' seeds and rates.
+    # The step captured once per kind of dropout, its graph replayed with the next steps'
+    # seeds and rates.
     backend = emulated(cuda_module, "persistent", graphs=True)
-    captured = stand_in_captures(backend, monkeypatch)
+    captured = captures(backend, monkeypatch)
     spec, params, x, y, _, _ = make_problem((7, 5, 3, 4, 2, 3), "cross_entropy",
                                             bidirectional=True)
     lengths = make_lengths(7, 5, "random") if ragged else None

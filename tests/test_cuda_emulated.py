@@ -4,9 +4,12 @@
 thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`` runs here:
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and
-Adam.  The generic parity tests are reused as they are (variable lengths and bidirectional
-layers: tests/test_cuda_ragged_emulated.py; dropout: tests/test_cuda_dropout_emulated.py).  Not covered here: CUDA graph capture
-(a stand-in replays the step body instead), streams, real shared-memory limits, CuPy's own API
+Adam, both GEMM implementations (:data:`GEMM_OF`), and the capture of a training step as a
+CUDA graph and its replays (the emulator records a capturing stream's work and refuses what
+CuPy refuses: tests/test_cuda_emulator.py).  The generic parity tests are reused as they are
+(variable lengths and bidirectional layers: tests/test_cuda_ragged_emulated.py; dropout:
+tests/test_cuda_dropout_emulated.py).  Not covered here: the GPU's memory model and timing,
+the real shared-memory and register counts of the kernels, CuPy itself
 (tests/test_cuda_backend.py, on a GPU).
 """
 
@@ -14,7 +17,7 @@ import copy
 import importlib
 import shutil
 import sys
-import types
+import warnings
 
 import numpy as np
 import pytest
@@ -32,7 +35,8 @@ MODULE = "fastlstm.backends.cuda"
 
 @pytest.fixture(scope="module")
 def cuda_module(tmp_path_factory):
-    """``fastlstm.backends.cuda`` imported against the fake CuPy, then forgotten again."""
+    """``fastlstm.backends.cuda`` imported against the fake CuPy (and the fake cuBLAS library
+    its GEMMs call), then forgotten again."""
     fake_cupy.RawModule.build_dir = tmp_path_factory.mktemp("emulated-kernels")
     package = sys.modules["fastlstm.backends"]
     saved = sys.modules.pop(MODULE, None), package.__dict__.pop("cuda", None)
@@ -43,7 +47,9 @@ def cuda_module(tmp_path_factory):
         for name, module in fake_cupy.modules().items():
             patch.setitem(sys.modules, name, module)
         try:
-            yield importlib.import_module(MODULE)
+            module = importlib.import_module(MODULE)
+            patch.setattr(module.cuda_gemm, "load_cublas", fake_cupy.cublas_library)
+            yield module
         finally:
             sys.modules.pop(MODULE, None)
             package.__dict__.pop("cuda", None)
@@ -53,12 +59,23 @@ def cuda_module(tmp_path_factory):
                 package.cuda = saved[1]
 
 
+#: the GEMMs each recurrence runs with here: a GEMM does not depend on the recurrence kernels,
+#: so the two pairs cover both of each
+GEMM_OF = {"persistent": "cublas", "step": "kernels"}
+
+
+def make_backend(cuda_module, recurrence, graphs=False):
+    """The emulated backend of ``recurrence`` kernels (and their :data:`GEMM_OF`)."""
+    backend = cuda_module.CUDABackend(recurrence=recurrence, graphs=graphs,
+                                      gemm=GEMM_OF[recurrence])
+    for direction in ("forward", "backward"):
+        assert backend.recurrence_kind(direction, 7, 3, np.float64) == recurrence
+    return backend
+
+
 @pytest.fixture(params=["persistent", "step"])
 def backend(request, cuda_module):
-    emulated = cuda_module.CUDABackend(recurrence=request.param, graphs=False)
-    for direction in ("forward", "backward"):
-        assert emulated.recurrence_kind(direction, 7, 3, np.float64) == request.param
-    return emulated
+    return make_backend(cuda_module, request.param)
 
 
 #: off-warp batch, 7 units = a full slice of 4 + a partial one (persistent), 2 layers
@@ -79,7 +96,7 @@ def test_big_batch_chunks_agree_with_reference(cuda_module):
     problem = make_problem((300, 2, 3, 8, 1, 3), "squared_error", np.float64)
     want = parity.run(ORACLE, *problem, "squared_error")
     for recurrence in ("persistent", "step"):
-        backend = cuda_module.CUDABackend(recurrence, graphs=False)
+        backend = make_backend(cuda_module, recurrence)
         assert backend.recurrence_kind("backward", 8, 300, np.float64) == recurrence
         got = parity.run(backend, *problem, "squared_error")
         for name in ("outputs", "x", "h0", "c0"):
@@ -154,23 +171,88 @@ def test_train_steps_follow_a_changing_config(backend):
     assert rel_err(got, want) < 1e-10
 
 
-def stand_in_captures(backend, monkeypatch):
-    """The slots ``backend`` captures, with a stand-in for the CUDA graph, which the emulator
-    cannot capture: the step body on the buffers of the capture, run again at each launch."""
+def captures(backend, monkeypatch):
+    """The slots ``backend`` captures a CUDA graph of from now on; each capture must succeed
+    (the emulator records the work of a capturing stream and replays it, and refuses what
+    CuPy refuses during a capture)."""
     captured = []
+    capture = backend._capture
 
-    def capture(slot, params, state):
+    def checked(slot, params, state):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # _capture warns where it falls back to no graph
+            graph = capture(slot, params, state)
+        assert graph is not None
         captured.append(slot)
-        return types.SimpleNamespace(
-            launch=lambda stream: backend._step_body(slot, params, state, backend.recurrence))
+        return graph
 
-    monkeypatch.setattr(backend, "_capture", capture)
+    monkeypatch.setattr(backend, "_capture", checked)
     return captured
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+def test_a_training_step_is_captured_and_its_graph_replays_the_same_steps(cuda_module,
+                                                                          monkeypatch,
+                                                                          recurrence):
+    # The first step of a shape runs and is captured; the next ones replay its graph, on its
+    # buffers, with their own settings: the same bits as the same steps run without a graph.
+    runs = {}
+    for graphs in (True, False):
+        backend = make_backend(cuda_module, recurrence, graphs)
+        captured = captures(backend, monkeypatch)
+        spec, params, x, y, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy")
+        p = backend.asarray(params.copy())
+        state = backend.adam_state(p)
+        losses = [float(backend.train_step(spec, p, state, backend.asarray(x),
+                                           backend.asarray(y), "cross_entropy", config))
+                  for config in SCHEDULE]
+        runs[graphs] = losses, backend.to_host(p), backend.to_host(state.m), state.step
+        assert (len(captured), backend.graph_replays) == ((1, 2) if graphs else (0, 0))
+    assert runs[True][0] == runs[False][0] and runs[True][3] == runs[False][3] == 3
+    for got, want in zip(runs[True][1:3], runs[False][1:3]):
+        assert np.array_equal(got, want)
+
+
+class CupyBlas:
+    """GEMMs through CuPy's own cuBLAS wrappers, as the backend called them before: what no
+    CUDA graph can capture (the review's finding 1)."""
+
+    def __init__(self, cuda_module, dtype):
+        self.cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+        self.fn = self.cublas.sgemm if np.dtype(dtype) == np.float32 else self.cublas.dgemm
+        self.one, self.zero = np.ones((), dtype), np.zeros((), dtype)
+        self.stream = cuda_module.cupy.cuda.get_current_stream
+
+    def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
+        m, k = a.shape(ta)
+        n = b.shape(tb)[1]
+        self.cublas.setStream(0, self.stream().ptr)
+        op = (self.cublas.CUBLAS_OP_N, self.cublas.CUBLAS_OP_T)
+        self.fn(0, op[tb], op[ta], n, m, k, self.one.ctypes.data, b.ptr, b.ld, a.ptr, a.ld,
+                (self.one if accumulate else self.zero).ctypes.data, c.ptr, c.ld)
+
+
+def test_gemms_through_cupys_cublas_wrappers_get_no_graph(cuda_module, monkeypatch):
+    # The emulator refuses what CuPy refuses: with the GEMMs of before, the capture fails, and
+    # the backend says so and runs the steps without a graph (still right, but slow).
+    backend = make_backend(cuda_module, "step", graphs=True)
+    blas = CupyBlas(cuda_module, np.float64)
+    monkeypatch.setattr(backend, "blas", lambda dtype: blas)
+    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy")
+    p = backend.asarray(params.copy())
+    state = backend.adam_state(p)
+    with pytest.warns(RuntimeWarning, match="calling cuBLAS API during stream capture"):
+        for _ in range(2):
+            backend.train_step(spec, p, state, backend.asarray(x), backend.asarray(y),
+                               "cross_entropy", AdamConfig(1e-2))
+    (slot,) = backend._slots.values()
+    assert list(slot.graphs.values()) == [None] and backend.graph_replays == 0
+    assert state.step == 2
 
 
 def test_a_changing_config_replays_the_first_capture(cuda_module, monkeypatch):
     backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
-    captured = stand_in_captures(backend, monkeypatch)
+    captured = captures(backend, monkeypatch)
     got, want = train_on_schedule(backend)
     assert len(captured) == 1, "a new config must not need a new capture"
     assert rel_err(got, want) < 1e-10
@@ -183,7 +265,7 @@ def test_weighted_steps_replay_one_capture_reading_each_batchs_weights(cuda_modu
     # buffer, written before each replay, so steps of other weights (a batch of no weight among
     # them, which the Adam kernel skips) replay the first capture.
     backend = cuda_module.CUDABackend(recurrence="step", graphs=True)
-    captured = stand_in_captures(backend, monkeypatch)
+    captured = captures(backend, monkeypatch)
     spec, params, x, y, _, _ = make_problem((9, 5, 3, 4, 2, 3), "cross_entropy")
     lengths = np.array([5, 2, 4, 1, 5, 3, 5, 2, 4]) if ragged else None
     p_ref, p_dev = params.copy(), backend.asarray(params.copy())
@@ -205,15 +287,17 @@ def test_weighted_steps_replay_one_capture_reading_each_batchs_weights(cuda_modu
 
 
 def record_launches(monkeypatch):
-    """Every kernel launch of the emulated backend from now on, as ``(kernel, args)``."""
+    """Every kernel launch of the emulated backend from now on, as ``(function, args)``: when
+    it is issued (a capturing stream records it to run later)."""
     launches = []
-    launch = fake_cupy._Kernel.__call__
+    launch = fake_cupy.Function.__call__
 
-    def record(kernel, grid, block, args, shared_mem=0):
-        launches.append((kernel, args))
-        return launch(kernel, grid, block, args, shared_mem)
+    def record(function, grid, block, args, shared_mem=0, stream=None,
+               enable_cooperative_groups=False):
+        launches.append((function, args))
+        return launch(function, grid, block, args, shared_mem, stream, enable_cooperative_groups)
 
-    monkeypatch.setattr(fake_cupy._Kernel, "__call__", record)
+    monkeypatch.setattr(fake_cupy.Function, "__call__", record)
     return launches
 
 

@@ -24,7 +24,7 @@ from cuda_emulator import fake_cupy
 from fastlstm.backends import AdamConfig
 from oracle import ORACLE
 from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
-from test_cuda_emulated import record_launches, stand_in_captures
+from test_cuda_emulated import captures, make_backend, record_launches
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
@@ -52,7 +52,7 @@ def case_id(case):
 
 
 def emulated(cuda_module, recurrence, graphs=False):  # noqa: F811
-    backend = cuda_module.CUDABackend(recurrence=recurrence, graphs=graphs)
+    backend = make_backend(cuda_module, recurrence, graphs)
     for direction in ("forward", "backward"):
         assert backend.recurrence_kind(direction, 4, 5, np.float64) == recurrence
     return backend
@@ -107,7 +107,7 @@ def test_kernels_cover_the_packed_steps_only(cuda_module, monkeypatch):  # noqa:
     assert cache.columns == lengths.sum()
     assert all(xg.shape == (16, lengths.sum()) for layer in cache.xg for xg in layer)
     forward_step = cuda_module._kernel("lstm_step", "forward_step", np.float64)
-    steps = sum(k.launcher == forward_step.launcher for k, _ in launches)
+    steps = sum(function is forward_step.kernel for function, _ in launches)
     assert steps == lengths.max() * spec.num_layers * spec.num_directions
 
 
@@ -115,15 +115,17 @@ def _record_step_body(backend, monkeypatch, cuda_module, run):  # noqa: F811
     """Every kernel launch and GEMM of the training steps' bodies while ``run()`` runs:
     arrays by device pointer, numbers by value (what a CUDA graph bakes in)."""
     calls = []
-    launch, gemm = fake_cupy._Kernel.__call__, cuda_module._Blas.gemm
+    blas = type(backend.blas(np.float64))
+    launch, gemm = fake_cupy.Function.__call__, blas.gemm
 
     def arg(a):
         return ("ptr", a.__array_interface__["data"][0]) if isinstance(a, np.ndarray) else a
 
-    def record_launch(kernel, grid, block, args, shared_mem=0):
-        calls.append(("kernel", id(kernel.launcher), tuple(grid), tuple(block), shared_mem,
-                      tuple(arg(a) for a in args)))
-        return launch(kernel, grid, block, args, shared_mem)
+    def record_launch(function, grid, block, args, shared_mem=0, stream=None,
+                      enable_cooperative_groups=False):
+        calls.append(("kernel", function.ptr, grid, block, shared_mem,
+                      tuple(arg(a) for a in args), enable_cooperative_groups))
+        return launch(function, grid, block, args, shared_mem, stream, enable_cooperative_groups)
 
     def record_gemm(blas, c, a, b, ta=False, tb=False, accumulate=False):
         calls.append(("gemm", *((m.ptr, m.rows, m.cols, m.ld) for m in (c, a, b)), ta, tb,
@@ -134,8 +136,8 @@ def _record_step_body(backend, monkeypatch, cuda_module, run):  # noqa: F811
 
     def recorded_body(*args, **kwargs):
         with monkeypatch.context() as patch:
-            patch.setattr(fake_cupy._Kernel, "__call__", record_launch)
-            patch.setattr(cuda_module._Blas, "gemm", record_gemm)
+            patch.setattr(fake_cupy.Function, "__call__", record_launch)
+            patch.setattr(blas, "gemm", record_gemm)
             body(*args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -166,12 +168,11 @@ def test_a_ragged_step_launches_the_same_whatever_the_lengths(cuda_module, monke
 
 
 def test_one_capture_serves_batches_of_any_lengths(cuda_module, monkeypatch):  # noqa: F811
-    # As test_cuda_emulated's stand-in for the CUDA graph: the body captured once, replayed on
-    # its buffers for batches of other lengths (one with a non-finite input first: its states
+    # The step captured once, its graph replayed for batches of other lengths (one with a non-finite input first: its states
     # stay in the columns past the packed steps of the next, shorter batches, which the step
     # zeroes, so they cannot poison the gradients).
     backend = emulated(cuda_module, "persistent", graphs=True)
-    captured = stand_in_captures(backend, monkeypatch)
+    captured = captures(backend, monkeypatch)
     spec, params, x, y, _, _ = make_problem((7, 5, 3, 4, 2, 3), "cross_entropy",
                                             bidirectional=True)
     bad = x.copy()

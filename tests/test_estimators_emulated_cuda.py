@@ -4,12 +4,11 @@ What a GPU run relies on and a CPU run does not show: losses that stay 0-d devic
 arrays, the GPU's own Adam state (step count on the device) carried across
 ``partial_fit`` calls, batches indexed on the device, and fitted weights brought back
 to the host so the model predicts on the CPU, and an adaptive learning rate that a captured
-training step follows without a new capture.  CUDA graphs are not emulated: a stand-in
-replays the captured step body (test_cuda_emulated.stand_in_captures).
+training step follows without a new capture (the emulator captures the step and replays its
+graph).
 """
 
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from fastlstm import LSTMClassifier
 from cuda_emulator import fake_cupy
 from fastlstm.backends.cuda_support import ADAM_SETTINGS
 from test_cuda_emulated import cuda_module  # noqa: F401  (the emulated CUDA module fixture)
-from test_cuda_emulated import stand_in_captures
+from test_cuda_emulated import captures
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
@@ -70,30 +69,23 @@ def test_an_adaptive_rate_is_read_by_the_captured_step_without_a_new_capture(
     cpu = LSTMClassifier(**params).fit(X, y)
 
     emulated = cuda_module.CUDABackend(recurrence="step", graphs=True)
-    captured = stand_in_captures(emulated, monkeypatch)
-    stand_in, replays = emulated._capture, []
-
-    def capture(slot, params, state):
-        graph = stand_in(slot, params, state)
-
-        def replay(stream):
-            replays.append(stream)
-            graph.launch(stream)
-
-        return types.SimpleNamespace(launch=replay)
-
-    monkeypatch.setattr(emulated, "_capture", capture)
+    captured = captures(emulated, monkeypatch)
     read = []
-    launch = fake_cupy._Kernel.__call__
+    launch = fake_cupy.Function.__call__
+    adam = cuda_module._kernel("adam", "adam", np.float32).kernel
 
-    def recording(kernel, grid, block, args, shared_mem=0):
-        if kernel is cuda_module._kernel("adam", "adam", np.float32):
+    def recording(function, grid, block, args, shared_mem=0, stream=None,
+                  enable_cooperative_groups=False):
+        if function is adam:
             settings = args[5]  # the state's buffer, which the Adam kernel reads its rate from
             assert settings.shape == (len(ADAM_SETTINGS),)
-            read.append(float(settings[ADAM_SETTINGS.index("learning_rate")]))
-        return launch(kernel, grid, block, args, shared_mem)
 
-    monkeypatch.setattr(fake_cupy._Kernel, "__call__", recording)
+            def read_rate():  # when the launch runs: at each replay of a captured one
+                read.append(float(settings[ADAM_SETTINGS.index("learning_rate")]))
+            fake_cupy._enqueue(read_rate)
+        return launch(function, grid, block, args, shared_mem, stream, enable_cooperative_groups)
+
+    monkeypatch.setattr(fake_cupy.Function, "__call__", recording)
     gpu = LSTMClassifier(**params)
     with monkeypatch.context() as patch:
         patch.setattr(fastlstm.estimators, "get_backend", lambda device: emulated)
@@ -102,7 +94,7 @@ def test_an_adaptive_rate_is_read_by_the_captured_step_without_a_new_capture(
     # epochs 1 to 3 at the initial rate, 4 and 5 at a fifth of it: 10 steps, one capture
     rate = params["learning_rate_init"]
     assert read == pytest.approx([rate] * 6 + [rate / 5] * 4, rel=1e-12)
-    assert len(captured) == 1 and len(replays) == 9
+    assert len(captured) == 1 and emulated.graph_replays == 9
     assert gpu.learning_rate_ == cpu.learning_rate_ == rate / 5 / 5
     np.testing.assert_allclose(gpu.loss_curve_, cpu.loss_curve_, rtol=1e-4)
     for name, value in gpu.state_dict().items():

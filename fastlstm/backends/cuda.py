@@ -53,7 +53,8 @@ def _first_line(exc):
 
 try:
     import cupy
-    from cupy_backends.cuda.libs import cublas
+    # loads libcublas into the process, where CublasGemm finds it
+    from cupy_backends.cuda.libs import cublas  # noqa: F401
 except ImportError as exc:  # CuPy, or its cuBLAS library, is missing
     raise ImportError(f"CuPy with cuBLAS is not importable ({_first_line(exc)})") from exc
 
@@ -69,6 +70,7 @@ from ..dropout import kinds as dropout_kinds  # noqa: E402
 from .base import (  # noqa: E402
     AdamState, Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
     get_loss)
+from . import cuda_gemm  # noqa: E402
 from .cuda_gemm import Mat  # noqa: E402
 from .cuda_support import (  # noqa: E402
     ADAM_SETTINGS, DeviceLimits, StepSchedule, adam_settings, cuda_source, dropout_masks,
@@ -82,9 +84,10 @@ _ADAM_THREADS = 256
 _MAX_NORM_BLOCKS = 256
 _LAYOUT_THREADS = 256
 _CACHED_SHAPES = 4
-#: one kernel of each module that every backend needs, fetched (so compiled) at construction
+#: one kernel of each module that a backend needs (gemm: where its GEMMs are our kernels),
+#: fetched (so compiled) at construction
 _PROBES = {"lstm_step": "fastlstm_forward_step_f32", "head": "fastlstm_softmax_f32",
-           "adam": "fastlstm_adam_f32"}
+           "adam": "fastlstm_adam_f32", "gemm": "fastlstm_gemm_nn_f32"}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -96,8 +99,10 @@ _kernels: dict = {}
 def _module(name):
     """The RawModule of ``fastlstm/kernels/<name>.cu``, compiled once per process (CuPy caches on disk)."""
     if name not in _modules:
-        _modules[name] = cupy.RawModule(code=cuda_source(name), options=("-std=c++17",),
-                                        enable_cooperative_groups=name == "lstm_persistent")
+        # Built without ``enable_cooperative_groups``: before 14.2 CuPy then compiles relocatable
+        # device code, which needs a CUDA toolkit; the persistent kernels' launches ask for a
+        # cooperative launch themselves (:func:`_launch_cooperative`), which needs nothing.
+        _modules[name] = cupy.RawModule(code=cuda_source(name), options=("-std=c++17",))
     return _modules[name]
 
 
@@ -127,6 +132,13 @@ def _limits():
     return _device_limits[device]
 
 
+def _launch_cooperative(kernel, grid, block, args, shared_mem):
+    """Launch ``kernel`` (a RawKernel) through ``cuLaunchCooperativeKernel``, whose blocks are
+    all resident at once, so that ``grid.sync()`` works; the caller has checked that they fit
+    (CuPy would otherwise shrink the grid with a warning, leaving units uncomputed)."""
+    kernel.kernel(grid, block, args, shared_mem=shared_mem, enable_cooperative_groups=True)
+
+
 def _ptr(a):
     """Kernel argument for an optional array: its pointer, or a null pointer."""
     return np.uint64(0) if a is None else a
@@ -141,29 +153,6 @@ def _i64(n):
 
 
 # ----------------------------------------------------------------------------- cuBLAS
-
-
-class _Blas:
-    """Row-major GEMM on cuBLAS (fp32 without TF32, or fp64), on CuPy's current stream."""
-
-    def __init__(self, dtype):
-        self.fn = cublas.sgemm if np.dtype(dtype) == np.float32 else cublas.dgemm
-        self.one = np.ones((), dtype)
-        self.zero = np.zeros((), dtype)
-
-    def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
-        """``c = op(a) @ op(b)`` (``c += ...`` where ``accumulate``) with ``op`` transposing where
-        ``ta`` / ``tb``."""
-        m, k = a.shape(ta)
-        k2, n = b.shape(tb)
-        assert k == k2 and (c.rows, c.cols) == (m, n), ((m, k), (k2, n), (c.rows, c.cols))
-        handle = cupy.cuda.device.get_cublas_handle()
-        cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-        op = (cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T)
-        # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
-        self.fn(handle, op[tb], op[ta], n, m, k, self.one.ctypes.data, b.ptr, b.ld, a.ptr, a.ld,
-                (self.one if accumulate else self.zero).ctypes.data, c.ptr, c.ld)
 
 
 # ----------------------------------------------------------------------------- state
@@ -604,17 +593,27 @@ class CUDABackend(Backend):
         one launch per step elsewhere; ``"step"`` always launches per step.
     graphs : bool, default=True
         Capture ``train_step`` as a CUDA graph per shape and set of buffers (parameters and
-        Adam state), and replay it.
+        Adam state), and replay it.  :attr:`graph_replays` counts the replays.
+    gemm : {"cublas", "kernels"}, default="cublas"
+        The GEMMs' implementation (:mod:`~fastlstm.backends.cuda_gemm`), both capturable:
+        ``"cublas"`` calls cuBLAS's C API on a handle of its own, ``"kernels"`` runs
+        fastlstm's own GEMM kernels.  cuBLAS is the default as the tuned library; which is
+        faster at these small shapes is for a GPU to tell (``benchmarks/gpu_epoch.py`` times
+        both).
     """
 
     name = "cuda"
     xp = cupy
+    GEMMS = ("cublas", "kernels")
 
-    def __init__(self, recurrence="persistent", graphs=True):
+    def __init__(self, recurrence="persistent", graphs=True, gemm="cublas"):
         if recurrence not in ("persistent", "step"):
             raise ValueError(f"recurrence must be 'persistent' or 'step', got {recurrence!r}")
-        self.recurrence = recurrence
+        if gemm not in self.GEMMS:
+            raise ValueError(f"gemm must be one of {self.GEMMS}, got {gemm!r}")
+        self.recurrence, self.gemm = recurrence, gemm
         self.graphs = bool(graphs)
+        self.graph_replays = 0
         self._persistent_ok: dict = {}
         self._fixed_schedules: OrderedDict = OrderedDict()  # (B, T) -> (schedule, on device)
         self._slots: OrderedDict = OrderedDict()
@@ -624,11 +623,20 @@ class CUDABackend(Backend):
         self._blas = {np.dtype(d): None for d in _SUFFIX}
         try:  # compile now, so that a machine where NVRTC fails falls back to the CPU
             for module, kernel in _PROBES.items():
-                _module(module).get_function(kernel)
+                if module != "gemm" or gemm == "kernels":
+                    _module(module).get_function(kernel)
         except Exception as exc:
             raise BackendUnavailable(
                 f"the CUDA kernels of fastlstm do not compile here ({exc}); use device='cpu'"
             ) from exc
+        self._cublas = None
+        if gemm == "cublas":
+            try:
+                self._cublas = cuda_gemm.load_cublas()
+            except OSError as exc:
+                raise BackendUnavailable(
+                    f"libcublas does not load through ctypes here ({exc}); use "
+                    "CUDABackend(gemm='kernels') or device='cpu'") from exc
 
     # ------------------------------------------------------------------ helpers
 
@@ -637,7 +645,11 @@ class CUDABackend(Backend):
         if self._blas.get(dtype) is None:
             if dtype not in _SUFFIX:
                 raise TypeError(f"the CUDA backend supports float32 and float64, not {dtype}")
-            self._blas[dtype] = _Blas(dtype)
+            if self.gemm == "cublas":
+                self._blas[dtype] = cuda_gemm.CublasGemm(dtype, self._cublas)
+            else:
+                self._blas[dtype] = cuda_gemm.KernelGemm(
+                    dtype, lambda name, dtype: _kernel("gemm", name, dtype))
         return self._blas[dtype]
 
     def to_host(self, a):
@@ -715,7 +727,7 @@ class CUDABackend(Backend):
             kernel = _kernel("lstm_persistent", name, dtype)
             tail = (_i32(store_gates), _i32(plan.slice_units), _i32(plan.chunk_rows),
                     _i32(plan.stage_rows))
-            kernel(plan.grid, (plan.threads,), args + tail, shared_mem=plan.shared_bytes)
+            _launch_cooperative(kernel, plan.grid, (plan.threads,), args + tail, plan.shared_bytes)
             return
         plan = plan_recurrence("forward", H, B, dtype.itemsize, _limits(), persistent=False)
         kernel = _kernel("lstm_step", self._recurrence_name("forward", plan, False, dropout), dtype)
@@ -740,8 +752,8 @@ class CUDABackend(Backend):
         if plan is not None:
             name = self._recurrence_name("backward", plan, True, dropout)
             tail = (_i32(plan.slice_units), _i32(plan.chunk_rows), _i32(plan.stage_rows))
-            _kernel("lstm_persistent", name, dtype)(plan.grid, (plan.threads,), args + tail,
-                                                   shared_mem=plan.shared_bytes)
+            _launch_cooperative(_kernel("lstm_persistent", name, dtype), plan.grid,
+                                (plan.threads,), args + tail, plan.shared_bytes)
             return
         plan = plan_recurrence("backward", H, B, dtype.itemsize, _limits(), persistent=False)
         kernel = _kernel("lstm_step", self._recurrence_name("backward", plan, False, dropout),
@@ -1002,6 +1014,7 @@ class CUDABackend(Backend):
                 self._step_body(slot, params, state, self.recurrence)
             else:
                 graph.launch(stream=cupy.cuda.get_current_stream())
+                self.graph_replays += 1
             return slot.loss.copy()
         # First step with these buffers: run it (compiles, warms cuBLAS up), then capture.
         self._step_body(slot, params, state, self.recurrence)

@@ -3,17 +3,29 @@
 Every implementation has ``gemm(c, a, b, ta=False, tb=False, accumulate=False)``:
 ``c = op(a) @ op(b)`` (``c += ...`` where ``accumulate``), ``op`` transposing where ``ta`` /
 ``tb``, on :class:`Mat` views, on CuPy's current stream, in the operands' precision (float32
-accumulates in float32, no TF32).
+accumulates in float32, no TF32).  Each must be capturable in a CUDA graph, which rules out
+CuPy's own cuBLAS wrappers: every CuPy release through 14.2 raises ``NotImplementedError`` for a
+cuBLAS call on a capturing stream (``cupy_backends/cuda/libs/cublas.pyx``, ``setStream``).
+
+- :class:`CublasGemm` calls cuBLAS's C API itself (ctypes, on the ``libcublas`` CuPy loaded),
+  on a handle of its own with a workspace of its own.
+- :class:`KernelGemm` runs fastlstm's own kernels (``fastlstm/kernels/gemm.cu``).
+
+Which is faster at the backend's shapes is for a GPU to tell (``benchmarks/gpu_epoch.py``
+times the backend with each); both pass the same parity tests.  CuPy is imported where an
+object is made, not here, so that the plans and this module import without a GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Mat", "KernelGemm", "GemmPlan", "gemm_plan"]
+__all__ = ["Mat", "CublasGemm", "KernelGemm", "GemmPlan", "gemm_plan", "load_cublas"]
 
 
 class Mat:
@@ -33,6 +45,105 @@ class Mat:
 
     def shape(self, trans):
         return (self.cols, self.rows) if trans else (self.rows, self.cols)
+
+
+def _product_shape(c, a, b, ta, tb):
+    """``(m, n, k)`` of ``c = op(a) @ op(b)``, checked."""
+    m, k = a.shape(ta)
+    k2, n = b.shape(tb)
+    if k != k2 or (c.rows, c.cols) != (m, n):
+        raise ValueError(f"GEMM shapes do not match: ({m}, {k}) @ ({k2}, {n}) into "
+                         f"({c.rows}, {c.cols})")
+    return m, n, k
+
+
+# ----------------------------------------------------------------------------- cuBLAS
+
+_OP_N, _OP_T = 0, 1  # cublasOperation_t
+_STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH",
+           11: "MAPPING_ERROR", 13: "EXECUTION_FAILED", 14: "INTERNAL_ERROR",
+           15: "NOT_SUPPORTED"}
+
+
+def load_cublas():
+    """``libcublas`` through ctypes: the copy that CuPy loaded, found by cuda-pathfinder (a
+    dependency of CuPy 14) or else by its soname, which the dynamic loader matches against
+    the libraries already loaded."""
+    path = None
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+        path = load_nvidia_dynamic_lib("cublas").abs_path
+    except Exception:  # an older CuPy without cuda-pathfinder, or a library it cannot place
+        pass
+    if path is None:
+        import cupy
+        path = f"libcublas.so.{cupy.cuda.runtime.runtimeGetVersion() // 1000}"
+    return ctypes.CDLL(path)
+
+
+def _check(status, call):
+    if status != 0:
+        raise RuntimeError(f"cuBLAS {call} failed: CUBLAS_STATUS_"
+                           f"{_STATUS.get(status, status)}")
+
+
+class CublasGemm:
+    """cuBLAS's ``sgemm`` / ``dgemm`` called through its C API, so that a CUDA graph captures them.
+
+    The handle is this object's own (CuPy's handle keeps its state), in cuBLAS's default math
+    mode (no TF32) with host scalars.  Before the first GEMM on a stream it sets the stream and
+    then the workspace, in that order because ``cublasSetStream`` resets the workspace to
+    cuBLAS's pool, from which a captured GEMM would allocate anew for every graph
+    (pytorch#83461); :data:`WORKSPACE_BYTES` is what cuBLAS's documentation recommends for
+    Hopper.
+
+    Parameters
+    ----------
+    dtype : float32 or float64
+    library : ctypes library, optional
+        ``libcublas`` (:func:`load_cublas` by default).
+    """
+
+    WORKSPACE_BYTES = 32 << 20
+
+    def __init__(self, dtype, library=None):
+        import cupy
+        dtype = np.dtype(dtype)
+        self.lib = load_cublas() if library is None else library
+        scalar = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+        self.fn = self.lib.cublasSgemm_v2 if dtype == np.float32 else self.lib.cublasDgemm_v2
+        i32, ptr = ctypes.c_int, ctypes.c_void_p
+        self.fn.argtypes = [ptr, i32, i32, i32, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ptr, i32]
+        self.fn.restype = i32
+        for name, argtypes in (("cublasCreate_v2", [ptr]), ("cublasDestroy_v2", [ptr]),
+                               ("cublasSetStream_v2", [ptr, ptr]),
+                               ("cublasSetWorkspace_v2", [ptr, ptr, ctypes.c_size_t])):
+            getattr(self.lib, name).argtypes = argtypes
+            getattr(self.lib, name).restype = i32
+        handle = ctypes.c_void_p()
+        _check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate_v2")
+        self.handle = handle.value
+        weakref.finalize(self, self.lib.cublasDestroy_v2, self.handle)
+        self.workspace = cupy.empty((self.WORKSPACE_BYTES,), cupy.uint8)
+        self.one, self.zero = scalar(1), scalar(0)
+        self._current_stream = cupy.cuda.get_current_stream
+        self._stream = None  # the stream the handle is on, with the workspace set after it
+
+    def _on(self, stream):
+        if stream != self._stream:
+            _check(self.lib.cublasSetStream_v2(self.handle, stream), "cublasSetStream_v2")
+            _check(self.lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr,
+                                                  self.WORKSPACE_BYTES), "cublasSetWorkspace_v2")
+            self._stream = stream
+
+    def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
+        m, n, k = _product_shape(c, a, b, ta, tb)
+        self._on(self._current_stream().ptr)
+        beta = self.one if accumulate else self.zero
+        # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+        _check(self.fn(self.handle, (_OP_N, _OP_T)[tb], (_OP_N, _OP_T)[ta], n, m, k,
+                       ctypes.byref(self.one), b.ptr, b.ld, a.ptr, a.ld, ctypes.byref(beta),
+                       c.ptr, c.ld), "gemm")
 
 
 # ----------------------------------------------------------------------------- our own kernels
@@ -121,10 +232,7 @@ class KernelGemm:
 
         Without ``accumulate`` the old ``c`` is not read (NaN there does not propagate).
         """
-        m, k = a.shape(ta)
-        k2, n = b.shape(tb)
-        if k != k2 or (c.rows, c.cols) != (m, n):
-            raise ValueError(f"GEMM of ({m}, {k}) @ ({k2}, {n}) into ({c.rows}, {c.cols})")
+        m, n, k = _product_shape(c, a, b, ta, tb)
         if m == 0 or n == 0:
             return
         plan = gemm_plan(m, n, k)
@@ -149,6 +257,6 @@ class KernelGemm:
         """The partials of shape ``(m, n, k)``: allocated by its first call, then reused."""
         key = (m, n, k)
         if key not in self._workspaces:
-            import cupy  # here, not at the top: this module imports without a GPU
+            import cupy
             self._workspaces[key] = cupy.empty(splits * m * n, self.dtype)
         return self._workspaces[key]

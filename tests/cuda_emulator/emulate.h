@@ -65,7 +65,10 @@ struct Block {
 inline dim3 grid_dim, block_dim;
 inline thread_local dim3 thread_idx, block_idx;
 inline thread_local Block* block = nullptr;
-inline Barrier* grid_barrier = nullptr;
+inline Barrier* grid_barrier = nullptr;  // set during a cooperative launch only
+// grid.sync() outside a cooperative launch: on a GPU it traps (cooperative_groups checks
+// is_valid()); here it is recorded, and the launch reports a failure.
+inline std::atomic<bool> trapped{false};
 
 inline unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block->shared.data()); }
 
@@ -100,8 +103,9 @@ void call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
     kernel(*static_cast<std::remove_reference_t<A>*>(args[I])...);
 }
 
+// Runs the grid; returns 1 where a thread called grid.sync() in a launch that was not cooperative.
 template <class... A>
-void launch(void (*kernel)(A...), dim3 grid, dim3 block_shape, size_t shared_bytes,
+int launch(void (*kernel)(A...), dim3 grid, dim3 block_shape, size_t shared_bytes,
             bool cooperative, void** args) {
     grid_dim = grid;
     block_dim = block_shape;
@@ -135,6 +139,7 @@ void launch(void (*kernel)(A...), dim3 grid, dim3 block_shape, size_t shared_byt
                 for (auto& t : threads) t.join();
             }
     }
+    return trapped.exchange(false) ? 1 : 0;
 }
 
 }  // namespace emu
@@ -162,7 +167,12 @@ using std::min;
 
 namespace cooperative_groups {
 struct grid_group {
-    void sync() { emu::grid_barrier->wait(); }
+    void sync() {
+        if (emu::grid_barrier == nullptr)
+            emu::trapped = true;
+        else
+            emu::grid_barrier->wait();
+    }
 };
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
