@@ -90,10 +90,13 @@ def epoch_figures(results):
 
 
 def accuracy_figures(results):
-    """benchmarks/gpu_accuracy.py's JSON: each backend's test accuracy and training time."""
-    return {name: dict(accuracy=r["accuracy"], train_s=r["train_s"],
-                       last_epoch_loss=r["epoch_losses"][-1] if r["epoch_losses"] else None)
-            for name, r in results.get("results", {}).items()}
+    """benchmarks/gpu_accuracy.py's JSON: each backend's test accuracy and training time, or
+    why it did not run."""
+    figures = {name: dict(accuracy=r["accuracy"], train_s=r["train_s"],
+                          last_epoch_loss=r["epoch_losses"][-1] if r["epoch_losses"] else None)
+               for name, r in results.get("results", {}).items()}
+    figures.update({name: dict(error=error) for name, error in results.get("errors", {}).items()})
+    return figures
 
 
 #: how the key figures are read from a stage's JSON, by the stage's name; a stage not named
@@ -151,8 +154,9 @@ def digest(stage):
               + ("NOT MEASURED" if t["met"] is None else
                  f"{t['value']:.3f}, {'PASS' if t['met'] else 'FAIL'}")
               for t in found.get("targets", [])]
-    lines += [f"  {name}: test accuracy {r['accuracy']:.4f}" for name, r in found.items()
-              if isinstance(r, dict) and "accuracy" in r]
+    lines += [f"  {name}: " + (f"test accuracy {r['accuracy']:.4f}" if "accuracy" in r else
+                               f"ERROR {r['error']}")
+              for name, r in found.items() if stage["name"] == "accuracy" and isinstance(r, dict)]
     return "\n".join(lines)
 
 

@@ -119,3 +119,18 @@ def test_pytest_counts_come_from_its_xml_or_else_from_its_log(tmp_path):
         assert {k: counts[k] for k in expected} == expected, counts
         assert counts["complete"] is complete
         assert counts["failed_tests"] and counts["failed_tests"][0].endswith("test_fails")
+
+
+def test_a_backend_that_fails_is_reported_and_the_stage_fails(tmp_path):
+    """benchmarks/gpu_accuracy.py goes on past a backend that cannot run, records why in its
+    JSON (which the summary keeps) and exits non-zero."""
+    out, summary = tmp_path / "accuracy.json", tmp_path / "summary.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_accuracy.py"), str(out),
+                           "--backends", "no-such-backend", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no-such-backend" in json.loads(out.read_text())["errors"]
+    subprocess.run([sys.executable, str(SUMMARY), "record", str(summary), "accuracy", "--rc",
+                    str(done.returncode), "--figures", str(out)], check=True, timeout=60)
+    figures = json.loads(summary.read_text())["stages"][0]["figures"]
+    assert "error" in figures["no-such-backend"]
