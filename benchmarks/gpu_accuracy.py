@@ -52,11 +52,16 @@ def main(argv=None):
     data = load_mnist_sample()
     X = (data.X.astype(np.float32) / 255.0)
     X_train, y_train, X_test, y_test = X[:TRAIN], data.y[:TRAIN], X[TRAIN:], data.y[TRAIN:]
-    results = {}
+    results, errors = {}, {}
     for name in args.backends:
-        results[name] = train_and_score(get_backend(name), X_train, y_train, X_test, y_test,
-                                        args.epochs)
-        r = results[name]
+        try:
+            r = train_and_score(get_backend(name), X_train, y_train, X_test, y_test,
+                                args.epochs)
+        except Exception as exc:  # report and go on: one broken backend must not hide others
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name:>5}: ERROR {errors[name]}")
+            continue
+        results[name] = r
         print(f"{name:>5}: test accuracy {100 * r['accuracy']:.2f}% after {args.epochs} epochs "
               f"({r['train_s']:.1f} s), epoch losses {[round(v, 4) for v in r['epoch_losses']]}")
     if len(results) > 1:
@@ -64,8 +69,10 @@ def main(argv=None):
         spread = 100 * (max(accuracies) - min(accuracies))
         print(f"largest accuracy difference: {spread:.2f} points")
     with open(args.json, "w") as f:
-        json.dump(dict(epochs=args.epochs, hidden=HIDDEN, batch=BATCH, results=results), f,
-                  indent=2)
+        json.dump(dict(epochs=args.epochs, hidden=HIDDEN, batch=BATCH, results=results,
+                       errors=errors), f, indent=2)
+    if errors:
+        raise SystemExit(f"failed: {', '.join(errors)}")
 
 
 if __name__ == "__main__":
