@@ -10,7 +10,8 @@ batch.  TF32 is off on both sides.
 PyTorch runs three ways: eager with its default (foreach) Adam, eager with ``fused=True``, and
 the whole step captured in a CUDA graph (:mod:`torch_graph`), so "x torch" is read against an
 eager baseline that pays per-launch host overhead and beside one that does not.  fastlstm runs
-in several variants (persistent or per-step recurrence kernels, with or without CUDA graphs).
+in several variants (persistent or per-step recurrence kernels, cuBLAS or its own GEMM
+kernels, with or without CUDA graphs).
 A row is labelled "graph" only when graphs were really replayed in the timed epoch (fastlstm:
 ``CUDABackend.graph_replays``); otherwise it says "no graph" and the JSON says why.  The
 issue's targets are printed as pass/fail lines computed from the measured rows.  Prints a
@@ -40,7 +41,10 @@ from _common import torch_model, torch_train_epoch, train_epoch
 from torch_graph import TorchStaticSteps
 
 CONFIGS = [(128, 128), (128, 1024), (100, 50)]   # (hidden, batch), the headline one first
-FASTLSTM_VARIANTS = [("persistent", True), ("step", True), ("persistent", False)]
+#: (recurrence, graphs, gemm): each kind of recurrence kernel and of GEMM with graphs, and the
+#: default without
+FASTLSTM_VARIANTS = [("persistent", True, "cublas"), ("persistent", True, "kernels"),
+                     ("step", True, "cublas"), ("persistent", False, "cublas")]
 STEPS, INPUTS, CLASSES, TEST_SAMPLES, LR = 28, 28, 10, 10_000, 1e-3
 INFERENCE_REPEATS = 5
 
@@ -104,13 +108,13 @@ def graph_status(graphs, replays_before, replays_after, caught=()):
     return dict(graph=False, graph_replays=replays, no_graph_reason=reason)
 
 
-def run_fastlstm(data, hidden, batch, recurrence, graphs):
+def run_fastlstm(data, hidden, batch, recurrence, graphs, gemm):
     import cupy
 
     from fastlstm.backends.cuda import CUDABackend
     from fastlstm.model import ModelSpec
 
-    backend = CUDABackend(recurrence=recurrence, graphs=graphs)
+    backend = CUDABackend(recurrence=recurrence, graphs=graphs, gemm=gemm)
     sync = cupy.cuda.runtime.deviceSynchronize
     X_host, y_host, X_test_host = data
     X, y, X_test = cupy.asarray(X_host), cupy.asarray(y_host), cupy.asarray(X_test_host)
@@ -236,7 +240,7 @@ def row_label(impl, variant, result):
         name = "torch eager" if variant == "eager" else "torch fused Adam"
         asked_graph = variant == "graph"
     else:
-        name, asked_graph = f"fastlstm {variant[0]}", variant[1]
+        name, asked_graph = f"fastlstm {variant[0]} ({variant[2]} GEMMs)", variant[1]
     if "error" in result:
         return name + (", graph asked" if asked_graph else "")
     if result.get("graph"):
@@ -253,15 +257,16 @@ def run_config(data, hidden, batch, device):
         return [("torch", v, lambda v=v: run_torch(data, hidden, batch, v, device))
                 for v in variants]
     jobs = (torch_jobs(("eager", "fused"))
-            + [("fastlstm", (r, g), lambda r=r, g=g: run_fastlstm(data, hidden, batch, r, g))
-               for r, g in FASTLSTM_VARIANTS]
+            + [("fastlstm", v, lambda v=v: run_fastlstm(data, hidden, batch, *v))
+               for v in FASTLSTM_VARIANTS]
             + torch_jobs(("graph",)))
     for impl, variant, job in jobs:
         try:
             result = job()
         except Exception as exc:  # report and go on: one broken variant must not hide others
             result = dict(error=f"{type(exc).__name__}: {exc}")
-        name = variant if impl == "torch" else f"{variant[0]}, graphs={variant[1]}"
+        name = variant if impl == "torch" else \
+            f"{variant[0]}, graphs={variant[1]}, gemm={variant[2]}"
         row = dict(impl=impl, variant=name, label=row_label(impl, variant, result), **result)
         eager = rows[0] if rows else row  # the first job
         if "error" not in row and "error" not in eager and row is not eager:

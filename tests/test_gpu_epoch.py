@@ -88,16 +88,16 @@ def test_the_static_step_trains_as_the_eager_loop(gpu_epoch):
 def test_a_row_is_labelled_graph_only_when_graphs_were_replayed(gpu_epoch):
     status = gpu_epoch.graph_status
     assert status(True, 10, 479, ["ignored"]) == dict(graph=True, graph_replays=469)
-    assert gpu_epoch.row_label("fastlstm", ("step", True), status(True, 10, 479)) == \
-        "fastlstm step + graph"
+    assert gpu_epoch.row_label("fastlstm", ("step", True, "kernels"), status(True, 10, 479)) == \
+        "fastlstm step (kernels GEMMs) + graph"
     for result, reason in ((status(True, 0, 0, ["capture failed: cuBLAS"]), "capture failed"),
                            (status(False, 0, 0), "graphs=False"),
                            (status(True, None, None), "no graph_replays counter")):
         assert result["graph"] is False and reason in result["no_graph_reason"]
-        assert gpu_epoch.row_label("fastlstm", ("persistent", True), result) == \
-            "fastlstm persistent, no graph"
-    assert gpu_epoch.row_label("fastlstm", ("persistent", True), dict(error="x")) == \
-        "fastlstm persistent, graph asked"
+        assert gpu_epoch.row_label("fastlstm", ("persistent", True, "cublas"), result) == \
+            "fastlstm persistent (cublas GEMMs), no graph"
+    assert gpu_epoch.row_label("fastlstm", ("persistent", True, "cublas"), dict(error="x")) == \
+        "fastlstm persistent (cublas GEMMs), graph asked"
     assert gpu_epoch.row_label("torch", "graph", dict(graph=True)) == "torch fused Adam + graph"
     assert gpu_epoch.row_label("torch", "eager", {}) == "torch eager"
 
