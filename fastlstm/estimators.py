@@ -937,7 +937,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         int gives bit-identical fitted weights on the CPU.
     device : {"auto", "cpu", "cuda"}, default="auto"
         Where to train and predict. ``"auto"`` uses a CUDA GPU when the CUDA
-        backend can run, else the CPU.
+        backend can run and passes its self-check (a tiny forward and backward
+        against the NumPy reference, once per process), else the CPU, with a
+        warning that says why where CuPy is installed; ``"cuda"`` raises then.
 
     Attributes
     ----------

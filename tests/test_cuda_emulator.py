@@ -167,3 +167,50 @@ def test_the_backend_runs_per_step_kernels_where_persistent_blocks_cannot_be_res
         warnings.simplefilter("error")
         backend.train_step(spec, p, backend.adam_state(p), backend.asarray(x),
                            backend.asarray(y), "cross_entropy", AdamConfig(1e-2))
+
+
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    """``get_backend`` with no shared instance, self-check or warning of this process yet."""
+    import fastlstm.backends as backends
+    for name in ("_instances", "_failed_checks"):
+        monkeypatch.setattr(backends, name, {})
+    monkeypatch.setattr(backends, "_warned_auto", [])
+    return backends
+
+
+def test_the_cuda_backend_is_handed_out_once_it_passes_its_self_check(
+        cuda_module, fresh_backends):  # noqa: F811
+    from fastlstm.backends.self_check import self_check
+    assert self_check(cuda_module.CUDABackend()) is None
+    cuda = fresh_backends.get_backend("cuda")
+    assert isinstance(cuda, cuda_module.CUDABackend)
+    assert fresh_backends.get_backend("auto") is cuda is fresh_backends.get_backend("cuda")
+
+
+@pytest.mark.parametrize("fault", ["wrong gradients", "a failing kernel"])
+def test_a_cuda_backend_that_fails_its_self_check_is_refused_and_auto_runs_on_the_cpu(
+        cuda_module, fresh_backends, monkeypatch, fault):  # noqa: F811
+    backward = cuda_module.CUDABackend.backward
+
+    def wrong(self, *args, **kwargs):
+        grads = backward(self, *args, **kwargs)
+        grads.params[-1] += 1.0  # the head's last bias
+        return grads
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED\nsecond line")
+
+    monkeypatch.setattr(cuda_module.CUDABackend, "backward",
+                        wrong if fault == "wrong gradients" else failing)
+    why = "gradients off by" if fault == "wrong gradients" else "LAUNCH_FAILED"
+    with pytest.raises(fresh_backends.BackendUnavailable, match=why) as refused:
+        fresh_backends.get_backend("cuda")
+    assert "device='cpu'" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.warns(RuntimeWarning, match=f"device='auto' runs on the CPU.*{why}"):
+        assert fresh_backends.get_backend("auto").name == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert fresh_backends.get_backend("auto").name == "cpu"
+    with pytest.raises(fresh_backends.BackendUnavailable, match=why):  # and not run again
+        fresh_backends.get_backend("cuda")

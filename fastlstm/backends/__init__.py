@@ -2,7 +2,11 @@
 
 ``get_backend(name)`` with ``name`` one of ``"reference"`` (plain NumPy, the
 oracle), ``"cpu"`` (Numba kernels + BLAS), ``"cuda"`` (CUDA kernels through
-CuPy) or ``"auto"`` (CUDA where usable, else CPU).
+CuPy) or ``"auto"`` (CUDA where usable, else CPU).  The CUDA backend is handed
+out only once it has passed its self-check in the process
+(:func:`~fastlstm.backends.self_check.self_check`): a GPU stack that loads but
+computes wrongly makes ``"cuda"`` raise with the reason, and ``"auto"`` run on
+the CPU with a warning that gives it.
 
 The CPU backend is shared per thread count: each call takes the instance for the
 calling thread's budget (:func:`.cpu.default_num_threads`), so two tasks of one
@@ -13,6 +17,8 @@ their own.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import warnings
 
 from .base import LOSSES, AdamConfig, AdamState, Backend, BackendUnavailable, Gradients, get_loss
 
@@ -25,6 +31,9 @@ _MODULES = {"reference": ("reference", "ReferenceBackend"),
             "cpu": ("cpu", "CPUBackend"),
             "cuda": ("cuda", "CUDABackend")}
 _instances: dict[str | tuple[str, int], Backend] = {}
+#: why the CUDA backend failed its self-check in this process (it is not run again)
+_failed_checks: dict[str, str] = {}
+_warned_auto: list[str] = []
 
 
 def _load(name, **kwargs):
@@ -49,15 +58,24 @@ def get_backend(name="auto"):
     ValueError
         ``name`` is not a backend name.
     BackendUnavailable
-        ``name`` is ``"cuda"`` and no usable CuPy + GPU was found.
+        ``name`` is ``"cuda"`` and no usable CuPy + GPU was found, or the CUDA backend
+        failed its self-check (the message says why).
     """
     if isinstance(name, Backend):
         return name
     if name == "auto":
         try:
             return get_backend("cuda")
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            # Silent where there is no GPU stack at all; said once where one is installed but
+            # unusable, since the user then expects the GPU.
+            if _cupy_installed() and not _warned_auto:
+                _warned_auto.append(str(exc))
+                warnings.warn(f"fastlstm: device='auto' runs on the CPU: {exc}", RuntimeWarning,
+                              stacklevel=2)
             return get_backend("cpu")
+    if name == "cuda":
+        return _checked_cuda()
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES + ('auto',)}")
     key, kwargs = name, {}
@@ -69,6 +87,29 @@ def get_backend(name="auto"):
         # setdefault: two threads that both load keep one instance
         _instances.setdefault(key, _load(name, **kwargs))
     return _instances[key]
+
+
+def _cupy_installed():
+    try:
+        return importlib.util.find_spec("cupy") is not None
+    except ValueError:  # a module of that name is loaded without a spec: it is there
+        return True
+
+
+def _checked_cuda():
+    """The shared CUDA backend, once it has passed its self-check in this process."""
+    if "cuda" in _failed_checks:
+        raise BackendUnavailable(_failed_checks["cuda"])
+    if "cuda" not in _instances:
+        from .self_check import self_check
+        backend = _load("cuda")
+        reason = self_check(backend)
+        if reason is not None:
+            _failed_checks["cuda"] = (f"the CUDA backend loads but is not usable here: {reason}. "
+                                      "Use device='cpu'.")
+            raise BackendUnavailable(_failed_checks["cuda"])
+        _instances.setdefault("cuda", backend)
+    return _instances["cuda"]
 
 
 def available_backends():
