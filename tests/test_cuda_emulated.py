@@ -31,6 +31,9 @@ from oracle import ORACLE
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
 MODULE = "fastlstm.backends.cuda"
+#: the threads a block has on a GPU (8 warps); the emulated tests run 4 warps a block (fewer OS
+#: threads), test_the_real_warp_count_matches_reference these
+REAL_THREADS = cuda_support.THREADS
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,18 @@ CASES = ([(shape, "cross_entropy", np.float64) for shape in SMALL_SHAPES + [ODD_
                          ids=[f"{shape_id(s)}-{kind}-{np.dtype(d).name}" for s, kind, d in CASES])
 def test_backend_matches_reference(backend, shape, loss, dtype):
     parity.test_backend_matches_reference(backend, shape, loss, dtype)
+
+
+@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+def test_the_real_warp_count_matches_reference(cuda_module, monkeypatch, recurrence):
+    # The GPU's 8 warps a block: at this shape the backward splits its dot products 4 ways
+    # across warps (with 4 warps, 2 ways).
+    monkeypatch.setattr(cuda_support, "THREADS", REAL_THREADS)
+    backend = make_backend(cuda_module, recurrence)
+    plan = cuda_support.plan_recurrence("forward", ODD_SHAPE[3], ODD_SHAPE[0], 8,
+                                        cuda_module._limits(), recurrence == "persistent")
+    assert plan.threads == REAL_THREADS
+    parity.test_backend_matches_reference(backend, ODD_SHAPE, "cross_entropy", np.float64)
 
 
 def test_big_batch_chunks_agree_with_reference(cuda_module):
