@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from fastlstm.backends.cuda_support import DeviceLimits, THREADS, plan_recurrence, step_schedule
+from fastlstm.backends.cuda_support import (STEP_BLOCKS_PER_SM, THREADS, DeviceLimits,
+                                             plan_recurrence, step_schedule)
 
 A100 = DeviceLimits(multiprocessors=108, shared_per_block=49152, shared_optin=166912,
                     cooperative=True)
@@ -57,6 +58,9 @@ def test_plans_keep_kernel_invariants(direction, itemsize, limits):
                 else:
                     assert plan.grid[1] * plan.chunk_rows >= batch, where
                     assert (plan.grid[1] - 1) * plan.chunk_rows < batch, where
+                    blocks = plan.grid[0] * plan.grid[1]
+                    assert (blocks >= STEP_BLOCKS_PER_SM * limits.multiprocessors
+                            or plan.chunk_rows == 32), where
 
 
 def test_persistent_plan_exists_for_the_issue_shapes():
@@ -64,6 +68,19 @@ def test_persistent_plan_exists_for_the_issue_shapes():
         for direction in ("forward", "backward"):
             for itemsize in (4, 8):
                 assert plan_recurrence(direction, hidden, batch, itemsize, H100, True) is not None
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_per_step_plan_cuts_the_batch_into_chunks_for_several_blocks_per_sm(direction):
+    # H=128, B=128: one chunk of the whole batch would make a (128, 1) grid on 132 SMs
+    plan = plan_recurrence(direction, 128, 128, 4, H100, False)
+    assert plan.chunk_rows == 32 and plan.grid == (128, 4)
+    # a grid already large enough keeps its chunks: inference on B=10,000
+    plan = plan_recurrence(direction, 128, 10_000, 4, H100, False)
+    assert plan.chunk_rows == 256 and plan.grid == (128, 40)
+    # the persistent plan keeps one block per multiprocessor
+    plan = plan_recurrence(direction, 128, 128, 4, H100, True)
+    assert plan.chunk_rows == 128 and plan.grid == (128, 1)
 
 
 def test_persistent_plan_refuses_what_cannot_fit():

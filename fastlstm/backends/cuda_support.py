@@ -79,6 +79,8 @@ class RecurrencePlan:
 
 THREADS = 256
 _STAGE_ROWS = 128
+#: blocks per multiprocessor the per-step grid is cut for (see :func:`plan_recurrence`)
+STEP_BLOCKS_PER_SM = 4
 
 
 def _round_up(n, multiple):
@@ -92,6 +94,17 @@ def plan_recurrence(direction, hidden, batch, itemsize, limits, persistent):
     fit in shared memory, or a block would own more units than it has warps); the per-step
     plan (``persistent=False``) always exists.  The caller still checks co-residency with the
     occupancy API before a persistent launch.
+
+    The per-step plan halves its batch chunk (down to 32 rows) while its grid has fewer than
+    :data:`STEP_BLOCKS_PER_SM` blocks per multiprocessor.  A step is a chain of L2 round trips
+    (staging h_{t-1} or dz_{t+1}, then the weights, a barrier between them); with one block of
+    8 warps per SM, which one chunk of the whole batch gives at H=128 and B=128 (a (128, 1)
+    grid), an SM has nothing to issue while its warps wait.  Smaller chunks put several blocks
+    on each SM, each staging fewer rows, so more loads are in flight.  Fewer rows a block also
+    mean fewer warp tasks, so each dot product's K is split over more warps (see
+    ``lstm_core.cuh``): the rounding differs from that of a plan with bigger chunks, the
+    accuracy does not.  The persistent plan keeps one block per SM: its grid must be
+    co-resident.
     """
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
@@ -125,7 +138,13 @@ def plan_recurrence(direction, hidden, batch, itemsize, limits, persistent):
             return None
         raise ValueError(f"no per-step plan fits {limit} bytes of shared memory (H={hidden})")
     slices = math.ceil(hidden / units)
-    grid = (slices, 1) if persistent else (slices, math.ceil(batch / chunk))
+    if persistent:
+        grid = (slices, 1)
+    else:
+        wanted = STEP_BLOCKS_PER_SM * limits.multiprocessors
+        while chunk > 32 and slices * math.ceil(batch / chunk) < wanted:
+            chunk = _round_up(chunk // 2, 32)  # less shared memory, so it still fits
+        grid = (slices, math.ceil(batch / chunk))
     return RecurrencePlan(persistent, units, chunk, stage, vector, THREADS, grid,
                           shared(chunk, stage))
 

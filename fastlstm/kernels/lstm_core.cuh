@@ -27,7 +27,9 @@
 // tasks than warps, the K dimension is split across warps (KS parts) and the parts are summed in
 // a fixed order (deterministic).  The input rows (h_{t-1} forwards, dz_{t+1} backwards) are
 // staged in shared memory KC rows at a time; the weight slice is either resident in shared
-// memory for the whole kernel (persistent) or staged KC rows at a time (per-step).
+// memory for the whole kernel (persistent) or staged KC rows at a time (per-step).  Staging
+// keeps several loads in flight per thread (`copy_in_flight`): the kernels wait on L2 round
+// trips far more than they compute.
 //
 // Dropout (fastlstm/dropout.py defines it; a kernel's DROPOUT template flag compiles it in, so
 // the kernels without it do no dropout work, not even a test of a null pointer): the masks are
@@ -74,36 +76,104 @@ struct Tile {
     int KC;    // input rows staged per pass
 };
 
-// Weight column `col` of the forward slice starting at unit j0: W_hh[gate*H + j0 + unit, k].
+// Values each thread loads before it stores any of them, in the staging loops below: a warp
+// issues its loads in order and waits for one before the store that uses it, so loading a
+// round of them first makes it wait one L2 round trip per round instead of one per value.
+constexpr int IN_FLIGHT = 8;
+
+// One round of copy_in_flight: N loads, then their N stores, the last value loaded first.
+// ptxas keeps the order of stores it cannot prove apart, so every load of the round is issued
+// before the first store waits.  (Stored in the order loaded, or loaded under a predicate,
+// ptxas moved each store up to its load to reuse its register: one or two loads in flight
+// again; hence rounds with no condition inside.)
+template <int N, typename T, class Load, class Store>
+__device__ __forceinline__ void copy_round(int i, int stride, const Load& load,
+                                           const Store& store) {
+    T v[N];
+#pragma unroll
+    for (int u = 0; u < N; ++u) v[u] = load(i + u * stride);
+#pragma unroll
+    for (int u = N - 1; u >= 0; --u) store(i + u * stride, v[u]);
+}
+
+// The rounds of N, N/2, ..., 1 values that the copy from i on has left (fewer than 2N).
+template <int N, typename T, class Load, class Store>
+__device__ __forceinline__ void copy_rest(int i, int end, int stride, const Load& load,
+                                          const Store& store) {
+    if (i + (N - 1) * stride < end) {
+        copy_round<N, T>(i, stride, load, store);
+        i += N * stride;
+    }
+    if constexpr (N > 1) copy_rest<N / 2, T>(i, end, stride, load, store);
+}
+
+// store(i, load(i)) for i = first, first + stride, ... below end: rounds of IN_FLIGHT values,
+// then of 4, 2 and 1 for the rest.
+template <typename T, class Load, class Store>
+__device__ __forceinline__ void copy_in_flight(int first, int end, int stride, const Load& load,
+                                               const Store& store) {
+    int i = first;
+    for (; i + (IN_FLIGHT - 1) * stride < end; i += IN_FLIGHT * stride)
+        copy_round<IN_FLIGHT, T>(i, stride, load, store);
+    copy_rest<IN_FLIGHT / 2, T>(i, end, stride, load, store);
+}
+
+// The forward slice starting at unit j0: weight column col = unit*4 + gate is W_hh[gate*H + j0 +
+// unit, k], zero past unit H-1.
 template <typename T>
 struct ForwardWeights {
     const T* w_hh;
     int H, j0;
-    __device__ T operator()(int k, int col) const {
-        const int j = j0 + (col >> 2);
-        return j < H ? w_hh[((long long)(col & 3) * H + j) * H + k] : T(0);
+    // ws[kk*ncol + col] = column col at k = k0 + kk, for kk < rows.  A W_hh row is contiguous in
+    // k, so each 8 lanes of a warp read 8 consecutive k of one gate row (whole 32-byte sectors),
+    // the 4 groups of lanes the 4 gates of a unit: their stores land in 32 consecutive words of
+    // shared memory where ncol == 4 (one unit a block).  A thread's loads in flight are the
+    // slice's units (up to 8) at one k: it has few k, 2 of the per-step kernels' KC = 128 rows
+    // with 8 warps.
+    __device__ void load(T* ws, int k0, int rows, int ncol) const {
+        const int lane = threadIdx.x & 31;
+        const int gate = lane >> 3;
+        const int units = ncol >> 2;
+        const int present = min(units, H - j0);  // the units past H-1 are zeros
+        const T* w = w_hh + ((long long)gate * H + j0) * H + k0;  // gate row of unit j0
+        for (int kk = ((threadIdx.x >> 5) << 3) + (lane & 7); kk < rows;
+             kk += (blockDim.x >> 5) << 3) {
+            T* row = ws + kk * ncol + gate;
+            copy_in_flight<T>(
+                0, present, 1, [&](int unit) { return w[(long long)unit * H + kk]; },
+                [&](int unit, T value) { row[unit * 4] = value; });
+            for (int unit = present; unit < units; ++unit) row[unit * 4] = T(0);
+        }
     }
 };
 
-// Weight column `col` of the backward slice: W_hh[k, j0 + col] (k runs over all 4H gate rows).
+// The backward slice: weight column col is W_hh[k, j0 + col] (k over all 4H gate rows), zero
+// past unit H-1.
 template <typename T>
 struct BackwardWeights {
     const T* w_hh;
     int H, j0;
-    __device__ T operator()(int k, int col) const {
-        const int j = j0 + col;
-        return j < H ? w_hh[(long long)k * H + j] : T(0);
+    // ws[kk*ncol + col] = column col at k = k0 + kk, for kk < rows.  A row of the slice is ncol
+    // consecutive values of a W_hh row, so consecutive threads take its consecutive columns
+    // (ncol rounded up to a power of two threads a row, the extra ones idle), then the next row.
+    // With one unit a block (ncol == 1) every value is a sector of its own: only a transposed
+    // W_hh would coalesce that.
+    __device__ void load(T* ws, int k0, int rows, int ncol) const {
+        int shift = 0;  // threads a row: 1 << shift
+        while ((1 << shift) < ncol) ++shift;
+        const int col = threadIdx.x & ((1 << shift) - 1);
+        if (col >= ncol) return;
+        const int first = threadIdx.x >> shift;
+        const int stride = blockDim.x >> shift;
+        const T* w = w_hh + (long long)k0 * H + j0 + col;
+        if (j0 + col < H)
+            copy_in_flight<T>(
+                first, rows, stride, [&](int kk) { return w[(long long)kk * H]; },
+                [&](int kk, T value) { ws[kk * ncol + col] = value; });
+        else
+            for (int kk = first; kk < rows; kk += stride) ws[kk * ncol + col] = T(0);
     }
 };
-
-// Copy rows [k0, k0 + rows) of the slice's weights into shared memory (row-major, ncol wide).
-template <typename T, class Weights>
-__device__ void load_weights(T* ws, const Weights& weights, int k0, int rows, int ncol) {
-    for (int e = threadIdx.x; e < rows * ncol; e += blockDim.x) {
-        const int kk = e / ncol;
-        ws[e] = weights(k0 + kk, e - kk * ncol);
-    }
-}
 
 // The time steps of one recurrence (see the top of this file): device arrays the host writes.
 struct Schedule {
@@ -207,6 +277,31 @@ struct NextStepCols {  // backwards: dz of the step after, for the rows it carri
     __device__ T read(T dz, int, int) const { return dz; }
 };
 
+// stage[kk*BC + bb] = cols.read(in[k0 + kk, cols(b)], k0 + kk, b) for kk < kc, bb < BC, b = b0 +
+// bb; zero for a row b past `rows` or without a column.  Lanes take consecutive rows b
+// (coalesced: a row's columns are consecutive), warps the kk, each thread IN_FLIGHT of its kk at
+// a time; a thread's row, and so its column, stays the same through the kk.
+template <typename T, class Cols>
+__device__ void stage_input(T* stage, const T* __restrict__ in, long long ld_in, const Cols& cols,
+                            int rows, int b0, int BC, int k0, int kc) {
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    for (int bb = threadIdx.x & 31; bb < BC; bb += 32) {
+        const int b = b0 + bb;
+        const long long col = b < rows ? cols(b) : -1;
+        if (col >= 0) {
+            const T* src = in + (long long)k0 * ld_in + col;
+            copy_in_flight<T>(
+                warp, kc, nwarps,
+                // __ldcg: the rows were written by other blocks (persistent kernel); bypass L1.
+                [&](int kk) { return __ldcg(src + kk * ld_in); },
+                [&](int kk, T value) { stage[kk * BC + bb] = cols.read(value, k0 + kk, b); });
+        } else {
+            for (int kk = warp; kk < kc; kk += nwarps) stage[kk * BC + bb] = T(0);
+        }
+    }
+}
+
 // One chunk of batch rows [b0, b0 + BC): acc[v] = sum_k in[k, cols(b)] * w[k, task*V + v]
 // for each warp task, then epi(column group, b, acc) for every row b < rows.  `in == nullptr`
 // means no recurrent input (acc = 0), so does cols(b) < 0 for that row; cols.read(value, k, b)
@@ -235,16 +330,8 @@ __device__ void chunk_dot(const T* __restrict__ in, long long ld_in, const Cols&
     if (in != nullptr) {
         for (int k0 = 0; k0 < tile.K; k0 += tile.KC) {
             const int kc = min(tile.KC, tile.K - k0);
-            for (int e = threadIdx.x; e < kc * tile.BC; e += blockDim.x) {
-                const int kk = e / tile.BC;
-                const int b = b0 + (e - kk * tile.BC);
-                const long long col = b < rows ? cols(b) : -1;
-                // __ldcg: the rows were written by other blocks (persistent kernel); bypass L1.
-                stage[e] = col >= 0
-                    ? cols.read(__ldcg(in + (long long)(k0 + kk) * ld_in + col), k0 + kk, b)
-                    : T(0);
-            }
-            if (!RESIDENT) load_weights(ws, weights, k0, kc, tile.ncol);
+            stage_input(stage, in, ld_in, cols, rows, b0, tile.BC, k0, kc);
+            if (!RESIDENT) weights.load(ws, k0, kc, tile.ncol);
             __syncthreads();
             if (active) {
                 const T* w = (RESIDENT ? ws + (long long)k0 * tile.ncol : ws) + group * V;

@@ -1,11 +1,15 @@
 // Persistent recurrence kernels: ONE cooperative launch runs all T steps of a layer in one
 // direction.  Each block keeps its slice of W_hh (JS hidden units: 4*JS rows x H forwards, 4H x
 // JS backwards) in shared memory for the whole sequence, and a grid-wide barrier separates the
-// steps.  The host (fastlstm/backends/cuda_support.py) launches it only where every block is
-// co-resident (cooperative launch checks this too) and the slice fits in shared memory;
-// elsewhere the per-step kernels of lstm_step.cu run.  Each step covers its active rows only
-// (`Schedule`, lstm_core.cuh); a step with none is skipped by every block alike.  Each kernel
-// comes plain and with dropout compiled in (`_dropout`), as in lstm_step.cu.
+// steps.  None follows the last step: within a step no block reads what another writes in it
+// (forwards it reads the state columns of the step before and writes its own; backwards it
+// reads the dz of the step after and writes its own, and dc is each thread's own), and the
+// kernel's end orders the last step's writes before whatever reads them.  The host
+// (fastlstm/backends/cuda_support.py) launches it only where every block is co-resident
+// (cooperative launch checks this too) and the slice fits in shared memory; elsewhere the
+// per-step kernels of lstm_step.cu run.  Each step covers its active rows only (`Schedule`,
+// lstm_core.cuh); a step with none is skipped by every block alike.  Each kernel comes plain and
+// with dropout compiled in (`_dropout`), as in lstm_step.cu.
 // Dynamic shared memory: (K*ncol + KC*BC + 32*V*blockDim/32) elements, K = H or 4H.
 #include <cooperative_groups.h>
 
@@ -24,16 +28,18 @@ __device__ void forward_persistent(const T* w_hh, const T* b_ih, const T* b_hh, 
     const int j0 = blockIdx.x * JS;
     const SharedLayout<T> sh(smem, H, tile);
     const ForwardWeights<T> weights{w_hh, H, j0};
-    load_weights(sh.ws, weights, 0, H, tile.ncol);
+    weights.load(sh.ws, 0, H, tile.ncol);
     __syncthreads();
+    bool after_a_step = false;
     for (int s = 0; s < sched.steps; ++s) {
         const int t = sched.reverse ? sched.steps - 1 - s : s;
         const Step step = schedule_step(sched, t);
         if (step.rows == 0) continue;  // the same for every block: no barrier is missed
+        if (after_a_step) grid.sync();  // step t reads the state all blocks wrote at the one before
+        after_a_step = true;
         const ForwardEpilogue<T, DROPOUT> epi{b_ih, b_hh, xg, h, c, ld_seq, ld_state, H, j0,
                                               store_gates, step, drop, dropped};
         forward_step_chunks<T, true, DROPOUT>(weights, epi, tile, sh, 0, step.rows);
-        grid.sync();
     }
 }
 
@@ -48,16 +54,18 @@ __device__ void backward_persistent(const T* w_hh, const T* gates, const T* c, c
     const int j0 = blockIdx.x * JS;
     const SharedLayout<T> sh(smem, 4 * H, tile);
     const BackwardWeights<T> weights{w_hh, H, j0};
-    load_weights(sh.ws, weights, 0, 4 * H, tile.ncol);
+    weights.load(sh.ws, 0, 4 * H, tile.ncol);
     __syncthreads();
+    bool after_a_step = false;
     for (int s = 0; s < sched.steps; ++s) {  // the forward pass's steps, last first
         const int t = sched.reverse ? s : sched.steps - 1 - s;
         const Step step = schedule_step(sched, t);
         if (step.rows == 0) continue;
+        if (after_a_step) grid.sync();  // step t reads the dz every block wrote at the one after
+        after_a_step = true;
         const BackwardEpilogue<T, V, DROPOUT> epi{gates, c, dh_last, dh_seq, dz, dc, ld_seq,
                                                   ld_state, H, B, j0, step, drop};
         backward_step_chunks<T, V, true, DROPOUT>(weights, epi, tile, sh, 0, step.rows);
-        grid.sync();
     }
 }
 
