@@ -1,11 +1,15 @@
 """bfloat16 precision: the rounding rule (:mod:`fastlstm.precision`), the reference's bfloat16
 mode, the bfloat16 GEMM kernel and the CPU backend's ``precision="bfloat16"``."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from fastlstm import reference
+from fastlstm.kernels import gemm_bf16_cpu
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
 from conftest import make_problem, rel_err
@@ -75,3 +79,97 @@ def test_reference_bf16_mode_is_close_to_float32_but_not_equal():
     for a, b in zip(full[1].values(), half[1].values()):
         assert rel_err(b, a) < 0.05
     assert 1e-4 < rel_err(half[-1], full[-1]) < 0.05
+
+
+needs_bf16 = pytest.mark.skipif(not gemm_bf16_cpu.available(),
+                                reason="this CPU (Numba's target) lacks AVX512-BF16 (vdpbf16ps)")
+MR, NR = gemm_bf16_cpu.MR, gemm_bf16_cpu.NR
+#: (M, K, N): single, odd inner dimensions, remainders of every block size, exact panels,
+#: the LSTM's step shapes and a weight gradient's
+GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (MR + 7, 9, NR + 1), (MR, 2, NR), (2 * MR + 3, 17, 3 * NR - 1),
+               (16, 156, 512), (125, 156, 512), (16, 512, 128), (156, 449, 512)]
+
+
+def bf16_product(a, b, accumulate_onto=None):
+    """``a @ b`` by the kernels: both packed, then :func:`gemm_bf16_cpu.gemm`."""
+    g = gemm_bf16_cpu
+    (M, K), N = a.shape, b.shape[1]
+    a16 = np.empty((M, g.pairs(K)), np.uint32)
+    b16 = np.empty((g.pairs(K), g.panel_columns(N)), np.uint32)
+    g.pack_rows(a, a16)
+    g.pack_panels(b, b16)
+    out = np.full((M, N), np.nan, np.float32) if accumulate_onto is None else accumulate_onto
+    g.gemm(a16, b16, out, accumulate_onto is not None)
+    return out
+
+
+def test_packing_pairs_the_inner_dimension():
+    a = np.arange(1, 16, dtype=np.float32).reshape(3, 5) + 1 / 3
+    bits = bf16_bits(a).astype(np.uint32)
+    a16 = np.empty((3, 3), np.uint32)
+    gemm_bf16_cpu.pack_rows(a, a16)
+    np.testing.assert_array_equal(a16[:, :2], bits[:, 0:4:2] | bits[:, 1:4:2] << 16)
+    np.testing.assert_array_equal(a16[:, 2], bits[:, 4])  # padded with a zero
+    b16 = np.empty((3, NR), np.uint32)
+    gemm_bf16_cpu.pack_panels(a.T, b16)
+    np.testing.assert_array_equal(b16[:, :3], a16.T)
+    assert not b16[:, 3:].any()
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
+def test_bf16_gemm_is_exact_where_every_sum_is(shape):
+    # small integers are bfloat16 values, and all their sums exact in float32
+    M, K, N = shape
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(-8, 9, s).astype(np.float32) for s in ((M, K), (K, N)))
+    want = a.astype(np.int64) @ b.astype(np.int64)
+    np.testing.assert_array_equal(bf16_product(a, b), want)
+    np.testing.assert_array_equal(bf16_product(a, b, np.ones((M, N), np.float32)), want + 1)
+    # a transposed (strided) A, the weight gradient's
+    np.testing.assert_array_equal(bf16_product(np.ascontiguousarray(a.T).T, b), want)
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
+def test_bf16_gemm_is_the_product_of_rounded_operands_up_to_float32_sums(shape):
+    # Products of bfloat16 values are exact in float32; only the K float32 additions round,
+    # so |got - exact| <= gamma_K sum_k |a_ik b_kj|, gamma_K = K u / (1 - K u), u = 2^-24,
+    # whatever the order of the sums (Higham, Accuracy and Stability, 3.1); the exact
+    # product of the rounded operands is float64's here (K < 2^13: exact to far below that)
+    M, K, N = shape
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N)))
+    ra, rb = round_bf16(a).astype(np.float64), round_bf16(b).astype(np.float64)
+    u = 2.0 ** -24
+    bound = K * u / (1 - K * u) * (np.abs(ra) @ np.abs(rb))
+    got = bf16_product(a, b)
+    assert (np.abs(got - ra @ rb) <= bound).all()
+    # and the rounding matters: float32 operands differ from it far beyond that bound
+    assert (np.abs(a.astype(np.float64) @ b - ra @ rb) > bound).any()
+
+
+@needs_bf16
+def test_bf16_gemm_refuses_mismatched_operands():
+    a16, b16 = np.zeros((4, 3), np.uint32), np.zeros((3, NR), np.uint32)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_bf16_cpu.gemm(a16, b16, np.empty((5, NR), np.float32), False)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_bf16_cpu.gemm(a16[:, :2], b16, np.empty((4, NR), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemm_bf16_cpu.gemm(a16, np.zeros((3, 2 * NR), np.uint32)[:, ::2],
+                           np.empty((4, NR), np.float32), False)
+
+
+@needs_bf16
+def test_bf16_gemm_runs_on_vdpbf16ps_over_zmm_registers():
+    # compiled afresh (the cached kernel keeps no assembly to inspect)
+    kernel = njit(gemm_bf16_cpu.gemm.py_func)
+    a16, b16 = np.zeros((MR, 2), np.uint32), np.zeros((2, NR), np.uint32)
+    kernel(a16, b16, np.empty((MR, NR), np.float32), False)
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    dot_products = re.findall(r"vdpbf16ps\s+(.*)", asm)
+    # AT&T order: the B operand (a register or memory), A's broadcast pair, the accumulator
+    assert dot_products and all(re.search(r"%zmm\d+, %zmm\d+$", line.strip())
+                                for line in dot_products)
+    assert not re.search(r"\bvfmadd\w*ps\s", asm)  # no float32 products
