@@ -9,10 +9,14 @@ import torch
 from numba import njit
 
 from fastlstm import reference
+from fastlstm.backends import AdamConfig, cpu
+from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_bf16_cpu
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
-from conftest import make_problem, rel_err
+from conftest import in_float64, make_lengths, make_problem, rel_err, shape_id
+from oracle import BF16_ORACLE, ORACLE
+from test_dropout import KINDS, compare, run
 
 
 def test_rounding_is_to_nearest_even_with_denormals_to_zero():
@@ -173,3 +177,71 @@ def test_bf16_gemm_runs_on_vdpbf16ps_over_zmm_registers():
     assert dot_products and all(re.search(r"%zmm\d+, %zmm\d+$", line.strip())
                                 for line in dot_products)
     assert not re.search(r"\bvfmadd\w*ps\s", asm)  # no float32 products
+
+
+#: (batch, steps, inputs, hidden, layers, outputs): an odd input (the padded pair of the
+#: first step from h0 = 0), several chunks per thread and layers
+BACKEND_SHAPES = [(5, 6, 3, 4, 2, 3), (37, 9, 4, 6, 2, 3)]
+#: The kernels sum in float32 in their own order, the bfloat16 oracle in float64 (on the
+#: same float32 inputs): most results agree to ~1e-6.  An operand the kernels compute (h, dz)
+#: differs from the oracle's in float32's last bits, and now and then that puts it on the
+#: other side of a bfloat16 rounding boundary: one operand off by 2^-8 of itself, which
+#: showed in these cases as up to 1.1e-4 (one step of one row of dx).  The float32 oracle
+#: is 5.6e-4 or more away in the outputs, and further in the gradients.
+BF16_TOLERANCE = 2e-4
+
+
+@needs_bf16
+@pytest.mark.parametrize("dropout", [None, "both"])
+@pytest.mark.parametrize("initial_states", [False, True], ids=["h0=0", "h0"])
+@pytest.mark.parametrize("lengths_kind", ["full", "random"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", BACKEND_SHAPES, ids=shape_id)
+def test_cpu_bf16_matches_the_bf16_reference(shape, bidirectional, lengths_kind, initial_states,
+                                            dropout):
+    loss = "cross_entropy"
+    problem = make_problem(shape, loss, np.float32, initial_states=initial_states,
+                           bidirectional=bidirectional)
+    lengths = make_lengths(shape[0], shape[1], lengths_kind)
+    dropout = dropout and KINDS[dropout]
+    got = run(CPUBackend(2, precision="bfloat16"), *problem, loss, lengths, dropout)
+    want = run(BF16_ORACLE, *in_float64(*problem), loss, lengths, dropout)
+    compare(got, want, BF16_TOLERANCE)
+    # the float32 oracle is far from it: the comparison sees what is rounded
+    float32 = run(ORACLE, *in_float64(*problem), loss, lengths, dropout)
+    assert rel_err(got["outputs"], float32["outputs"]) > 2 * BF16_TOLERANCE
+    assert max(rel_err(got["grads"][name], float32["grads"][name])
+               for name in float32["grads"]) > 10 * BF16_TOLERANCE
+
+
+@needs_bf16
+def test_bf16_train_step_matches_forward_backward_and_learns(monkeypatch):
+    monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # several chunks per thread
+    spec, params, x, y, _, _ = make_problem((64, 7, 5, 8, 2, 3), "cross_entropy", np.float32,
+                                            bidirectional=True)
+    lengths = make_lengths(64, 7, "random")
+    backend = CPUBackend(num_threads=2, precision="bfloat16")
+    p_step, p_ref = params.copy(), params.copy()
+    s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
+    config, losses = AdamConfig(1e-2), []
+    for _ in range(5):
+        losses.append(backend.train_step(spec, p_step, s_step, x, y, "cross_entropy", config,
+                                         lengths=lengths, dropout=KINDS["both"]))
+        outputs, cache = backend.forward(spec, p_ref, x, train=True, lengths=lengths,
+                                         dropout=KINDS["both"])
+        value, doutputs = backend.loss(outputs, y, "cross_entropy")
+        grads = backend.backward(spec, p_ref, cache, doutputs).params
+        backend.adam_step(p_ref, grads, s_ref, config)
+        assert losses[-1] == pytest.approx(value, rel=1e-6)  # summed in another order
+    np.testing.assert_array_equal(p_step, p_ref)
+    assert losses[-1] < losses[0]
+    # the parameters, the optimizer state and the loss stay float32, and so do inference's
+    assert p_step.dtype == s_step.m.dtype == s_step.v.dtype == np.float32
+    assert backend.forward(spec, p_step, x, lengths=lengths)[0].dtype == np.float32
+
+
+@needs_bf16
+def test_bf16_needs_float32_parameters():
+    spec, params, x, _, _, _ = make_problem((3, 2, 2, 3, 1, 2), "cross_entropy", np.float64)
+    with pytest.raises(ValueError, match="float32 parameters"):
+        CPUBackend(1, precision="bfloat16").forward(spec, params, x)

@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 
 from ._cpu_features import target_features
 from ._fastmath import REASSOC
+from . import gemm_cpu
 from .gemm_cpu import element_ptr
 
 #: rows of the register block and float32 lanes of a vector: 8 rows of 2 x 16 lanes are
@@ -286,3 +287,21 @@ def gemm(a, b, out, accumulate):
             else:
                 for c in range(width):
                     out[r, full + c] = tile[r, c]
+
+
+@njit(inline="always")
+def matmul(a, b, b16, a16, out, own_gemm):
+    """``out = a @ b``, in the precision the caller's buffers choose: bfloat16 where ``b16``
+    holds ``b`` packed by :func:`pack_panels` (``a`` is packed into the scratch ``a16``, of
+    at least ``a``'s rows and ``b16``'s pairs, first), else float32 by
+    :func:`.gemm_cpu.matmul` (``b16`` has no rows).  One call site serves both precisions."""
+    if b16.shape[0] > 0:
+        rows = a16[:a.shape[0]]
+        pack_rows(a, rows)
+        gemm(rows, b16, out, False)
+    else:
+        gemm_cpu.matmul(a, b, out, own_gemm)
+
+
+#: the ``b16`` and ``a16`` of :func:`matmul` that choose float32
+FLOAT32 = (np.empty((0, 0), np.uint32), np.empty((0, 0), np.uint32))
