@@ -8,8 +8,8 @@ import pytest
 import torch
 from numba import njit
 
-from fastlstm import reference
-from fastlstm.backends import AdamConfig, cpu
+from fastlstm import backends, reference
+from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, cpu, get_backend
 from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_bf16_cpu
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
@@ -245,3 +245,38 @@ def test_bf16_needs_float32_parameters():
     spec, params, x, _, _, _ = make_problem((3, 2, 2, 3, 1, 2), "cross_entropy", np.float64)
     with pytest.raises(ValueError, match="float32 parameters"):
         CPUBackend(1, precision="bfloat16").forward(spec, params, x)
+
+
+def test_a_cpu_without_avx512_bf16_gets_a_clear_error_and_float32_keeps_working(monkeypatch):
+    monkeypatch.setattr(gemm_bf16_cpu, "available", lambda: False)  # as on such a CPU
+    for make in (lambda: CPUBackend(precision="bfloat16"),
+                 lambda: get_backend("cpu", precision="bfloat16"),
+                 lambda: get_backend("auto", precision="bfloat16")):
+        with pytest.raises(BackendUnavailable, match=r"AVX512-BF16.*precision='float32'"):
+            make()
+    problem = make_problem((4, 3, 2, 5, 1, 3), "cross_entropy", np.float32)
+    want = run(ORACLE, *in_float64(*problem), "cross_entropy", None, None)
+    for backend in (CPUBackend(1, precision="float32"), get_backend("cpu", precision="auto")):
+        assert backend.precision == "float32"
+        compare(run(backend, *problem, "cross_entropy", None, None), want, 1e-4)
+
+
+def test_auto_precision_is_the_float32_backend():
+    assert get_backend("cpu", precision="auto") is get_backend("cpu")
+    assert CPUBackend(1, precision="auto").precision == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        get_backend("cpu", precision="half")
+
+
+@pytest.mark.parametrize("name", ["reference", "cuda"])
+def test_only_the_cpu_backend_offers_bfloat16(name):
+    with pytest.raises(ValueError, match=f"the {name} backend does not compute in "
+                                         "precision='bfloat16'"):
+        get_backend(name, precision="bfloat16")
+
+
+def test_auto_with_a_usable_gpu_refuses_bfloat16_rather_than_leave_it(monkeypatch):
+    monkeypatch.setitem(backends._instances, "cuda", Backend())  # a usable CUDA backend
+    with pytest.raises(ValueError, match="the cuda backend does not compute"):
+        get_backend("auto", precision="bfloat16")
+    assert get_backend("auto") is backends._instances["cuda"]

@@ -2,7 +2,8 @@
 
 ``get_backend(name)`` with ``name`` one of ``"reference"`` (plain NumPy, the
 oracle), ``"cpu"`` (Numba kernels + BLAS), ``"cuda"`` (CUDA kernels through
-CuPy) or ``"auto"`` (CUDA where usable, else CPU).
+CuPy) or ``"auto"`` (CUDA where usable, else CPU), computing in ``precision``
+(:mod:`fastlstm.precision`): ``"bfloat16"`` is the CPU backend's alone.
 
 The CPU backend is shared per thread count: each call takes the instance for the
 calling thread's budget (:func:`.cpu.default_num_threads`), so two tasks of one
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..precision import check_precision
 from .base import LOSSES, AdamConfig, AdamState, Backend, BackendUnavailable, Gradients, get_loss
 
 __all__ = ["AdamConfig", "AdamState", "Backend", "BackendUnavailable", "Gradients", "LOSSES",
@@ -24,7 +26,9 @@ BACKEND_NAMES = ("reference", "cpu", "cuda")
 _MODULES = {"reference": ("reference", "ReferenceBackend"),
             "cpu": ("cpu", "CPUBackend"),
             "cuda": ("cuda", "CUDABackend")}
-_instances: dict[str | tuple[str, int], Backend] = {}
+#: the precisions each backend computes in (besides float64 parameters where it takes them)
+_PRECISIONS = {"reference": ("float32",), "cpu": ("float32", "bfloat16"), "cuda": ("float32",)}
+_instances: dict[str | tuple[str, int, str], Backend] = {}
 
 
 def _load(name, **kwargs):
@@ -41,30 +45,41 @@ def _load(name, **kwargs):
     return getattr(module, class_name)(**kwargs)
 
 
-def get_backend(name="auto"):
-    """The backend called ``name`` (instances are shared).
+def get_backend(name="auto", precision="float32"):
+    """The backend called ``name``, computing in ``precision`` (instances are shared).
+
+    ``"auto"`` is CUDA where usable, else the CPU; asked for ``precision="bfloat16"``, a
+    usable CUDA backend refuses it rather than leaving the GPU for the CPU unasked.
 
     Raises
     ------
     ValueError
-        ``name`` is not a backend name.
+        ``name`` is not a backend name, or ``precision`` not one it computes in.
     BackendUnavailable
-        ``name`` is ``"cuda"`` and no usable CuPy + GPU was found.
+        ``name`` is ``"cuda"`` and no usable CuPy + GPU was found, or the CPU lacks the
+        instruction set ``precision`` needs.
     """
     if isinstance(name, Backend):
         return name
+    precision = check_precision(precision)
     if name == "auto":
         try:
-            return get_backend("cuda")
+            get_backend("cuda")
         except BackendUnavailable:
-            return get_backend("cpu")
+            return get_backend("cpu", precision)
+        return get_backend("cuda", precision)
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES + ('auto',)}")
+    if precision not in _PRECISIONS[name]:
+        raise ValueError(f"the {name} backend does not compute in precision={precision!r} "
+                         f"(only in {_PRECISIONS[name]}; bfloat16 is the CPU backend's): use "
+                         "precision='float32', or the CPU backend")
     key, kwargs = name, {}
-    if name == "cpu":  # one instance per thread budget, read at each call
+    if name == "cpu":  # one instance per thread budget, read at each call, and precision
         from .cpu import default_num_threads
         num_threads = default_num_threads()
-        key, kwargs = (name, num_threads), dict(num_threads=num_threads)
+        key, kwargs = (name, num_threads, precision), dict(num_threads=num_threads,
+                                                           precision=precision)
     if key not in _instances:
         # setdefault: two threads that both load keep one instance
         _instances.setdefault(key, _load(name, **kwargs))
