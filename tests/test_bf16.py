@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from numba import njit
+from sklearn.base import clone
 
-from fastlstm import backends, reference
+from fastlstm import LSTMClassifier, LSTMRegressor, backends, load, reference
 from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, cpu, get_backend
 from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_bf16_cpu
@@ -249,6 +250,7 @@ def test_bf16_needs_float32_parameters():
 
 def test_a_cpu_without_avx512_bf16_gets_a_clear_error_and_float32_keeps_working(monkeypatch):
     monkeypatch.setattr(gemm_bf16_cpu, "available", lambda: False)  # as on such a CPU
+    monkeypatch.setattr(backends, "_instances", {})  # none made before
     for make in (lambda: CPUBackend(precision="bfloat16"),
                  lambda: get_backend("cpu", precision="bfloat16"),
                  lambda: get_backend("auto", precision="bfloat16")):
@@ -280,3 +282,45 @@ def test_auto_with_a_usable_gpu_refuses_bfloat16_rather_than_leave_it(monkeypatc
     with pytest.raises(ValueError, match="the cuda backend does not compute"):
         get_backend("auto", precision="bfloat16")
     assert get_backend("auto") is backends._instances["cuda"]
+
+
+@needs_bf16
+def test_estimators_train_and_predict_in_bfloat16_and_save_it(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 6, 3)).astype(np.float32)
+    y = (X[:, :, 0].sum(axis=1) > 0).astype(int)
+    settings = dict(hidden_size=8, max_iter=3, random_state=0, device="cpu")
+    full = LSTMClassifier(**settings).fit(X, y)
+    half = LSTMClassifier(**settings, precision="bfloat16").fit(X, y)
+    assert half.get_params()["precision"] == "bfloat16"
+    assert clone(half).precision == "bfloat16"
+    assert not np.array_equal(half._params, full._params)  # it did compute in bfloat16
+    assert half._params.dtype == np.float32
+    assert abs(half.score(X, y) - full.score(X, y)) < 0.1
+    half.save(tmp_path / "half.npz")
+    loaded = load(tmp_path / "half.npz")
+    assert loaded.precision == "bfloat16"
+    np.testing.assert_array_equal(loaded.predict_proba(X), half.predict_proba(X))
+    LSTMRegressor(**settings, precision="bfloat16").fit(X, X[:, -1, :2]).save(tmp_path / "r.npz")
+    assert load(tmp_path / "r.npz").precision == "bfloat16"
+
+
+@pytest.mark.parametrize("make", [LSTMClassifier, LSTMRegressor])
+def test_estimators_validate_precision_in_fit(make):
+    X, y = np.zeros((4, 2, 1), np.float32), np.array([0, 1, 0, 1])
+    estimator = make(precision="half", max_iter=1)  # stored as given
+    assert estimator.precision == "half"
+    with pytest.raises(ValueError, match="'precision' parameter"):
+        estimator.fit(X, y)
+    with pytest.raises(ValueError, match="the cuda backend does not compute in "
+                                         "precision='bfloat16'"):
+        make(precision="bfloat16", device="cuda", max_iter=1).fit(X, y)
+
+
+def test_an_estimator_on_a_cpu_without_avx512_bf16_names_it(monkeypatch):
+    monkeypatch.setattr(gemm_bf16_cpu, "available", lambda: False)
+    monkeypatch.setattr(backends, "_instances", {})
+    X, y = np.zeros((4, 2, 1), np.float32), np.array([0, 1, 0, 1])
+    with pytest.raises(BackendUnavailable, match="AVX512-BF16"):
+        LSTMClassifier(precision="bfloat16", device="cpu", max_iter=1).fit(X, y)
+    assert LSTMClassifier(device="cpu", max_iter=1).fit(X, y).precision == "float32"
