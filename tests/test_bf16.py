@@ -119,6 +119,12 @@ def test_packing_pairs_the_inner_dimension():
     gemm_bf16_cpu.pack_panels(a.T, b16)
     np.testing.assert_array_equal(b16[:, :3], a16.T)
     assert not b16[:, 3:].any()
+    for rows in (4, 5):  # pack_columns(x) is pack_rows(x.T), x of an even and an odd height
+        x = np.vstack([a, a + 7])[:rows]
+        want, got = (np.empty((5, gemm_bf16_cpu.pairs(rows)), np.uint32) for _ in range(2))
+        gemm_bf16_cpu.pack_rows(x.T, want)
+        gemm_bf16_cpu.pack_columns(x, got)
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_bf16

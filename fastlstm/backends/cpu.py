@@ -268,7 +268,7 @@ class _Workspace:
         # rows of the step buffers: every step kept (packed) in training, two in turn else
         slots = steps if train else 2
 
-        def chunk_shapes(R):
+        def chunk_shapes(R, bf16=bf16):
             layers = [[dict(xh=(slots * R, K), c=(slots * R, H), z=(R, G), h_last=(R, H))
                        for _ in range(D)] for K in widths]
             if train:
@@ -292,7 +292,8 @@ class _Workspace:
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
         if train and own_gemm and _small_chunks_pay_off(weight_bytes):
             # every buffer of a chunk has a length proportional to its rows
-            row_bytes = _nbytes(chunk_shapes(1), dtype)
+            # (the float32 state only: bfloat16's scratch is read by one GEMM at a time)
+            row_bytes = _nbytes(chunk_shapes(1, bf16=False), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
         if mode == "step":
@@ -947,7 +948,7 @@ class _ChunkOps:
             g, (P, K) = gemm_bf16_cpu, rows.shape
             a16 = self.bf16["grad_a"][:K, :g.pairs(P)]
             b16 = self.bf16["grad_b"][:g.pairs(P), :g.panel_columns(dz2.shape[1])]
-            g.pack_rows(rows.T, a16)
+            g.pack_columns(rows, a16)
             g.pack_panels(dz2, b16)
             g.gemm(a16, b16, out, not first)
         elif self.own_gemm:

@@ -137,6 +137,30 @@ def pack_rows(a, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def pack_columns(x, out):
+    """:func:`pack_rows` of ``x.T``: ``out[k, p]`` = the pair ``(x[2p, k], x[2p + 1, k])``.
+
+    Reads ``x`` one pair of rows at a time (not a column at a time, as ``pack_rows(x.T)``
+    would, with a stride of a whole row between reads).
+
+    Parameters
+    ----------
+    x : (P, K) float32 array, rows contiguous
+    out : (>= K, >= pairs(P)) uint32 array
+    """
+    P, K = x.shape
+    zero = np.float32(0)
+    for p in range(P // 2):
+        first, second = x[2 * p], x[2 * p + 1]
+        for k in range(K):
+            out[k, p] = _pair(first[k], second[k])
+    if P % 2:
+        last = x[P - 1]
+        for k in range(K):
+            out[k, P // 2] = _pair(last[k], zero)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def pack_panels(b, out):
     """``out[p, n]`` = the pair ``(b[2p, n], b[2p + 1, n])`` rounded to bfloat16, zeros past
     ``b``'s rows and columns: the ``B`` operand of :func:`gemm`.
