@@ -1,6 +1,7 @@
 """bfloat16 precision: the rounding rule (:mod:`fastlstm.precision`), the reference's bfloat16
 mode, the bfloat16 GEMM kernel and the CPU backend's ``precision="bfloat16"``."""
 
+import json
 import re
 
 import numpy as np
@@ -17,6 +18,7 @@ from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
 from conftest import in_float64, make_lengths, make_problem, rel_err, shape_id
 from oracle import BF16_ORACLE, ORACLE
+from test_benchmarks import run as run_benchmark
 from test_dropout import KINDS, compare, run
 
 
@@ -330,3 +332,29 @@ def test_an_estimator_on_a_cpu_without_avx512_bf16_names_it(monkeypatch):
     with pytest.raises(BackendUnavailable, match="AVX512-BF16"):
         LSTMClassifier(precision="bfloat16", device="cpu", max_iter=1).fit(X, y)
     assert LSTMClassifier(device="cpu", max_iter=1).fit(X, y).precision == "float32"
+
+
+@needs_bf16
+def test_bf16_benchmark_compares_the_four_contenders_and_writes_json(tmp_path):
+    out = tmp_path / "bf16.json"
+    text = run_benchmark("bf16.py", "--samples", "256", "--batch", "64", "--hidden", "8",
+                         "--infer-samples", "64", "--infer-batch", "32", "--repeat", "1",
+                         "--json", str(out))
+    results = json.loads(out.read_text())
+    assert set(results["medians"]) == {"fastlstm float32", "fastlstm bfloat16", "PyTorch float32",
+                                       "PyTorch autocast bf16"}
+    assert all(m["epoch_s"] > 0 and m["inference_samples_per_s"] > 0
+               for m in results["medians"].values())
+    assert "fastlstm bfloat16 over PyTorch autocast bf16" in results["ratios"]
+    assert "load average" in text and "target" in text
+
+
+@needs_bf16
+def test_bf16_accuracy_fits_both_precisions(tmp_path):
+    out = tmp_path / "accuracy.json"
+    text = run_benchmark("bf16_accuracy.py", "--samples", "256", "--max-iter", "1",
+                         "--json", str(out))
+    fits = json.loads(out.read_text())["fits"]
+    assert set(fits) == {"float32", "bfloat16"}
+    assert all(fit["epochs"] == 1 and 0 <= fit["test_accuracy"] <= 1 for fit in fits.values())
+    assert "points of test accuracy" in text
