@@ -92,9 +92,10 @@ needs_bf16 = pytest.mark.skipif(not gemm_bf16_cpu.available(),
                                 reason="this CPU (Numba's target) lacks AVX512-BF16 (vdpbf16ps)")
 MR, NR = gemm_bf16_cpu.MR, gemm_bf16_cpu.NR
 #: (M, K, N): single, odd inner dimensions, remainders of every block size, exact panels,
-#: the LSTM's step shapes and a weight gradient's
+#: the LSTM's step shapes, a weight gradient's, and an inner dimension of three passes
 GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (MR + 7, 9, NR + 1), (MR, 2, NR), (2 * MR + 3, 17, 3 * NR - 1),
-               (16, 156, 512), (125, 156, 512), (16, 512, 128), (156, 449, 512)]
+               (16, 156, 512), (125, 156, 512), (16, 512, 128), (156, 449, 512),
+               (9, 4 * gemm_bf16_cpu.KC_PAIRS + 101, 40)]
 
 
 def bf16_product(a, b, accumulate_onto=None):

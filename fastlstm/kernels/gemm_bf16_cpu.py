@@ -48,6 +48,10 @@ from .gemm_cpu import element_ptr
 MR, LANES = 8, 16
 #: columns of the register block (and of a panel of :func:`pack_panels`)
 NR = 2 * LANES
+#: pairs of the inner dimension per pass: as :data:`.gemm_cpu.KC` values of float32 (the same
+#: bytes of a panel of ``B``), so that a long inner dimension (a weight gradient over many
+#: steps) keeps the panel in L1/L2 while every row block of ``A`` passes
+KC_PAIRS = 256
 #: the instruction set this module needs, as LLVM and ``/proc/cpuinfo`` name it
 FEATURE, CPUINFO_FLAG = "avx512bf16", "avx512_bf16"
 
@@ -297,6 +301,14 @@ def gemm(a, b, out, accumulate):
         raise ValueError("gemm_bf16: shapes do not match")
     if a.strides[1] != 4 or b.strides[1] != 4 or out.strides[1] != 4:
         raise ValueError("gemm_bf16: a, b and out need contiguous rows")
+    for p0 in range(0, max(P, 1), KC_PAIRS):
+        p1 = min(P, p0 + KC_PAIRS)
+        _gemm_slice(a[:, p0:p1], b[p0:p1], out, accumulate or p0 > 0)
+
+
+@njit(inline="always")
+def _gemm_slice(a, b, out, accumulate):
+    M, N = out.shape
     full = N - N % NR
     for c0 in range(0, full, NR):
         _column_panel(a, b, c0, out[:, c0:], accumulate)
