@@ -98,15 +98,21 @@ GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (MR + 7, 9, NR + 1), (MR, 2, NR), (2 * MR +
                (9, 4 * gemm_bf16_cpu.KC_PAIRS + 101, 40)]
 
 
-def bf16_product(a, b, accumulate_onto=None):
-    """``a @ b`` by the kernels: both packed, then :func:`gemm_bf16_cpu.gemm`."""
+def bf16_product(a, b, accumulate_onto=None, a_transposed=False):
+    """``a @ b`` by the kernels: both packed, then :func:`gemm_bf16_cpu.gemm`; ``a_transposed``:
+    as the weight gradient, :func:`gemm_bf16_cpu.gemm_xt` of ``a.T``."""
     g = gemm_bf16_cpu
     (M, K), N = a.shape, b.shape[1]
-    a16 = np.empty((M, g.pairs(K)), np.uint32)
     b16 = np.empty((g.pairs(K), g.panel_columns(N)), np.uint32)
+    out = np.full((M, N), np.nan, np.float32) if accumulate_onto is None else accumulate_onto
+    if a_transposed:  # the extra rows and columns of the scratch are not read
+        a16 = np.empty(g.pairs(K) * g.panel_columns(M) + 3, np.uint32)
+        g.gemm_xt(a.T, b, a16, np.empty(b16.size + 5, np.uint32), out,
+                  accumulate_onto is not None)
+        return out
+    a16 = np.empty((M, g.pairs(K)), np.uint32)
     g.pack_rows(a, a16)
     g.pack_panels(b, b16)
-    out = np.full((M, N), np.nan, np.float32) if accumulate_onto is None else accumulate_onto
     g.gemm(a16, b16, out, accumulate_onto is not None)
     return out
 
@@ -122,12 +128,6 @@ def test_packing_pairs_the_inner_dimension():
     gemm_bf16_cpu.pack_panels(a.T, b16)
     np.testing.assert_array_equal(b16[:, :3], a16.T)
     assert not b16[:, 3:].any()
-    for rows in (4, 5):  # pack_columns(x) is pack_rows(x.T), x of an even and an odd height
-        x = np.vstack([a, a + 7])[:rows]
-        want, got = (np.empty((5, gemm_bf16_cpu.pairs(rows)), np.uint32) for _ in range(2))
-        gemm_bf16_cpu.pack_rows(x.T, want)
-        gemm_bf16_cpu.pack_columns(x, got)
-        np.testing.assert_array_equal(got, want)
 
 
 @needs_bf16
@@ -140,8 +140,10 @@ def test_bf16_gemm_is_exact_where_every_sum_is(shape):
     want = a.astype(np.int64) @ b.astype(np.int64)
     np.testing.assert_array_equal(bf16_product(a, b), want)
     np.testing.assert_array_equal(bf16_product(a, b, np.ones((M, N), np.float32)), want + 1)
-    # a transposed (strided) A, the weight gradient's
+    # a transposed (strided) A, and one packed as the weight gradient's
     np.testing.assert_array_equal(bf16_product(np.ascontiguousarray(a.T).T, b), want)
+    np.testing.assert_array_equal(bf16_product(a, b, a_transposed=True), want)
+    np.testing.assert_array_equal(bf16_product(a, b, np.ones((M, N), np.float32), True), want + 1)
 
 
 @needs_bf16
@@ -157,8 +159,9 @@ def test_bf16_gemm_is_the_product_of_rounded_operands_up_to_float32_sums(shape):
     ra, rb = round_bf16(a).astype(np.float64), round_bf16(b).astype(np.float64)
     u = 2.0 ** -24
     bound = K * u / (1 - K * u) * (np.abs(ra) @ np.abs(rb))
-    got = bf16_product(a, b)
-    assert (np.abs(got - ra @ rb) <= bound).all()
+    for a_transposed in (False, True):
+        got = bf16_product(a, b, a_transposed=a_transposed)
+        assert (np.abs(got - ra @ rb) <= bound).all()
     # and the rounding matters: float32 operands differ from it far beyond that bound
     assert (np.abs(a.astype(np.float64) @ b - ra @ rb) > bound).any()
 
@@ -173,6 +176,8 @@ def test_bf16_gemm_refuses_mismatched_operands():
     with pytest.raises(ValueError, match="contiguous rows"):
         gemm_bf16_cpu.gemm(a16, np.zeros((3, 2 * NR), np.uint32)[:, ::2],
                            np.empty((4, NR), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemm_bf16_cpu.gemm(a16, b16, np.empty((4, 2 * NR), np.float32)[:, ::2], False)
 
 
 @needs_bf16

@@ -283,8 +283,8 @@ class _Workspace:
                 scratch = dict(step=(R, g.pairs(max(max(widths), G))))
                 if train:
                     P = steps * R  # the packed steps the weight gradient and dx run over
-                    scratch.update(grad_a=(max(widths), g.pairs(P)),
-                                   grad_b=(g.pairs(P), g.panel_columns(G)), dx=(P, g.pairs(G)))
+                    scratch.update(grad_a=(g.pairs(P) * g.panel_columns(max(widths)),),
+                                   grad_b=(g.pairs(P) * g.panel_columns(G),), dx=(P, g.pairs(G)))
                 shapes["bf16"] = scratch
             return shapes
 
@@ -945,12 +945,8 @@ class _ChunkOps:
     def _weight_gradient(self, rows, dz2, out, first):
         """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""
         if self.bf16 is not None:
-            g, (P, K) = gemm_bf16_cpu, rows.shape
-            a16 = self.bf16["grad_a"][:K, :g.pairs(P)]
-            b16 = self.bf16["grad_b"][:g.pairs(P), :g.panel_columns(dz2.shape[1])]
-            g.pack_columns(rows, a16)
-            g.pack_panels(dz2, b16)
-            g.gemm(a16, b16, out, not first)
+            gemm_bf16_cpu.gemm_xt(rows, dz2, self.bf16["grad_a"], self.bf16["grad_b"], out,
+                                  not first)
         elif self.own_gemm:
             gemm_cpu.gemm(rows.T, dz2, out, not first)
         elif first:

@@ -141,30 +141,6 @@ def pack_rows(a, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pack_columns(x, out):
-    """:func:`pack_rows` of ``x.T``: ``out[k, p]`` = the pair ``(x[2p, k], x[2p + 1, k])``.
-
-    Reads ``x`` one pair of rows at a time (not a column at a time, as ``pack_rows(x.T)``
-    would, with a stride of a whole row between reads).
-
-    Parameters
-    ----------
-    x : (P, K) float32 array, rows contiguous
-    out : (>= K, >= pairs(P)) uint32 array
-    """
-    P, K = x.shape
-    zero = np.float32(0)
-    for p in range(P // 2):
-        first, second = x[2 * p], x[2 * p + 1]
-        for k in range(K):
-            out[k, p] = _pair(first[k], second[k])
-    if P % 2:
-        last = x[P - 1]
-        for k in range(K):
-            out[k, P // 2] = _pair(last[k], zero)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def pack_panels(b, out):
     """``out[p, n]`` = the pair ``(b[2p, n], b[2p + 1, n])`` rounded to bfloat16, zeros past
     ``b``'s rows and columns: the ``B`` operand of :func:`gemm`.
@@ -286,9 +262,12 @@ def gemm(a, b, out, accumulate):
     """``out (+)= A @ B`` in bfloat16 with float32 sums, single-threaded, on operands packed
     by :func:`pack_rows` (``a``) and :func:`pack_panels` (``b``).
 
+    ``A = X^T`` (a weight gradient's) needs no transposition: ``pack_panels(X).T`` is it, a
+    view whose pairs lie a row of the packed ``X`` apart (``a`` may have any strides).
+
     Parameters
     ----------
-    a : (M, >= P) uint32 array, rows contiguous
+    a : (M, >= P) uint32 array, any strides
     b : (P, >= panel_columns(N)) uint32 array, rows contiguous
         ``P`` pairs of the inner dimension.
     out : (M, N) float32 array, rows contiguous; must not overlap ``a`` or ``b``
@@ -299,8 +278,8 @@ def gemm(a, b, out, accumulate):
     P = b.shape[0]
     if a.shape[0] != M or a.shape[1] < P or b.shape[1] < -(-N // NR) * NR:
         raise ValueError("gemm_bf16: shapes do not match")
-    if a.strides[1] != 4 or b.strides[1] != 4 or out.strides[1] != 4:
-        raise ValueError("gemm_bf16: a, b and out need contiguous rows")
+    if b.strides[1] != 4 or out.strides[1] != 4:
+        raise ValueError("gemm_bf16: b and out need contiguous rows")
     for p0 in range(0, max(P, 1), KC_PAIRS):
         p1 = min(P, p0 + KC_PAIRS)
         _gemm_slice(a[:, p0:p1], b[p0:p1], out, accumulate or p0 > 0)
@@ -323,6 +302,33 @@ def _gemm_slice(a, b, out, accumulate):
             else:
                 for c in range(width):
                     out[r, full + c] = tile[r, c]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gemm_xt(x, y, x16, y16, out, accumulate):
+    """``out (+)= x^T @ y`` in bfloat16 with float32 sums (a weight gradient), packing both
+    into the scratch ``x16`` and ``y16`` first (one call: the packing and the product).
+
+    The scratch is flat, and each packed operand a contiguous prefix of it: packing into a
+    2-D view with longer rows than it needs ran 3 times slower (Numba then indexes a
+    strided array).
+
+    Parameters
+    ----------
+    x : (P, K) float32 array, any strides
+    y : (P, N) float32 array, any strides
+    x16, y16 : 1-D uint32 arrays of at least pairs(P) * panel_columns(K) and
+        pairs(P) * panel_columns(N) elements
+    out : (K, N) float32 array, rows contiguous
+    accumulate : bool
+    """
+    (P, K), N = x.shape, y.shape[1]
+    n_pairs = (P + 1) // 2  # pairs(P), and panel_columns(K), panel_columns(N) below
+    x16 = x16[:n_pairs * (-(-K // NR) * NR)].reshape(n_pairs, -(-K // NR) * NR)
+    y16 = y16[:n_pairs * (-(-N // NR) * NR)].reshape(n_pairs, -(-N // NR) * NR)
+    pack_panels(x, x16)
+    pack_panels(y, y16)
+    gemm(x16.T[:K], y16, out, accumulate)  # x^T: the transposed view of x's pack
 
 
 @njit(inline="always")
