@@ -917,8 +917,9 @@ class _ChunkOps:
             return None
         if self.bf16 is None:
             return np.matmul(dz2, w_ih)
-        dx = np.empty((P, w_ih.shape[1]), dz2.dtype)
-        gemm_bf16_cpu.matmul(dz2, w_ih, self.ws.w_ih16[n], self.bf16["dx"], dx, True)
+        dx, dz16 = np.empty((P, w_ih.shape[1]), dz2.dtype), self.bf16["dx"][:P]
+        gemm_bf16_cpu.pack_rows(dz2, dz16)
+        gemm_bf16_cpu.gemm(dz16, self.ws.w_ih16[n], dx, False)
         return dx
 
     def join_backward(self, dins, parts):
