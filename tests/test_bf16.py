@@ -230,6 +230,18 @@ def test_cpu_bf16_matches_the_bf16_reference(shape, bidirectional, lengths_kind,
 
 
 @needs_bf16
+@pytest.mark.parametrize("initial_states", [False, True], ids=["h0=0", "h0"])
+def test_cpu_bf16_with_every_row_one_step_long(initial_states):
+    # h0 = 0: the weight gradient of W_hh then runs over no step at all
+    problem = make_problem((6, 4, 3, 5, 2, 3), "cross_entropy", np.float32,
+                           initial_states=initial_states, bidirectional=True)
+    lengths = make_lengths(6, 4, "ones")
+    got = run(CPUBackend(2, precision="bfloat16"), *problem, "cross_entropy", lengths, None)
+    want = run(BF16_ORACLE, *in_float64(*problem), "cross_entropy", lengths, None)
+    compare(got, want, BF16_TOLERANCE)
+
+
+@needs_bf16
 def test_bf16_train_step_matches_forward_backward_and_learns(monkeypatch):
     monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # several chunks per thread
     spec, params, x, y, _, _ = make_problem((64, 7, 5, 8, 2, 3), "cross_entropy", np.float32,

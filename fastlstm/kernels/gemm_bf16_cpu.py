@@ -12,7 +12,9 @@ are packed with each pair of ``k`` side by side:
 * ``B`` (:func:`pack_panels`): ``(pairs, N)`` of ``uint32``, element ``[p, n]`` the pair
   ``(b[2p, n], b[2p+1, n])``, columns padded with zeros to whole panels of :data:`NR`.
 
-An odd inner dimension is padded with a zero.
+An odd inner dimension is padded with a zero.  The ``A`` of a weight gradient, ``X^T``,
+is ``pack_panels(X)`` read transposed (:func:`gemm_xt`): its pairs are already those of
+the inner dimension, so nothing is transposed.
 
 An output block of ``MR`` rows by ``NR = 32`` columns is ``2 MR`` vectors of 16 float32
 accumulators kept in registers over the whole inner dimension; per pair of ``k``: two
@@ -27,8 +29,9 @@ zero): at most ``gamma_K * sum_k |a_ik b_kj|``, ``gamma_K = K u / (1 - K u)``,
 ``u = 2^-24``, in whatever order the sums are taken (``tests/test_bf16.py`` checks that
 bound, and exact results where every sum is exact).
 
-Only for targets with ``avx512bf16`` (:func:`.available`); compiled on first call, so
-that importing this module is harmless elsewhere.
+Only for targets with ``avx512bf16`` (:func:`available`); compiled on first call, so
+that importing this module is harmless elsewhere.  No AMX (``tdpbf16ps``) path: no
+machine of the project has AMX to test one on.
 """
 
 import llvmlite.binding as llvm
@@ -38,9 +41,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import gemm_cpu
 from ._cpu_features import target_features
 from ._fastmath import REASSOC
-from . import gemm_cpu
 from .gemm_cpu import element_ptr
 
 #: rows of the register block and float32 lanes of a vector: 8 rows of 2 x 16 lanes are
@@ -152,7 +155,7 @@ def pack_panels(b, out):
     """
     K, N = b.shape
     zero = np.float32(0)
-    for p in range(out.shape[0]):
+    for p in range((K + 1) // 2):
         dst = out[p]
         if 2 * p + 1 < K:
             first, second = b[2 * p], b[2 * p + 1]
