@@ -3,10 +3,9 @@ that :mod:`fastlstm.reference` and the bfloat16 CPU kernels both follow.
 
 ``"float32"`` computes everything in the parameters' dtype.  ``"bfloat16"`` rounds the two
 operands of the LSTM's GEMMs to bfloat16 and accumulates their products in float32
-(``vdpbf16ps``); nothing else changes.  The GEMMs whose operands are rounded
-(:data:`ROUNDED_GEMMS`), per layer and direction, with ``xh_t = [x_t, h_{t-1}]`` as the
-recurrence reads it (``x_t`` the layer's input after the dropout between layers,
-``h_{t-1}`` after the recurrent dropout mask):
+(``vdpbf16ps``); nothing else changes.  The GEMMs whose operands are rounded, per layer
+and direction, with ``x_t`` and ``h_{t-1}`` as the recurrence reads them (``x_t`` after
+the dropout between layers, ``h_{t-1}`` after the recurrent dropout mask):
 
 * forward, each step: ``z_t = x_t W_ih^T + h_{t-1} W_hh^T`` (the bias is added after, in
   float32);
@@ -29,13 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PRECISIONS", "ROUNDED_GEMMS", "check_precision", "round_bf16", "bf16_bits"]
+__all__ = ["PRECISIONS", "check_precision", "round_bf16", "bf16_bits"]
 
 #: the precisions a user may ask for; ``"auto"`` is float32 (see :func:`check_precision`)
 PRECISIONS = ("float32", "bfloat16", "auto")
-#: the GEMMs whose operands ``"bfloat16"`` rounds (see the module docstring)
-ROUNDED_GEMMS = ("forward z_t = x_t W_ih^T + h_{t-1} W_hh^T", "backward dz_t W_hh",
-                 "backward dz_t W_ih", "weight gradients dz_t^T x_t, dz_t^T h_{t-1}")
 
 
 def check_precision(precision):
