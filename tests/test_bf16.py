@@ -2,7 +2,10 @@
 mode, the bfloat16 GEMM kernel and the CPU backend's ``precision="bfloat16"``."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from fastlstm import LSTMClassifier, LSTMRegressor, backends, load, reference
 from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, cpu, get_backend
 from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_bf16_cpu
+from fastlstm.model import ModelSpec
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
 from conftest import in_float64, make_lengths, make_problem, rel_err, shape_id
@@ -376,3 +380,46 @@ def test_bf16_accuracy_fits_both_precisions(tmp_path):
     assert set(fits) == {"float32", "bfloat16"}
     assert all(fit["epochs"] == 1 and 0 <= fit["test_accuracy"] <= 1 for fit in fits.values())
     assert "points of test accuracy" in text
+
+
+NO_BF16_CHILD = """
+import numpy as np
+from fastlstm.backends import BackendUnavailable
+from fastlstm.backends.cpu import CPUBackend
+from fastlstm.kernels import gemm_bf16_cpu
+from fastlstm.model import ModelSpec
+assert not gemm_bf16_cpu.available()
+spec = ModelSpec(3, 8, 2, 2, bidirectional=True)
+params = spec.layout.init(np.random.default_rng(0), np.float32)
+x = np.random.default_rng(1).standard_normal((5, 4, 3)).astype(np.float32)
+backend = CPUBackend(1)
+outputs, cache = backend.forward(spec, params, x, train=True)
+_, d_out = backend.loss(outputs, np.array([0, 1, 0, 1, 0]), "cross_entropy")
+grads = backend.backward(spec, params, cache, d_out, input_grads=True)
+try:
+    CPUBackend(1, precision="bfloat16")
+except BackendUnavailable:
+    print(outputs.tobytes().hex(), grads.params.tobytes().hex())
+"""
+
+
+def test_float32_compiles_and_runs_for_a_cpu_without_avx512_bf16(tmp_path):
+    # Numba built for this CPU without AVX512-BF16 (in a fresh cache): the LSTM kernels, which
+    # hold the bfloat16 GEMM's call site, still compile (LLVM cannot select vdpbf16ps there),
+    # float32 gives the same bits as here, and bfloat16 is refused
+    import llvmlite.binding as llvm
+    features = dict(llvm.get_host_cpu_features(), avx512bf16=False)
+    env = dict(os.environ, NUMBA_CPU_NAME=llvm.get_host_cpu_name(), NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES=",".join(("+" if on else "-") + name
+                                           for name, on in features.items()))
+    done = subprocess.run([sys.executable, "-c", NO_BF16_CHILD], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    spec = ModelSpec(3, 8, 2, 2, bidirectional=True)
+    params = spec.layout.init(np.random.default_rng(0), np.float32)
+    x = np.random.default_rng(1).standard_normal((5, 4, 3)).astype(np.float32)
+    backend = CPUBackend(1)
+    outputs, cache = backend.forward(spec, params, x, train=True)
+    _, d_out = backend.loss(outputs, np.array([0, 1, 0, 1, 0]), "cross_entropy")
+    grads = backend.backward(spec, params, cache, d_out, input_grads=True)
+    assert done.stdout.split() == [outputs.tobytes().hex(), grads.params.tobytes().hex()]

@@ -183,6 +183,14 @@ def _make_block(rows):
     @intrinsic
     def block(typingctx, a, r0, b, c0, out, o_r0, accumulate):
         def codegen(context, builder, sig, args):
+            if FEATURE not in target_features():  # the target's own, as the cache is keyed
+                # The kernels that may call this (the LSTM's, through matmul) are compiled on
+                # every CPU, and LLVM cannot select vdpbf16ps for a target without it.  It is
+                # never run there (the backend refuses bfloat16): a trap, should it ever be.
+                trap = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+                builder.call(trap, [])
+                return context.get_dummy_value()
             a_ty, _, b_ty, _, out_ty = sig.args[:5]
             a_v, r0_v, b_v, c0_v, out_v, o_r0_v, acc_v = args
             f32, i32 = ir.FloatType(), ir.IntType(32)
