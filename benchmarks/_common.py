@@ -112,18 +112,22 @@ def torch_model(inputs, hidden, classes):
     return LSTMClassifier()
 
 
-def torch_train_epoch(net, optimizer, X, y, order, batch):
+def torch_train_epoch(net, optimizer, X, y, order, batch, autocast=False):
     """:func:`train_epoch` for the PyTorch baseline: Adam steps on softmax cross-entropy over
     the minibatches ``X[idx]``, ``y[idx]`` taken with ``order`` (a tensor beside ``X``).
+    ``autocast``: the forward and the loss under ``torch.autocast("cpu",
+    dtype=torch.bfloat16)``, the backward after it, as PyTorch's documentation has it.
 
     Returns the sum of the minibatch losses, left on the device (no synchronisation).
     """
+    import torch
     from torch.nn.functional import cross_entropy
     total = 0.0
     for start in range(0, len(order), batch):
         idx = order[start:start + batch]
         optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(net(X[idx]), y[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = cross_entropy(net(X[idx]), y[idx])
         loss.backward()
         optimizer.step()
         total = total + loss.detach()

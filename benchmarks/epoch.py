@@ -143,11 +143,11 @@ def estimator_report(args):
     return r
 
 
-def fastlstm_epoch(X, y, batch, hidden, rng, lr):
+def fastlstm_epoch(X, y, batch, hidden, rng, lr, precision="float32"):
     from _common import train_epoch
     from fastlstm.backends import AdamConfig, get_backend
     from fastlstm.model import ModelSpec
-    backend = get_backend("cpu")
+    backend = get_backend("cpu", precision)
     spec = ModelSpec(X.shape[2], hidden, 1, 10)
     params = spec.layout.init(rng, np.float32)
     state = backend.adam_state(params)
@@ -171,24 +171,27 @@ def fastlstm_inference(model, X, batch):
     return len(X) / (time.perf_counter() - start)
 
 
-def torch_epoch(X, y, batch, hidden, rng, lr):
+def torch_epoch(X, y, batch, hidden, rng, lr, autocast=False):
+    """``autocast``: in ``torch.autocast("cpu", dtype=torch.bfloat16)`` (see
+    :func:`_common.torch_train_epoch`)."""
     import torch
     from _common import torch_model, torch_train_epoch
     torch.manual_seed(0)
     net = torch_model(X.shape[2], hidden, 10)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch)  # one untimed step
+    torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch, autocast)  # one untimed step
     start, cpu_start = time.perf_counter(), time.process_time()
-    total = torch_train_epoch(net, opt, Xt, yt, torch.from_numpy(rng.permutation(len(X))), batch)
+    total = torch_train_epoch(net, opt, Xt, yt, torch.from_numpy(rng.permutation(len(X))), batch,
+                              autocast)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu, float(total) / -(-len(X) // batch), net
 
 
-def torch_inference(net, X, batch):
+def torch_inference(net, X, batch, autocast=False):
     import torch
     Xt = torch.from_numpy(X)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         net(Xt[:batch])
         start = time.perf_counter()
         for b in range(0, len(X), batch):

@@ -48,6 +48,7 @@ from .backends import AdamConfig, AdamState, get_backend
 from .dropout import Dropout
 from .model import ModelSpec
 from .persistence import _warn_if_other_version, load_state, save_state
+from .precision import PRECISIONS
 from .schedule import LearningRateSchedule
 from .validation import DTYPE, check_regression_targets, check_same_length, check_sequences, \
     to_float32
@@ -91,6 +92,7 @@ class BaseLSTM(BaseEstimator):
         "verbose": ["verbose"],
         "random_state": ["random_state"],
         "device": [StrOptions({"auto", "cpu", "cuda"})],
+        "precision": [StrOptions(set(PRECISIONS))],
     }
 
     #: loss of the backend: "cross_entropy" or "squared_error" (set by subclasses)
@@ -103,7 +105,8 @@ class BaseLSTM(BaseEstimator):
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, warm_start=False,
-                 checkpoint=None, verbose=0, random_state=None, device="auto"):
+                 checkpoint=None, verbose=0, random_state=None, device="auto",
+                 precision="float32"):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
@@ -129,6 +132,7 @@ class BaseLSTM(BaseEstimator):
         self.verbose = verbose
         self.random_state = random_state
         self.device = device
+        self.precision = precision
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -555,7 +559,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
                         f"every sample of the {part} part of the early_stopping split has zero "
                         "weight; change random_state or validation_fraction, or give more "
                         "samples a positive weight.")
-        backend = get_backend(self.device)
+        backend = get_backend(self.device, self.precision)
         with backend.session():  # per-call setup of the backend, held for the whole fit
             self._train(backend, X, y, lengths, weights, X_val, y_val, lengths_val, weights_val,
                         n_epochs=1 if incremental else max(0, self.max_iter - record["epochs"]),
@@ -777,7 +781,7 @@ or list of array-like of shape (n_steps_i, n_inputs)
         """
         check_is_fitted(self)
         sequences = check_sequences(self, X, reset=False)
-        backend = get_backend(self.device)
+        backend = get_backend(self.device, self.precision)
         act = None if activation is None else getattr(backend, activation)
         outputs = self._forward(backend, backend.asarray(self._params), sequences,
                                 activation=act,
@@ -940,6 +944,14 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         backend can run and passes its self-check (a tiny forward and backward
         against the NumPy reference, once per process), else the CPU, with a
         warning that says why where CuPy is installed; ``"cuda"`` raises then.
+    precision : {"float32", "bfloat16", "auto"}, default="float32"
+        What the LSTM's matrix products compute in, in training and prediction.
+        ``"bfloat16"`` (the CPU only, on CPUs with the AVX512-BF16 instruction set;
+        elsewhere a clear error) rounds their operands to bfloat16 and sums in float32
+        (``python benchmarks/bf16.py`` times it against float32); the weights, the cell
+        state, the gates, the loss and the optimizer stay float32
+        (:mod:`fastlstm.precision` says exactly what is rounded).  ``"auto"`` is
+        ``"float32"``: a lower precision is never chosen for you.
 
     Attributes
     ----------
@@ -995,7 +1007,8 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
                  learning_rate_init=2e-3, max_iter=15, alpha=0.0, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, clip_grad_norm=None, shuffle=True, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, class_weight=None,
-                 warm_start=False, checkpoint=None, verbose=0, random_state=None, device="auto"):
+                 warm_start=False, checkpoint=None, verbose=0, random_state=None, device="auto",
+                 precision="float32"):
         super().__init__(
             hidden_size, num_layers, bidirectional=bidirectional, dropout=dropout,
             recurrent_dropout=recurrent_dropout, input_size=input_size, batch_size=batch_size,
@@ -1004,7 +1017,7 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
             clip_grad_norm=clip_grad_norm, shuffle=shuffle, early_stopping=early_stopping,
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             tol=tol, warm_start=warm_start, checkpoint=checkpoint, verbose=verbose,
-            random_state=random_state, device=device)
+            random_state=random_state, device=device, precision=precision)
         self.class_weight = class_weight
 
     @property

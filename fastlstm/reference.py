@@ -12,6 +12,9 @@ A stack of such layers is followed by a linear head on the top layer's last
 hidden state, trained with Adam.  Every other implementation is tested against
 this module, and this module is tested against central finite differences in
 float64.  It works in whatever floating dtype the parameters and inputs have.
+``precision="bfloat16"`` rounds the operands of the LSTM's GEMMs to bfloat16 as the
+bfloat16 kernels do, by the rule of :mod:`fastlstm.precision` (each such product is
+one call of :func:`_gemm` below); the sums stay in the arrays' dtype.
 It is written from the equations on purpose, not on the network program of
 :mod:`fastlstm.model` that every backend runs, so that it can check that program.
 
@@ -23,6 +26,8 @@ PyTorch's shape ``(num_layers * num_directions, batch, hidden)``.
 from __future__ import annotations
 
 import numpy as np
+
+from .precision import check_precision, round_bf16
 
 __all__ = ["sigmoid", "forward", "backward", "loss", "loss_and_grad", "softmax", "adam", "LOSSES"]
 
@@ -44,8 +49,15 @@ def _directions(params):
     return ("", "_reverse") if "lstm.weight_ih_l0_reverse" in params else ("",)
 
 
+def _gemm(precision):
+    """``a @ b`` for the LSTM's GEMMs in ``precision`` (:mod:`fastlstm.precision`)."""
+    if check_precision(precision) == "bfloat16":
+        return lambda a, b: round_bf16(a) @ round_bf16(b)
+    return np.matmul
+
+
 def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
-            recurrent_masks=None):
+            recurrent_masks=None, precision="float32"):
     """Run the stacked LSTM and the head.
 
     A bidirectional network (parameters ``..._reverse``) runs a second recurrence
@@ -62,6 +74,8 @@ def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
     hidden)``, multiplies layer ``k``'s output where layer ``k + 1`` reads it (one
     per layer but the last); ``recurrent_masks[n]``, ``(batch, hidden)``, multiplies
     ``h_{t-1}`` where recurrence ``n = k * directions + d`` reads it, at every step.
+    ``precision`` (``"float32"`` or ``"bfloat16"``, see :mod:`fastlstm.precision`) is
+    kept in the cache for :func:`backward`.
 
     Returns
     -------
@@ -71,6 +85,7 @@ def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
         Everything :func:`backward` needs.
     """
     x = np.asarray(x)
+    gemm = _gemm(precision)
     B, T, _ = x.shape
     L, dirs = _num_layers(params), _directions(params)
     valid = np.ones((B, T), bool) if lengths is None else \
@@ -91,7 +106,7 @@ def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
             for t in (reversed(range(T)) if suffix else range(T)):
                 m = valid[:, t, None]
                 h_read = h if recurrent_masks is None else h * recurrent_masks[n]
-                z = inp[:, t] @ W_ih.T + h_read @ W_hh.T + b
+                z = gemm(inp[:, t], W_ih.T) + gemm(h_read, W_hh.T) + b
                 i = sigmoid(z[:, :H])
                 f = sigmoid(z[:, H:2 * H])
                 g = np.tanh(z[:, 2 * H:3 * H])
@@ -110,7 +125,7 @@ def forward(params, x, h0=None, c0=None, lengths=None, between_masks=None,
     h_last = np.concatenate([layer["h_n"] for layer in layers[-len(dirs):]], axis=1)
     outputs = h_last @ params["head.weight"].T + params["head.bias"]
     return outputs, dict(layers=layers, h_last=h_last, directions=len(dirs), steps=T,
-                         between_masks=between_masks)
+                         between_masks=between_masks, precision=precision)
 
 
 def backward(params, cache, doutputs):
@@ -128,6 +143,7 @@ def backward(params, cache, doutputs):
     grads["head.bias"] = doutputs.sum(axis=0)
 
     layers, D, T = cache["layers"], cache["directions"], cache["steps"]
+    gemm = _gemm(cache["precision"])
     dh0 = [None] * len(layers)
     dc0 = [None] * len(layers)
     d_last = np.split(doutputs @ params["head.weight"], D, axis=1)
@@ -161,11 +177,13 @@ def backward(params, cache, doutputs):
                                  dg * (1 - s["g"] * s["g"]),
                                  do * s["o"] * (1 - s["o"])], axis=1)
             dz = np.where(m, dz, 0)
-            dW_ih += dz.T @ inp[:, t]
-            dW_hh += dz.T @ s["h_prev"]
+            dW_ih += gemm(dz.T, inp[:, t])
+            dW_hh += gemm(dz.T, s["h_prev"])
             db += dz.sum(axis=0)
-            d_inp[:, t] += dz @ W_ih
-            dh_prev = dz @ W_hh if layer["h_mask"] is None else dz @ W_hh * layer["h_mask"]
+            d_inp[:, t] += gemm(dz, W_ih)
+            dh_prev = gemm(dz, W_hh)
+            if layer["h_mask"] is not None:
+                dh_prev = dh_prev * layer["h_mask"]
             dh_next = np.where(m, dh_prev, dh_next)
             dc_next = np.where(m, dc * s["f"], dc_next)
         grads[f"lstm.bias_ih_l{k}{suffix}"] = db
@@ -215,13 +233,14 @@ def loss(outputs, y, kind, sample_weight=None):
 
 
 def loss_and_grad(params, x, y, kind, h0=None, c0=None, lengths=None, sample_weight=None,
-                  between_masks=None, recurrent_masks=None):
+                  between_masks=None, recurrent_masks=None, precision="float32"):
     """Forward, loss (weighted by ``sample_weight``, see :func:`loss`) and backward in one call
     (the other arguments as :func:`forward`).
 
     Returns ``(loss, grads, dx, dh0, dc0, outputs)``.
     """
-    outputs, cache = forward(params, x, h0, c0, lengths, between_masks, recurrent_masks)
+    outputs, cache = forward(params, x, h0, c0, lengths, between_masks, recurrent_masks,
+                             precision)
     value, doutputs = loss(outputs, y, kind, sample_weight)
     grads, dx, dh0, dc0 = backward(params, cache, doutputs)
     return value, grads, dx, dh0, dc0, outputs

@@ -21,6 +21,10 @@ class Oracle(ReferenceBackend):
 
     name = "oracle"
 
+    def __init__(self, precision="float32"):
+        #: the precision of the LSTM's GEMMs, as :func:`fastlstm.reference.forward` takes it
+        self.precision = precision
+
     def forward(self, spec, params, x, h0=None, c0=None, train=False, lengths=None,
                 dropout=None):
         masks = {}
@@ -28,7 +32,8 @@ class Oracle(ReferenceBackend):
             rows = np.arange(x.shape[0])
             masks = dict(between_masks=dropout.between_masks(spec, rows, x.shape[1], params.dtype),
                          recurrent_masks=dropout.recurrent_masks(spec, rows, params.dtype))
-        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0, lengths, **masks)
+        outputs, cache = reference.forward(spec.layout.views(params), x, h0, c0, lengths, **masks,
+                                           precision=self.precision)
         return outputs, (cache if train else None)
 
     def backward(self, spec, params, cache, doutputs, input_grads=False):
@@ -41,3 +46,5 @@ class Oracle(ReferenceBackend):
 
 
 ORACLE = Oracle()
+#: the oracle in the bfloat16 mode of :mod:`fastlstm.precision`
+BF16_ORACLE = Oracle("bfloat16")

@@ -43,7 +43,7 @@ def test_training_on_the_cuda_backend_matches_the_cpu_and_predicts_on_the_cpu(
     gpu = LSTMClassifier(**params)
     emulated = cuda_module.CUDABackend(recurrence="step", graphs=False)
     with monkeypatch.context() as patch:
-        patch.setattr(fastlstm.estimators, "get_backend", lambda device: emulated)
+        patch.setattr(fastlstm.estimators, "get_backend", lambda device, precision: emulated)
         for _ in range(2):
             gpu.partial_fit(X, y, **fit)
         assert gpu._adam.step == (4 if weighted else 6) and isinstance(gpu._adam.m, np.ndarray)
@@ -88,7 +88,7 @@ def test_an_adaptive_rate_is_read_by_the_captured_step_without_a_new_capture(
     monkeypatch.setattr(fake_cupy.Function, "__call__", recording)
     gpu = LSTMClassifier(**params)
     with monkeypatch.context() as patch:
-        patch.setattr(fastlstm.estimators, "get_backend", lambda device: emulated)
+        patch.setattr(fastlstm.estimators, "get_backend", lambda device, precision: emulated)
         gpu.fit(X, y)
 
     # epochs 1 to 3 at the initial rate, 4 and 5 at a fifth of it: 10 steps, one capture

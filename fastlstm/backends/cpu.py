@@ -19,6 +19,13 @@ FMA), the GEMMs of the time loop and the weight gradients run on our own
 register-blocked kernel (:mod:`..kernels.gemm_cpu`) instead of BLAS: ``python
 benchmarks/blas_peak.py`` measures both at these shapes.
 
+``precision="bfloat16"`` (on CPUs with AVX512-BF16) runs the GEMMs that
+:mod:`fastlstm.precision` names on :mod:`..kernels.gemm_bf16_cpu` instead, through the
+same kernels and call sites: each call packs the weights for it once
+(:meth:`CPUBackend._prepare`), and each GEMM packs its other operand into the chunk's
+scratch (``bf16`` of :class:`_Workspace`) right before it.  ``python benchmarks/bf16.py``
+times both precisions beside PyTorch's.
+
 Variable-length batches: the rows are dealt to the workers longest first
 (:meth:`_Workspace.order`), so each chunk's rows are sorted by length and the
 rows still active at a step are a prefix; each step computes only those, and the
@@ -49,8 +56,10 @@ import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: l
 from threadpoolctl import ThreadpoolController
 
 from .. import dropout as masks, model
-from ..kernels import adam_cpu, dropout_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
-from .base import Backend, Gradients, check_lengths, check_sample_weight, get_loss
+from ..kernels import adam_cpu, dropout_cpu, gemm_bf16_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
+from ..precision import check_precision
+from .base import (Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
+                   get_loss)
 
 #: largest number of rows per chunk: the per-step working set stays in L2
 MAX_CHUNK_ROWS = 128
@@ -250,7 +259,7 @@ class _Workspace:
     weights that stay in L2.
     """
 
-    def __init__(self, spec, batch, steps, dtype, mode, threads, own_gemm):
+    def __init__(self, spec, batch, steps, dtype, mode, threads, own_gemm, bf16=False):
         H, G, L, D = spec.hidden_size, 4 * spec.hidden_size, spec.num_layers, spec.num_directions
         train = mode != "inference"
         self.steps = steps
@@ -259,7 +268,7 @@ class _Workspace:
         # rows of the step buffers: every step kept (packed) in training, two in turn else
         slots = steps if train else 2
 
-        def chunk_shapes(R):
+        def chunk_shapes(R, bf16=bf16):
             layers = [[dict(xh=(slots * R, K), c=(slots * R, H), z=(R, G), h_last=(R, H))
                        for _ in range(D)] for K in widths]
             if train:
@@ -269,13 +278,22 @@ class _Workspace:
             shapes = dict(layers=layers, hseq=[(R, steps, D * H)] * (L - 1))
             if train:
                 shapes.update(dz=(steps * R, G), dh=(R, H), dc=(R, H), dlast=(R, D * H))
+            if bf16:  # packed operands (uint32 pairs, carved as float32 of the same size)
+                g = gemm_bf16_cpu
+                scratch = dict(step=(R, g.pairs(max(max(widths), G))))
+                if train:
+                    P = steps * R  # the packed steps the weight gradient and dx run over
+                    scratch.update(grad_a=(g.pairs(P) * g.panel_columns(max(widths)),),
+                                   grad_b=(g.pairs(P) * g.panel_columns(G),), dx=(P, g.pairs(G)))
+                shapes["bf16"] = scratch
             return shapes
 
         max_rows = MAX_CHUNK_ROWS
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
         if train and own_gemm and _small_chunks_pay_off(weight_bytes):
             # every buffer of a chunk has a length proportional to its rows
-            row_bytes = _nbytes(chunk_shapes(1), dtype)
+            # (the float32 state only: bfloat16's scratch is read by one GEMM at a time)
+            row_bytes = _nbytes(chunk_shapes(1, bf16=False), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
         if mode == "step":
@@ -287,6 +305,13 @@ class _Workspace:
         shapes = dict(chunks=chunks, h_last=(batch, D * H), w_cat_t=[(K, G) for K in widths
                                                                    for _ in range(D)],
                       bias=[(G,)] * runs, zeros=(max(hi - lo for lo, hi in self.rows), H))
+        if bf16:  # the weights packed for gemm_bf16_cpu, by CPUBackend._prepare
+            g = gemm_bf16_cpu
+            shapes["w16"] = [(g.pairs(K), g.panel_columns(G)) for K in widths for _ in range(D)]
+            if train:
+                shapes["w_hh16"] = [(g.pairs(G), g.panel_columns(H))] * runs
+                shapes["w_ih16"] = [(g.pairs(G), g.panel_columns(K - H)) for K in widths
+                                    for _ in range(D)]
         if train:
             # per layer and direction, for each worker: the weight gradient of its rows
             # (transposed, as ``w_cat_t``) and their bias gradient.  The rows of the
@@ -302,8 +327,14 @@ class _Workspace:
             shapes["h_mask"] = [(runs, hi - lo, H) for lo, hi in self.rows]
         self.__dict__.update(_carve(shapes, dtype))
         self.zeros[...] = 0  # the initial states of rows that start from zero
+        if bf16:
+            for name in ("w16", "w_hh16", "w_ih16"):
+                if name in self.__dict__:
+                    setattr(self, name, [w.view(np.uint32) for w in getattr(self, name)])
         if mode == "step":
             self.chunks = [chunk for group in self.chunks for chunk in group]
+        for chunk in self.chunks if bf16 else ():
+            chunk["bf16"] = {name: a.view(np.uint32) for name, a in chunk["bf16"].items()}
         if train:
             self.dw = [dw[:, :, :G] for dw in self.dw]
 
@@ -328,7 +359,7 @@ class _Workspace:
 
 
 class CPUBackend(Backend):
-    """Numba kernels + BLAS, float32 or float64, on ``num_threads`` threads.
+    """Numba kernels + BLAS, float32 or float64 (or bfloat16 GEMMs), on ``num_threads`` threads.
 
     Parameters
     ----------
@@ -340,11 +371,27 @@ class CPUBackend(Backend):
         BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``: SIMD of
         256 bits or more, with FMA).  With our kernel, a row's results do not depend
         on its place in the batch; with BLAS they may differ in the last bits.
+    precision : {"float32", "bfloat16", "auto"}, default="float32"
+        ``"bfloat16"``: the LSTM's GEMMs (those :mod:`fastlstm.precision` names) round their
+        operands to bfloat16 and sum in float32, on AVX512-BF16 (``vdpbf16ps``); the
+        parameters are then float32.  ``"auto"`` is float32 (never a lower precision
+        than asked for).  AMX (``tdpbf16ps``) is not used.
+
+    Raises
+    ------
+    BackendUnavailable
+        ``precision="bfloat16"`` on a CPU without AVX512-BF16.
     """
 
     name = "cpu"
 
-    def __init__(self, num_threads=None, own_gemm=None):
+    def __init__(self, num_threads=None, own_gemm=None, precision="float32"):
+        self.precision = check_precision(precision)
+        if self.precision == "bfloat16" and not gemm_bf16_cpu.available():
+            raise BackendUnavailable(
+                "precision='bfloat16' needs a CPU with the AVX512-BF16 instruction set "
+                f"(vdpbf16ps; Linux flag {gemm_bf16_cpu.CPUINFO_FLAG!r}), and this one lacks "
+                "it (AMX is not used); use precision='float32'")
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
         self.own_gemm = gemm_cpu.PAYS_OFF if own_gemm is None else bool(own_gemm)
         self._pool = None
@@ -408,7 +455,8 @@ class CPUBackend(Backend):
         key = (spec, batch, steps, np.dtype(dtype).str, mode, self.num_threads)
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
-            ws = _Workspace(spec, batch, steps, dtype, mode, self.num_threads, self.own_gemm)
+            ws = _Workspace(spec, batch, steps, dtype, mode, self.num_threads, self.own_gemm,
+                            self.precision == "bfloat16")
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
         cache[key] = ws
@@ -538,6 +586,9 @@ class CPUBackend(Backend):
         whose concatenated transposed weights and summed biases are filled in, and the
         order of the rows with their lengths (``None`` where every row has all steps:
         the rows then keep their order)."""
+        if self.precision == "bfloat16" and params.dtype != np.float32:
+            raise ValueError(f"precision='bfloat16' computes with float32 parameters, got "
+                             f"{params.dtype}")
         layout = spec.layout
         views = self._views(layout, params)
         x = np.ascontiguousarray(x, dtype=params.dtype)
@@ -549,6 +600,11 @@ class CPUBackend(Backend):
                 ws.w_cat_t[n][:n_in] = w_ih.T
                 ws.w_cat_t[n][n_in:] = w_hh.T
                 np.add(b_ih, b_hh, out=ws.bias[n])
+                if self.precision == "bfloat16":
+                    gemm_bf16_cpu.pack_panels(ws.w_cat_t[n], ws.w16[n])
+                    if mode != "inference":
+                        gemm_bf16_cpu.pack_panels(w_hh, ws.w_hh16[n])
+                        gemm_bf16_cpu.pack_panels(w_ih, ws.w_ih16[n])
         # every row with every step takes the fixed-length path, bit for bit
         lengths = check_lengths(lengths, *x.shape[:2])
         order = ws.order(lengths)
@@ -736,6 +792,14 @@ class _ChunkOps:
         self.outputs, self.worker, self.first = outputs, worker, first
         self.h0_zero, self.c0, self.dinputs, self.order = h0_zero, c0, dinputs, order
         self.ring = "gates" not in self.chunk["layers"][0][0]
+        self.bf16 = self.chunk.get("bf16")  # the packed operands' scratch, in bfloat16
+
+    def _packed(self, weights, n):
+        """``(b16, a16)`` of :func:`gemm_bf16_cpu.matmul` for the packed ``weights`` of
+        recurrence ``n`` (a list of the workspace), float32's where ``bf16`` is off."""
+        if self.bf16 is None:
+            return gemm_bf16_cpu.FLOAT32
+        return getattr(self.ws, weights)[n], self.bf16["step"]
 
     def inputs(self, x, lengths):
         R, T = self.hi - self.lo, self.ws.steps
@@ -784,7 +848,8 @@ class _ChunkOps:
                                zeros if h0 is None else h0[lo:hi],
                                zeros if c0 is None else c0[lo:hi], active, slot, cslot,
                                h0 is None, reverse, self.own_gemm,
-                               *self._dropout(k, reverse, make_masks=True))
+                               *self._dropout(k, reverse, make_masks=True),
+                               *self._packed("w16", n))
         return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
 
     def join(self, outs):
@@ -834,7 +899,8 @@ class _ChunkOps:
         c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
         lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
                                 dh, dc, db, active, slot, cslot, self.dinputs is not None,
-                                self.own_gemm, reverse, *self._dropout(k, reverse, False))
+                                self.own_gemm, reverse, *self._dropout(k, reverse, False),
+                                *self._packed("w_hh16", n))
         dz2, xh2 = dz[:P], run["xh"][:P]
         # with h0 = 0 the h part of the first step is zero: one GEMM over the other
         # steps, then the first step's x part alone (not two GEMMs over all steps:
@@ -847,7 +913,14 @@ class _ChunkOps:
         if self.dinputs is not None:
             self.dinputs[1][n, lo:hi] = dh
             self.dinputs[2][n, lo:hi] = dc
-        return np.matmul(dz2, w_ih) if input_grads else None
+        if not input_grads:
+            return None
+        if self.bf16 is None:
+            return np.matmul(dz2, w_ih)
+        dx, dz16 = np.empty((P, w_ih.shape[1]), dz2.dtype), self.bf16["dx"][:P]
+        gemm_bf16_cpu.pack_rows(dz2, dz16)
+        gemm_bf16_cpu.gemm(dz16, self.ws.w_ih16[n], dx, False)
+        return dx
 
     def join_backward(self, dins, parts):
         """The directions' parts (each packed in its own order) summed, in each order the
@@ -872,7 +945,10 @@ class _ChunkOps:
 
     def _weight_gradient(self, rows, dz2, out, first):
         """``out (+)= rows^T @ dz2``: written for the ``first`` chunk of a worker, else added."""
-        if self.own_gemm:
+        if self.bf16 is not None:
+            gemm_bf16_cpu.gemm_xt(rows, dz2, self.bf16["grad_a"], self.bf16["grad_b"], out,
+                                  not first)
+        elif self.own_gemm:
             gemm_cpu.gemm(rows.T, dz2, out, not first)
         elif first:
             np.matmul(rows.T, dz2, out=out)

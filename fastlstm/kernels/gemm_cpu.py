@@ -46,6 +46,16 @@ PAYS_OFF = vector_bits() >= 256 and has_fma()
 KC = 256
 
 
+def element_ptr(context, builder, arr_ty, arr_v, row, col, elem_ty):
+    """IR: a pointer of type ``elem_ty*`` to element ``[row, col]`` of a 2-D Numba array."""
+    arr = context.make_array(arr_ty)(context, builder, arr_v)
+    s0, s1 = cgutils.unpack_tuple(builder, arr.strides)
+    offset = builder.add(builder.mul(row, s0), builder.mul(col, s1))
+    i8p = ir.IntType(8).as_pointer()
+    return builder.bitcast(builder.gep(builder.bitcast(arr.data, i8p), [offset]),
+                           elem_ty.as_pointer())
+
+
 def _make_block(rows):
     """An intrinsic computing one ``rows x NR`` block of ``A @ B`` into (or onto) ``out``.
 
@@ -65,11 +75,7 @@ def _make_block(rows):
             i8p = ir.IntType(8).as_pointer()
 
             def ptr(arr_ty, arr_v, row, col, elem_ty):
-                arr = context.make_array(arr_ty)(context, builder, arr_v)
-                s0, s1 = cgutils.unpack_tuple(builder, arr.strides)
-                offset = builder.add(builder.mul(row, s0), builder.mul(col, s1))
-                return builder.bitcast(builder.gep(builder.bitcast(arr.data, i8p), [offset]),
-                                       elem_ty.as_pointer())
+                return element_ptr(context, builder, arr_ty, arr_v, row, col, elem_ty)
 
             a_arr = context.make_array(a_ty)(context, builder, a_v)
             a_k_stride = cgutils.unpack_tuple(builder, a_arr.strides)[1]

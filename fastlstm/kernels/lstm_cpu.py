@@ -16,7 +16,8 @@ out-of-order window to overlap enough iterations: inference ran faster split;
 pass per step gives the gradient of the pre-activations and accumulates the
 bias gradient; the weight gradients are then ONE GEMM over all steps,
 ``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm` or
-BLAS (``own_gemm``).
+BLAS (``own_gemm``), or in bfloat16 :func:`.gemm_bf16_cpu.gemm` where the caller passes
+the weights packed for it (:func:`.gemm_bf16_cpu.matmul`: the same code either way).
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -30,14 +31,14 @@ from numba import njit
 from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
 from .dropout_cpu import unit_scale
-from .gemm_cpu import matmul
+from .gemm_bf16_cpu import matmul
 
 _ONE = np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active, slot,
-                  cslot, h0_zero, reverse, own_gemm, h_mask, out_keys, out_drop):
+                  cslot, h0_zero, reverse, own_gemm, h_mask, out_keys, out_drop, w16, a16):
     """Run one layer in one direction over all steps for one chunk of rows.
 
     The rows are sorted by length, longest first, so the rows still active at a
@@ -98,6 +99,10 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
     out_drop : tuple
         ``(threshold, scale, unit0, width)`` of that dropout: a unit's number is
         ``t * width + unit0 + j`` (``width``: both directions' units of the output).
+    w16, a16 : uint32 arrays
+        bfloat16 step GEMMs: ``w_cat_t`` packed by :func:`.gemm_bf16_cpu.pack_panels`, and
+        a scratch of ``(R, pairs(K))`` for ``xh``'s rows packed; both without rows (as
+        :data:`.gemm_bf16_cpu.FLOAT32`): float32.
     """
     I = x.shape[2]
     K = xh.shape[1]
@@ -126,9 +131,11 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
                     for j in range(H):
                         hr[j] *= h_mask[r, j]
         if first:
-            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], z[:m], own_gemm)
+            # in bfloat16 the pair of rows I - 1, I of an odd I meets a zero of the padded x
+            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], w16[:(I + 1) // 2], a16, z[:m],
+                   own_gemm)
         else:
-            matmul(cur, w_cat_t, z[:m], own_gemm)
+            matmul(cur, w_cat_t, w16, a16, z[:m], own_gemm)
         for r in range(m):
             # 1-D views per row: indexing them vectorises, 2-D indexing does not
             zr = z[r]
@@ -167,7 +174,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
-                   need_dh0, own_gemm, reverse, h_mask, out_keys, out_drop):
+                   need_dh0, own_gemm, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
     """Backpropagate through one layer in one direction for one chunk of rows.
 
     The steps, rows and buffers are those of :func:`forward_layer`, walked back.
@@ -201,6 +208,8 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
     reverse, h_mask, out_keys, out_drop
         As in :func:`forward_layer`: ``dh_seq`` is the gradient w.r.t. the masked
         output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
+    w_hh16, a16 : uint32 arrays
+        As ``w16`` and ``a16`` of :func:`forward_layer`, for ``w_hh`` and ``(R, pairs(G))``.
     """
     G = gates.shape[1]
     H = G // 4
@@ -246,7 +255,7 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
         # that came from step s - 1, and for the rows that started here only if asked
         n = m if need_dh0 else carried
         if n > 0:
-            matmul(dz[slot[s]:slot[s] + n], w_hh, dh[:n], own_gemm)
+            matmul(dz[slot[s]:slot[s] + n], w_hh, w_hh16, a16, dh[:n], own_gemm)
             if masked_h:
                 for r in range(n):
                     dh_r, hm = dh[r], h_mask[r]
