@@ -32,7 +32,7 @@ T, I, H = 28, 28, 128
 def inference_split(rows):
     """Seconds of one inference chunk of ``rows`` rows through ``forward_layer``, and of its
     step GEMMs alone (the same calls), on one thread."""
-    from fastlstm.kernels import gemm_cpu, lstm_cpu
+    from fastlstm.kernels import gemm_bf16_cpu, gemm_cpu, lstm_cpu
 
     rng = np.random.default_rng(0)
     K, G = I + H, 4 * H
@@ -48,9 +48,11 @@ def inference_split(rows):
     first = np.ascontiguousarray(x[:, 0])
     no_dropout = lstm_cpu.no_dropout(np.float32)
 
+    float32 = gemm_bf16_cpu.FLOAT32  # no bfloat16 operands
+
     def layer():
         lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active,
-                               slot, slot, True, False, True, *no_dropout)
+                               slot, slot, True, False, True, *no_dropout, *float32)
 
     def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
         gemm_cpu.gemm(first, w[:I], z, False)
