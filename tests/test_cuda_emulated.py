@@ -4,7 +4,8 @@
 thread) and stands in for CuPy with NumPy, so the real ``fastlstm.backends.cuda`` runs here:
 its layouts, GEMM leading dimensions and offsets, launch plans (on a fake 2-SM GPU, so blocks
 own several hidden units and slices are partial), both recurrence kernels, the losses and
-Adam, both GEMM implementations (:data:`GEMM_OF`), and the capture of a training step as a
+Adam, both GEMM implementations (cuBLAS's C API by default; our own kernels in the tests
+that say so), and the capture of a training step as a
 CUDA graph and its replays (the emulator records a capturing stream's work and refuses what
 CuPy refuses: tests/test_cuda_emulator.py).  The generic parity tests are reused as they are
 (variable lengths and bidirectional layers: tests/test_cuda_ragged_emulated.py; dropout:
@@ -31,22 +32,26 @@ from oracle import ORACLE
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed here")
 
 MODULE = "fastlstm.backends.cuda"
-#: the threads a block has on a GPU (8 warps); the emulated tests run 4 warps a block (fewer OS
-#: threads), test_the_real_warp_count_matches_reference these
-REAL_THREADS = cuda_support.THREADS
+#: the launch plans' settings on a GPU: 8 warps a block, and per-step grids cut for 4 blocks a
+#: multiprocessor; the emulated tests run 4 warps a block and 1 block a multiprocessor (fewer OS
+#: threads), test_the_real_launch_plans_match_reference these
+REAL_THREADS, REAL_STEP_BLOCKS = cuda_support.THREADS, cuda_support.STEP_BLOCKS_PER_SM
 
 
 @pytest.fixture(scope="module")
 def cuda_module(tmp_path_factory):
     """``fastlstm.backends.cuda`` imported against the fake CuPy (and the fake cuBLAS library
     its GEMMs call), then forgotten again."""
-    fake_cupy.RawModule.build_dir = tmp_path_factory.mktemp("emulated-kernels")
+    # one build folder for the session: each test module imports the backend anew, the
+    # kernels it compiles are the same
+    fake_cupy.RawModule.build_dir = tmp_path_factory.getbasetemp() / "emulated-kernels"
     package = sys.modules["fastlstm.backends"]
     saved = sys.modules.pop(MODULE, None), package.__dict__.pop("cuda", None)
     with pytest.MonkeyPatch.context() as patch:
         # 4 warps a block (fewer OS threads); with the fake 2-SM GPU, persistent blocks own up
         # to 4 units (the backward then takes its 4-column path) and per-step blocks 2.
         patch.setattr(cuda_support, "THREADS", 128)
+        patch.setattr(cuda_support, "STEP_BLOCKS_PER_SM", 1)
         for name, module in fake_cupy.modules().items():
             patch.setitem(sys.modules, name, module)
         try:
@@ -62,15 +67,9 @@ def cuda_module(tmp_path_factory):
                 package.cuda = saved[1]
 
 
-#: the GEMMs each recurrence runs with here: a GEMM does not depend on the recurrence kernels,
-#: so the two pairs cover both of each
-GEMM_OF = {"persistent": "cublas", "step": "kernels"}
-
-
-def make_backend(cuda_module, recurrence, graphs=False):
-    """The emulated backend of ``recurrence`` kernels (and their :data:`GEMM_OF`)."""
-    backend = cuda_module.CUDABackend(recurrence=recurrence, graphs=graphs,
-                                      gemm=GEMM_OF[recurrence])
+def make_backend(cuda_module, recurrence, graphs=False, gemm="cublas"):
+    """The emulated backend of ``recurrence`` kernels."""
+    backend = cuda_module.CUDABackend(recurrence=recurrence, graphs=graphs, gemm=gemm)
     for direction in ("forward", "backward"):
         assert backend.recurrence_kind(direction, 7, 3, np.float64) == recurrence
     return backend
@@ -94,15 +93,28 @@ def test_backend_matches_reference(backend, shape, loss, dtype):
     parity.test_backend_matches_reference(backend, shape, loss, dtype)
 
 
+# The GEMM kernels on their own: tests/test_cuda_gemm_emulated.py; here, as the backend calls
+# them (with the persistent recurrence, the cheaper one to emulate: a GEMM does not depend on
+# the recurrence kernels).
+@pytest.mark.parametrize("shape, loss, dtype", CASES,
+                         ids=[f"{shape_id(s)}-{kind}-{np.dtype(d).name}" for s, kind, d in CASES])
+def test_backend_on_our_gemm_kernels_matches_reference(cuda_module, shape, loss, dtype):
+    backend = make_backend(cuda_module, "persistent", gemm="kernels")
+    parity.test_backend_matches_reference(backend, shape, loss, dtype)
+
+
 @pytest.mark.parametrize("recurrence", ["persistent", "step"])
-def test_the_real_warp_count_matches_reference(cuda_module, monkeypatch, recurrence):
+def test_the_real_launch_plans_match_reference(cuda_module, monkeypatch, recurrence):
     # The GPU's 8 warps a block: at this shape the backward splits its dot products 4 ways
-    # across warps (with 4 warps, 2 ways).
+    # across warps (with 4 warps, 2 ways); per-step grids of at least 4 blocks a multiprocessor:
+    # chunks of 32 rows.
     monkeypatch.setattr(cuda_support, "THREADS", REAL_THREADS)
+    monkeypatch.setattr(cuda_support, "STEP_BLOCKS_PER_SM", REAL_STEP_BLOCKS)
     backend = make_backend(cuda_module, recurrence)
     plan = cuda_support.plan_recurrence("forward", ODD_SHAPE[3], ODD_SHAPE[0], 8,
                                         cuda_module._limits(), recurrence == "persistent")
     assert plan.threads == REAL_THREADS
+    assert recurrence == "persistent" or plan.chunk_rows == 32
     parity.test_backend_matches_reference(backend, ODD_SHAPE, "cross_entropy", np.float64)
 
 
@@ -205,15 +217,15 @@ def captures(backend, monkeypatch):
     return captured
 
 
-@pytest.mark.parametrize("recurrence", ["persistent", "step"])
+@pytest.mark.parametrize("recurrence, gemm", [("persistent", "cublas"), ("step", "kernels")])
 def test_a_training_step_is_captured_and_its_graph_replays_the_same_steps(cuda_module,
                                                                           monkeypatch,
-                                                                          recurrence):
+                                                                          recurrence, gemm):
     # The first step of a shape runs and is captured; the next ones replay its graph, on its
     # buffers, with their own settings: the same bits as the same steps run without a graph.
     runs = {}
     for graphs in (True, False):
-        backend = make_backend(cuda_module, recurrence, graphs)
+        backend = make_backend(cuda_module, recurrence, graphs, gemm)
         captured = captures(backend, monkeypatch)
         spec, params, x, y, _, _ = make_problem((6, 5, 3, 4, 2, 3), "cross_entropy")
         p = backend.asarray(params.copy())
