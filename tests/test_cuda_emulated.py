@@ -264,7 +264,7 @@ def test_gemms_through_cupys_cublas_wrappers_get_no_graph(cuda_module, monkeypat
     # the backend says so and runs the steps without a graph (still right, but slow).
     backend = make_backend(cuda_module, "step", graphs=True)
     blas = CupyBlas(cuda_module, np.float64)
-    monkeypatch.setattr(backend, "blas", lambda dtype: blas)
+    monkeypatch.setattr(backend, "_new_gemm", lambda dtype: blas)
     spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy")
     p = backend.asarray(params.copy())
     state = backend.adam_state(p)

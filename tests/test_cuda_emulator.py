@@ -214,3 +214,22 @@ def test_a_cuda_backend_that_fails_its_self_check_is_refused_and_auto_runs_on_th
         assert fresh_backends.get_backend("auto").name == "cpu"
     with pytest.raises(fresh_backends.BackendUnavailable, match=why):  # and not run again
         fresh_backends.get_backend("cuda")
+
+
+def test_each_thread_and_each_training_slot_has_gemms_of_its_own(cuda_module):  # noqa: F811
+    # A GEMM object's handle and workspace serve one stream at a time: a thread's current
+    # stream is its own, and a captured step bakes in its slot's.
+    import threading
+    backend = cuda_module.CUDABackend(recurrence="step", graphs=False)
+    mine, theirs = backend.blas(np.float64), []
+    thread = threading.Thread(target=lambda: theirs.append(backend.blas(np.float64)))
+    thread.start()
+    thread.join()
+    assert backend.blas(np.float64) is mine
+    assert theirs[0] is not mine and theirs[0].handle != mine.handle
+    spec, params, x, y, _, _ = make_problem((3, 4, 2, 5, 1, 3), "cross_entropy")
+    p = backend.asarray(params)
+    backend.train_step(spec, p, backend.adam_state(p), backend.asarray(x), backend.asarray(y),
+                       "cross_entropy", AdamConfig(1e-2))
+    (slot,) = backend._slots.values()
+    assert slot.blas is not mine and slot.blas.handle not in (mine.handle, theirs[0].handle)

@@ -161,7 +161,7 @@ def test_gemm_matches_exact_product(fake_device, shape, ta, tb, accumulate, dtyp
 @needs_gpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", [(7, 3, 1100), (65, 130, 17)], ids=["split", "tiles"])
-def test_repeat_is_bit_identical_and_allocates_nothing(fake_device, shape, dtype, monkeypatch):
+def test_a_repeated_call_allocates_nothing(fake_device, shape, dtype, monkeypatch):
     cupy, kernel = fake_device
     gemm = KernelGemm(dtype, kernel)
     results = []

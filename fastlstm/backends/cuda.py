@@ -1,10 +1,11 @@
-"""CUDA backend: the hand-written kernels of ``fastlstm/kernels/*.cu`` through CuPy, cuBLAS for the GEMMs.
+"""CUDA backend: the hand-written kernels of ``fastlstm/kernels/*.cu`` through CuPy, GEMMs on
+cuBLAS (its C API) or on our own kernels (:mod:`~fastlstm.backends.cuda_gemm`).
 
 The network program of :mod:`fastlstm.model` runs on the whole batch over the primitives of
 :class:`_CudaOps`.  Data flow of one training step (layouts in ``fastlstm/kernels/lstm_core.cuh``:
 feature-major, batch fastest, so the kernels' warps make coalesced accesses):
 ``x`` (B, T, I) -> time-major copy (T*B, I) -> per layer and direction: input projection of
-all steps as ONE cuBLAS GEMM into (4H, T*B) -> recurrence kernel (one persistent cooperative
+all steps as ONE GEMM into (4H, T*B) -> recurrence kernel (one persistent cooperative
 launch for all T steps, or one launch per step) -> head GEMM -> loss kernel (loss stays on the
 device) -> backward recurrence kernel -> weight gradients as ONE GEMM each over all T*B columns
 -> norm pass + ONE Adam launch over the flat buffer, which decides on the device whether to
@@ -150,9 +151,6 @@ def _i32(n):
 
 def _i64(n):
     return np.int64(n)
-
-
-# ----------------------------------------------------------------------------- cuBLAS
 
 
 # ----------------------------------------------------------------------------- state
@@ -350,10 +348,12 @@ class _TrainSlot:
     ``weighted`` batches holds their weights (``weights``, float64, written before each step
     like the targets) and the loss kernel's sum of them (``weight_sum``), which the Adam kernel
     checks; one of unweighted batches has neither, and its kernels get null pointers (the key
-    holds ``weighted``).
+    holds ``weighted``).  ``blas``: the slot's own GEMMs (a handle and workspaces that its
+    graphs bake in, used by no other caller, so freed with the slot).
     """
 
-    def __init__(self, spec, batch, steps, dtype, loss_kind, ragged=False, weighted=False):
+    def __init__(self, spec, batch, steps, dtype, loss_kind, ragged, weighted, blas):
+        self.blas = blas
         schedule = StepSchedule(None, batch, steps, columns=batch * steps)
         self.work = _Workspace(spec, batch, steps, dtype, train=True, schedule=schedule,
                                padded=ragged)
@@ -412,15 +412,18 @@ class _CudaOps:
         in ``dh0`` and ``dc0`` (arrays of shape (B, H), rows in the workspace's order).
     recurrence : {"persistent", "step"}, optional
         The recurrence kernels to run; by default the backend's choice.
+    blas : optional
+        The GEMMs (:mod:`~fastlstm.backends.cuda_gemm`) to run; by default the thread's.
     """
 
-    def __init__(self, backend, work, params, grads=None, initial_grads=False, recurrence=None):
+    def __init__(self, backend, work, params, grads=None, initial_grads=False, recurrence=None,
+                 blas=None):
         self.backend, self.work, self.params = backend, work, params
         self._recurrence = recurrence  # beside the method of the same name
         self.layout = work.spec.layout
         self.views = self.layout.views(params)
         self.grad_views = None if grads is None else self.layout.views(grads)
-        self.blas = backend.blas(work.dtype)
+        self.blas = backend.blas(work.dtype) if blas is None else blas
         n = work.spec.num_layers * work.spec.num_directions
         self.dh0, self.dc0 = ([None] * n, [None] * n) if initial_grads else (None, None)
         self._dx = None          # the gradient w.r.t. the network's input
@@ -620,7 +623,7 @@ class CUDABackend(Backend):
         # A slot's input buffers are shared by every caller of train_step with that shape: the
         # copy-in, the launch and the copy-out of one step must not interleave with another's.
         self._train_lock = threading.Lock()
-        self._blas = {np.dtype(d): None for d in _SUFFIX}
+        self._gemms = threading.local()  # (device, dtype) -> GEMMs, per thread: see blas()
         try:  # compile now, so that a machine where NVRTC fails falls back to the CPU
             for module, kernel in _PROBES.items():
                 if module != "gemm" or gemm == "kernels":
@@ -641,16 +644,25 @@ class CUDABackend(Backend):
     # ------------------------------------------------------------------ helpers
 
     def blas(self, dtype):
+        """The calling thread's GEMMs of ``dtype`` on the current device.
+
+        A GEMM object holds a handle and a workspace used in stream order, so threads (whose
+        current streams differ) each have their own, as they have CuPy's cuBLAS handles; a
+        training slot has its own too (:class:`_TrainSlot`), which its CUDA graph bakes in.
+        """
+        gemms = self._gemms.__dict__
+        key = (cupy.cuda.Device().id, np.dtype(dtype))
+        if key not in gemms:
+            gemms[key] = self._new_gemm(dtype)
+        return gemms[key]
+
+    def _new_gemm(self, dtype):
         dtype = np.dtype(dtype)
-        if self._blas.get(dtype) is None:
-            if dtype not in _SUFFIX:
-                raise TypeError(f"the CUDA backend supports float32 and float64, not {dtype}")
-            if self.gemm == "cublas":
-                self._blas[dtype] = cuda_gemm.CublasGemm(dtype, self._cublas)
-            else:
-                self._blas[dtype] = cuda_gemm.KernelGemm(
-                    dtype, lambda name, dtype: _kernel("gemm", name, dtype))
-        return self._blas[dtype]
+        if dtype not in _SUFFIX:
+            raise TypeError(f"the CUDA backend supports float32 and float64, not {dtype}")
+        if self.gemm == "cublas":
+            return cuda_gemm.CublasGemm(dtype, self._cublas)
+        return cuda_gemm.KernelGemm(dtype, lambda name, dtype: _kernel("gemm", name, dtype))
 
     def to_host(self, a):
         return cupy.asnumpy(a)
@@ -917,7 +929,8 @@ class CUDABackend(Backend):
         key = (spec, batch, steps, np.dtype(dtype), loss_kind, ragged, weighted)
         slot = self._slots.pop(key, None)
         if slot is None:
-            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind, ragged, weighted)
+            slot = _TrainSlot(spec, batch, steps, dtype, loss_kind, ragged, weighted,
+                              self._new_gemm(dtype))
         self._slots[key] = slot
         while len(self._slots) > _CACHED_SHAPES:
             self._slots.popitem(last=False)
@@ -927,7 +940,7 @@ class CUDABackend(Backend):
         """Everything of one training step after the inputs are in ``slot`` and the settings in
         ``state``: device work only, on fixed buffers (what a CUDA graph captures)."""
         work, spec = slot.work, slot.work.spec
-        ops = _CudaOps(self, work, params, slot.grads, recurrence=recurrence)
+        ops = _CudaOps(self, work, params, slot.grads, recurrence=recurrence, blas=slot.blas)
         model.forward(ops, spec, work.x_in)
         self._launch_loss(work.outputs, slot.y, slot.loss_kind, slot.doutputs, slot.loss,
                           slot.weights, slot.weight_sum)

@@ -201,15 +201,16 @@ class KernelGemm:
     inner loop reads shared memory without bank conflicts (the reasons are in gemm.cu).  These
     are the textbook sizes for a CUDA-core GEMM in both precisions (float32 must not use TF32,
     float64 has no tensor-core path here), chosen, not tuned: they have not been measured on a
-    GPU, and no benchmark here times them yet (it would time this class against cuBLAS at the
-    backend's GEMM shapes).
+    GPU (``benchmarks/gpu_epoch.py`` times the backend on them, no benchmark these GEMMs alone).
 
-    K is split (:func:`gemm_plan`) where the tiles of C are few; the partials go to a workspace
-    that this object owns, one per shape, allocated on the first call of that shape (so before
-    any capture: the backend runs every step once first) and reused, never reallocated, by
-    every later call of it.  A second kernel adds them in split order: every run gives the same
-    bits.  The workspace makes calls of one shape stream-ordered: do not run them on two
-    streams at once.
+    K is split (:func:`gemm_plan`) where the tiles of C are few; the partials go to one
+    workspace that this object owns, grown to the largest split GEMM it has run (at most
+    ``2 * TARGET_BLOCKS * TILE**2`` elements, by the plan's rule) and never shrunk, so an
+    object that runs the same shapes again (a training slot's: the backend runs a step once
+    before it captures it) never allocates again.  A second kernel adds the partials in split
+    order: every run gives the same bits.  The workspace makes this object's GEMMs
+    stream-ordered: one object serves one stream at a time (the CUDA backend keeps one per
+    thread, and one per training slot).
 
     Parameters
     ----------
@@ -224,7 +225,7 @@ class KernelGemm:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"KernelGemm supports float32 and float64, not {self.dtype}")
         self._kernel = kernel
-        self._workspaces = {}
+        self._partials = None
 
     def gemm(self, c, a, b, ta=False, tb=False, accumulate=False):
         """``c = op(a) @ op(b)`` (``c += ...`` where ``accumulate``) with ``op`` transposing where
@@ -244,7 +245,7 @@ class KernelGemm:
                                                     np.int64(0)) + shape
                  + (np.int32(accumulate),))
             return
-        partials = self._workspace(m, n, k, plan.splits)
+        partials = self._workspace(plan.splits * m * n)
         tile(plan.grid, (THREADS,), operands + (partials, np.int64(n), np.int64(m * n)) + shape
              + (np.int32(0),))
         blocks = min(math.ceil(m * n / THREADS), MAX_SUM_BLOCKS)
@@ -253,10 +254,9 @@ class KernelGemm:
                                     np.uint64(c.ptr), np.int64(c.ld), np.int32(m), np.int32(n),
                                     np.int32(accumulate)))
 
-    def _workspace(self, m, n, k, splits):
-        """The partials of shape ``(m, n, k)``: allocated by its first call, then reused."""
-        key = (m, n, k)
-        if key not in self._workspaces:
+    def _workspace(self, size):
+        """The partials' buffer, of ``size`` elements at least."""
+        if self._partials is None or self._partials.size < size:
             import cupy
-            self._workspaces[key] = cupy.empty(splits * m * n, self.dtype)
-        return self._workspaces[key]
+            self._partials = cupy.empty(size, self.dtype)
+        return self._partials

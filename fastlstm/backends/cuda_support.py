@@ -20,7 +20,7 @@ __all__ = ["CUDA_MODULES", "cuda_source", "DeviceLimits", "RecurrencePlan", "pla
            "StepSchedule", "step_schedule", "ADAM_SETTINGS", "adam_settings", "MASK_HEADER",
            "dropout_masks"]
 
-#: the CUDA source files, one RawModule each (the persistent kernels need cooperative groups)
+#: the CUDA source files, one RawModule each
 CUDA_MODULES = ("lstm_step", "lstm_persistent", "head", "adam", "gemm")
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)

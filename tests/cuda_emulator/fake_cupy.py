@@ -87,7 +87,7 @@ class Stream:
 
     null = None  # the legacy default stream, set below
 
-    def __init__(self, null=False, non_blocking=False, ptr=None):
+    def __init__(self, null=False, non_blocking=False):
         self.ptr = 0 if null else next(_next_stream)
         self.captured = None      # the work recorded while capturing
         self.invalidated = None   # why the capture cannot end in a graph
@@ -190,6 +190,8 @@ class ndarray(np.ndarray):
         _enqueue(lambda: np.ndarray.fill(self, value))
 
     def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and not isinstance(value, ndarray):
+            _refuse_during_capture("a copy from the host")  # pageable: a synchronous copy
         _enqueue(lambda: np.ndarray.__setitem__(self, key, value))
 
     def copy(self, order="C"):
@@ -475,9 +477,6 @@ def cublas_library():
         handles[handle].workspace = (workspace, size)
         return 0
 
-    def set_pointer_mode(handle, mode):
-        return 0 if mode == 0 else 7  # host pointers only, here
-
     def gemm(dtype):
         def call(handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
             h = handles.get(handle)
@@ -512,7 +511,6 @@ def cublas_library():
         cublasSetStream_v2=ctypes.CFUNCTYPE(status, handle_t, ptr)(set_stream),
         cublasSetWorkspace_v2=ctypes.CFUNCTYPE(status, handle_t, ptr, ctypes.c_size_t)(
             set_workspace),
-        cublasSetPointerMode_v2=ctypes.CFUNCTYPE(status, handle_t, i32)(set_pointer_mode),
         cublasSgemm_v2=gemm(np.float32), cublasDgemm_v2=gemm(np.float64))
     return types.SimpleNamespace(**functions, handles=handles, refusals=refusals)
 
