@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import machine_description  # noqa: E402
-from epoch import (DEFAULT_DATA, fastlstm_epoch, fastlstm_inference, load_images,  # noqa: E402
-                   torch_epoch, torch_inference)
+from epoch import (add_workload_arguments, fastlstm_epoch, fastlstm_inference,  # noqa: E402
+                   load_images, torch_epoch, torch_inference)
 
 #: the contenders: name, and what runs them (fastlstm's precision, or PyTorch's autocast)
 CONTENDERS = (("fastlstm float32", ("fastlstm", "float32")),
@@ -58,15 +58,7 @@ def one_round(kind, setting, X, y, Xi, args, rng):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=60000, help="training samples (60000)")
-    parser.add_argument("--batch", type=int, default=128, help="training minibatch (128)")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units H (128)")
-    parser.add_argument("--infer-samples", type=int, default=10000,
-                        help="inference samples (10000)")
-    parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="data_home of fastlstm.datasets")
-    parser.add_argument("--threads", type=int, help="threads for both fastlstm and PyTorch "
-                        "(default: the cores fastlstm would use)")
+    add_workload_arguments(parser)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the four contenders, "
                         "alternating; medians are compared (default 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")

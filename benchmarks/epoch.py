@@ -221,18 +221,24 @@ def report_floor(results, medians, args, threads):
               f"at {m['inference_floor_fraction']:.0%}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser):
+    """The options of this workload (data, sizes, threads), which bf16.py shares."""
     parser.add_argument("--samples", type=int, default=60000, help="training samples (60000)")
     parser.add_argument("--batch", type=int, default=128, help="training minibatch (128)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden units H (128)")
-    parser.add_argument("--infer-samples", type=int, default=10000, help="inference samples (10000)")
+    parser.add_argument("--infer-samples", type=int, default=10000,
+                        help="inference samples (10000)")
     parser.add_argument("--infer-batch", type=int, default=1000, help="inference batch (1000)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="data_home of fastlstm.datasets "
                         "(holding fashion-mnist/; default %(default)s, then the usual places)")
     parser.add_argument("--threads", type=int, help="threads for both fastlstm and PyTorch "
                         "(default: the cores fastlstm would use)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--no-estimator", action="store_true",
                         help="skip the LSTMClassifier.fit run (fresh process, peak memory)")
