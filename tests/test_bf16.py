@@ -17,7 +17,6 @@ from fastlstm import LSTMClassifier, LSTMRegressor, backends, load, reference
 from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, cpu, get_backend
 from fastlstm.backends.cpu import CPUBackend
 from fastlstm.kernels import gemm_bf16_cpu
-from fastlstm.model import ModelSpec
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
 from conftest import in_float64, make_lengths, make_problem, rel_err, shape_id
@@ -382,13 +381,12 @@ def test_bf16_accuracy_fits_both_precisions(tmp_path):
     assert "points of test accuracy" in text
 
 
-NO_BF16_CHILD = """
+#: a float32 forward and backward of a small bidirectional model, as the hex of its bytes
+#: (``fingerprint``): run here and in a process built for another CPU, which must agree
+FLOAT32_FINGERPRINT = """
 import numpy as np
-from fastlstm.backends import BackendUnavailable
 from fastlstm.backends.cpu import CPUBackend
-from fastlstm.kernels import gemm_bf16_cpu
 from fastlstm.model import ModelSpec
-assert not gemm_bf16_cpu.available()
 spec = ModelSpec(3, 8, 2, 2, bidirectional=True)
 params = spec.layout.init(np.random.default_rng(0), np.float32)
 x = np.random.default_rng(1).standard_normal((5, 4, 3)).astype(np.float32)
@@ -396,10 +394,18 @@ backend = CPUBackend(1)
 outputs, cache = backend.forward(spec, params, x, train=True)
 _, d_out = backend.loss(outputs, np.array([0, 1, 0, 1, 0]), "cross_entropy")
 grads = backend.backward(spec, params, cache, d_out, input_grads=True)
+fingerprint = [outputs.tobytes().hex(), grads.params.tobytes().hex()]
+"""
+
+NO_BF16_CHILD = """
+from fastlstm.backends import BackendUnavailable
+from fastlstm.kernels import gemm_bf16_cpu
+assert not gemm_bf16_cpu.available()
+""" + FLOAT32_FINGERPRINT + """
 try:
     CPUBackend(1, precision="bfloat16")
 except BackendUnavailable:
-    print(outputs.tobytes().hex(), grads.params.tobytes().hex())
+    print(*fingerprint)
 """
 
 
@@ -415,11 +421,6 @@ def test_float32_compiles_and_runs_for_a_cpu_without_avx512_bf16(tmp_path):
     done = subprocess.run([sys.executable, "-c", NO_BF16_CHILD], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    spec = ModelSpec(3, 8, 2, 2, bidirectional=True)
-    params = spec.layout.init(np.random.default_rng(0), np.float32)
-    x = np.random.default_rng(1).standard_normal((5, 4, 3)).astype(np.float32)
-    backend = CPUBackend(1)
-    outputs, cache = backend.forward(spec, params, x, train=True)
-    _, d_out = backend.loss(outputs, np.array([0, 1, 0, 1, 0]), "cross_entropy")
-    grads = backend.backward(spec, params, cache, d_out, input_grads=True)
-    assert done.stdout.split() == [outputs.tobytes().hex(), grads.params.tobytes().hex()]
+    here = {}
+    exec(FLOAT32_FINGERPRINT, here)
+    assert done.stdout.split() == here["fingerprint"]
