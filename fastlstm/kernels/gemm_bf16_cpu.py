@@ -303,16 +303,9 @@ def _gemm_slice(a, b, out, accumulate):
     for c0 in range(0, full, NR):
         _column_panel(a, b, c0, out[:, c0:], accumulate)
     if full < N:  # the last, partial panel of B is zero-padded: through a tile
-        width = N - full
         tile = np.empty((M, NR), np.float32)
         _column_panel(a, b, full, tile, False)
-        for r in range(M):
-            if accumulate:
-                for c in range(width):
-                    out[r, full + c] += tile[r, c]
-            else:
-                for c in range(width):
-                    out[r, full + c] = tile[r, c]
+        gemm_cpu.store_tile(tile, out, full, accumulate)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -185,13 +185,21 @@ def _gemm_slice(a, b, out, accumulate):
                 padded[k, c] = b[k, full + c]
         tile = np.empty((M, NR), out.dtype)
         _column_panel(a, padded, 0, tile, 0, False)
-        for r in range(M):
-            if accumulate:
-                for c in range(width):
-                    out[r, full + c] += tile[r, c]
-            else:
-                for c in range(width):
-                    out[r, full + c] = tile[r, c]
+        store_tile(tile, out, full, accumulate)
+
+
+@njit(inline="always")
+def store_tile(tile, out, c0, accumulate):
+    """``out[:, c0:] (+)= tile[:, :N - c0]``: the last, partial panel of a GEMM, computed
+    whole into ``tile``."""
+    M, N = out.shape
+    for r in range(M):
+        if accumulate:
+            for c in range(N - c0):
+                out[r, c0 + c] += tile[r, c]
+        else:
+            for c in range(N - c0):
+                out[r, c0 + c] = tile[r, c]
 
 
 @njit(inline="always")
