@@ -314,8 +314,8 @@ def gemm_xt(x, y, x16, y16, out, accumulate):
     into the scratch ``x16`` and ``y16`` first (one call: the packing and the product).
 
     The scratch is flat, and each packed operand a contiguous prefix of it: packing into a
-    2-D view with longer rows than it needs ran 3 times slower (Numba then indexes a
-    strided array).
+    2-D view with longer rows than it needs was slower, because Numba then indexes a
+    strided array (``python benchmarks/bf16.py`` times the training epoch that runs it).
 
     Parameters
     ----------
