@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 cloudpickle = pytest.importorskip("cloudpickle")
 joblib = pytest.importorskip("joblib")
@@ -35,6 +37,8 @@ from fastlstm.backends.cpu import default_num_threads  # noqa: E402
 
 #: seconds any one wait on the cluster may take (a whole search takes a few)
 TIMEOUT = 120
+#: seconds between the cycles of the cluster's Active Memory Manager (Dask's default: 2)
+AMM_INTERVAL = 0.1
 #: the tiny model of every test
 FIXED = dict(max_iter=3, batch_size=16, random_state=0, device="cpu")
 GRID = {"hidden_size": [2, 6], "learning_rate_init": [3e-3, 3e-2]}
@@ -63,6 +67,9 @@ class KillsItsWorkerOnce(LSTMClassifier):
             except FileExistsError:
                 pass
             else:
+                # past a few cycles of the cluster's Active Memory Manager, which drops
+                # the copies a broadcast made unless it is stopped (see the test)
+                time.sleep(10 * AMM_INTERVAL)
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().fit(X, y)
 
@@ -123,7 +130,10 @@ def default_budget():
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    # the scheduler runs in this process: it reads the config when it starts
+    with dask.config.set({"distributed.scheduler.active-memory-manager.interval":
+                          f"{AMM_INTERVAL}s"}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             distributed.Client(cluster, timeout=TIMEOUT) as client:
         client.wait_for_workers(2, timeout=TIMEOUT)
@@ -249,13 +259,19 @@ def test_a_worker_killed_during_a_search_gives_the_same_best_params(client, refe
                                                                     tmp_path):
     # joblib's Dask backend sends each argument of over 1 kB to ONE worker (no copy):
     # killing that worker loses X and the search fails (FutureCancelledError).  The
-    # README's recipe: broadcast X, y and the CV splits' indices to every worker
+    # README's recipe: broadcast X, y and the CV splits' indices to every worker, and
+    # stop the Active Memory Manager, whose ReduceReplicas policy drops all copies but
+    # one of data no task waits for (the kill comes after several of its cycles)
     X, y = data()
     splits = list(StratifiedKFold(2).split(X, y))  # what cv=2 means for a classifier
     before = set(client.run(os.getpid).values())
     marker = tmp_path / "killed"
-    got = search(KillsItsWorkerOnce(marker=str(marker), spare_pid=os.getpid()), "dask",
-                 scatter=[X, y, *itertools.chain.from_iterable(splits)], cv=splits)
+    client.amm.stop()
+    try:
+        got = search(KillsItsWorkerOnce(marker=str(marker), spare_pid=os.getpid()), "dask",
+                     scatter=[X, y, *itertools.chain.from_iterable(splits)], cv=splits)
+    finally:
+        client.amm.start()
     assert marker.exists()  # a fit killed its worker; its nanny started a new one
     client.wait_for_workers(2, timeout=TIMEOUT)
     assert set(client.run(os.getpid).values()) != before
