@@ -15,7 +15,12 @@ training step's shapes.  Then one inference chunk of the backend's shape (its
 rows, 28 steps) through ``lstm_cpu.forward_layer`` next to its step GEMMs alone:
 the samples/s of one core if the gate math cost nothing, and at the floor.
 
-    python benchmarks/blas_peak.py [--size 2048]
+With ``--rows``, also the forward step's product ``[x_t, h] @ W^T`` for every row count
+from 1 to ``2 MR + 1`` on one thread, our GEMM beside BLAS: a variable-length batch runs
+each step on the rows still active, so every count occurs, and its cost per row shows what
+a block of rows past the last full one costs.
+
+    python benchmarks/blas_peak.py [--size 2048] [--rows]
 """
 
 import argparse
@@ -63,10 +68,43 @@ def inference_split(rows):
         return tuple(summarize(time_call(fn, 9, min_time=0.05))[0] for fn in (layer, gemms))
 
 
+def row_counts(most):
+    """Seconds of the forward step's product for each row count 1..``most``, by our GEMM and
+    by BLAS, one thread: ``{rows: (ours, blas)}``."""
+    from fastlstm.kernels import gemm_cpu
+
+    rng = np.random.default_rng(0)
+    K, G = I + H, 4 * H
+    a = rng.standard_normal((most, K)).astype(np.float32)
+    w = rng.standard_normal((K, G)).astype(np.float32)
+    out = np.empty((most, G), np.float32)
+    seconds = {}
+    with threadpool_limits(1, user_api="blas"):
+        for m in range(1, most + 1):
+            seconds[m] = tuple(
+                summarize(time_call(fn, 9, min_time=0.02))[0]
+                for fn in (lambda: gemm_cpu.gemm(a[:m], w, out[:m], False),
+                           lambda: np.dot(a[:m], w, out[:m])))
+    return seconds
+
+
+def print_row_counts():
+    from fastlstm.kernels import gemm_cpu
+    seconds = row_counts(2 * gemm_cpu.MR + 1)
+    full = seconds[gemm_cpu.MR][0] / gemm_cpu.MR
+    print(f"\nthe forward step's product ({I + H} x {4 * H} weights) by rows, one thread "
+          f"(per row: against a full block of {gemm_cpu.MR} rows)")
+    print(f"{'rows':>5s} {'ours (us)':>10s} {'per row':>8s} {'BLAS (us)':>10s}")
+    for m, (ours, blas) in seconds.items():
+        print(f"{m:5d} {ours * 1e6:10.2f} {ours / m / full:7.2f}x {blas * 1e6:10.2f}")
+
+
 def main():
     from fastlstm.kernels import gemm_cpu
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048, help="side of the square sgemm")
+    parser.add_argument("--rows", action="store_true",
+                        help="also time the forward step's product for every row count")
     args = parser.parse_args()
     print(machine_description())
     cores = threadpool_limits(user_api="blas").get_original_num_threads()["blas"]
@@ -99,6 +137,8 @@ def main():
           f"the gate math and copies {(layer - gemms) * 1e3:.2f} ms "
           f"({(layer - gemms) / layer:.0%});\n  with free gate math: {rows / gemms:,.0f} samples/s"
           f" per core, at the floor {rows * floor * 1e9 / flop:,.0f}")
+    if args.rows:
+        print_row_counts()
 
 if __name__ == "__main__":
     main()

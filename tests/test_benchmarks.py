@@ -8,6 +8,7 @@ process with an empty cache, about ten seconds.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,14 @@ def test_epoch_compares_and_writes_json(tmp_path):
     assert medians["fastlstm"]["epoch_floor_fraction"] > 0
 
 
-def test_blas_peak_reports_the_inference_ceiling():
-    text = run("blas_peak.py", "--size", "64")
+def test_blas_peak_reports_the_inference_ceiling_and_every_row_count():
+    from fastlstm.kernels.gemm_cpu import MR
+    text = run("blas_peak.py", "--size", "64", "--rows")
     assert "peak on fused multiply-adds alone" in text
     assert "the floor of this machine" in text and "of the floor" in text
     assert "with free gate math" in text
+    rows = re.findall(r"^ *(\d+) +[\d.]+ +[\d.]+x +[\d.]+$", text, re.M)
+    assert [int(r) for r in rows] == list(range(1, 2 * MR + 2))
 
 
 def test_ragged_compares_every_contender_and_writes_json(tmp_path):

@@ -170,6 +170,19 @@ def test_bf16_gemm_is_the_product_of_rounded_operands_up_to_float32_sums(shape):
 
 
 @needs_bf16
+@pytest.mark.parametrize("N", [NR, 3 * NR + 5], ids=lambda n: f"N{n}")
+def test_every_row_count_gives_each_row_what_it_gets_alone(N):
+    # as the float32 GEMM's (tests/test_gemm_cpu.py): the blocks of the rows past the
+    # last full one change no row's result
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3 * MR, 37)).astype(np.float32)
+    b = rng.standard_normal((37, N)).astype(np.float32)
+    alone = np.concatenate([bf16_product(a[i:i + 1], b) for i in range(3 * MR)])
+    for M in range(1, 3 * MR):
+        np.testing.assert_array_equal(bf16_product(a[:M], b), alone[:M], err_msg=f"M={M}")
+
+
+@needs_bf16
 def test_bf16_gemm_refuses_mismatched_operands():
     a16, b16 = np.zeros((4, 3), np.uint32), np.zeros((3, NR), np.uint32)
     with pytest.raises(ValueError, match="shapes"):

@@ -39,6 +39,23 @@ def test_gemm_matches_float64_product(shape, dtype):
     assert rel_err(acc, before + reference(a, b)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("N", [NR, 3 * NR + 5], ids=lambda n: f"N{n}")
+def test_every_row_count_gives_each_row_what_it_gets_alone(N):
+    # the rows past the last full block run in one block of as many rows: a row's result
+    # may not depend on the block it falls in, bit for bit
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3 * MR, 37)).astype(np.float32)
+    b = rng.standard_normal((37, N)).astype(np.float32)
+    alone = np.empty((3 * MR, N), np.float32)
+    for i in range(3 * MR):
+        gemm_cpu.gemm(a[i:i + 1], b, alone[i:i + 1], False)
+    assert rel_err(alone, reference(a, b)) < 1e-6
+    for M in range(1, 3 * MR):
+        out = np.full((M, N), np.nan, np.float32)
+        gemm_cpu.gemm(a[:M], b, out, False)
+        np.testing.assert_array_equal(out, alone[:M], err_msg=f"M={M}")
+
+
 def test_gemm_reads_strided_and_wider_a():
     rng = np.random.default_rng(1)
     a_t = rng.standard_normal((40, 2 * MR + 1)).astype(np.float32)  # a = a_t.T, strided

@@ -172,16 +172,16 @@ def pack_panels(b, out):
 def _make_block(rows):
     """An intrinsic computing one ``rows x NR`` block of the product into (or onto) ``out``.
 
-    ``block(a, r0, b, c0, out, o_r0, accumulate)``, ``a`` and ``b`` packed ``uint32``::
+    ``block(a, r0, b, c0, out, o_r0, o_c0, accumulate)``, ``a`` and ``b`` packed ``uint32``::
 
-        out[o_r0:o_r0+rows, :NR] (+)= A[r0:r0+rows] @ B[:, c0:c0+NR]
+        out[o_r0:o_r0+rows, o_c0:o_c0+NR] (+)= A[r0:r0+rows] @ B[:, c0:c0+NR]
 
     with ``A`` and ``B`` packed as :func:`pack_rows` and :func:`pack_panels` do, over the
     ``b.shape[0]`` pairs of ``B``; ``out`` has contiguous rows.  No bounds are checked: the
     caller guarantees them.
     """
     @intrinsic
-    def block(typingctx, a, r0, b, c0, out, o_r0, accumulate):
+    def block(typingctx, a, r0, b, c0, out, o_r0, o_c0, accumulate):
         def codegen(context, builder, sig, args):
             if FEATURE not in target_features():  # the target's own, as the cache is keyed
                 # The kernels that may call this (the LSTM's, through matmul) are compiled on
@@ -192,7 +192,7 @@ def _make_block(rows):
                 builder.call(trap, [])
                 return context.get_dummy_value()
             a_ty, _, b_ty, _, out_ty = sig.args[:5]
-            a_v, r0_v, b_v, c0_v, out_v, o_r0_v, acc_v = args
+            a_v, r0_v, b_v, c0_v, out_v, o_r0_v, o_c0_v, acc_v = args
             f32, i32 = ir.FloatType(), ir.IntType(32)
             acc_ty, bf_ty, pair_ty = ir.VectorType(f32, LANES), _bf16_vector(), \
                 ir.VectorType(i32, LANES)
@@ -235,37 +235,17 @@ def _make_block(rows):
             for i in range(rows):
                 for h in (0, 1):
                     dst = element_ptr(context, builder, out_ty, out_v,
-                                      builder.add(o_r0_v, intp(i)), intp(h * LANES), acc_ty)
+                                      builder.add(o_r0_v, intp(i)),
+                                      builder.add(o_c0_v, intp(h * LANES)), acc_ty)
                     value = builder.load(accs[2 * i + h])
                     added = builder.fadd(builder.load(dst, align=1), value)
                     builder.store(builder.select(acc_v, added, value), dst, align=1)
             return context.get_dummy_value()
-        return types.void(a, r0, b, c0, out, o_r0, accumulate), codegen
+        return types.void(a, r0, b, c0, out, o_r0, o_c0, accumulate), codegen
     return block
 
 
-_block_mr = _make_block(MR)
-_block_4 = _make_block(4)
-_block_2 = _make_block(2)
-_block_1 = _make_block(1)
-
-
-@njit(inline="always")
-def _column_panel(a, b, c0, out, accumulate):
-    """``out[:, :NR] (+)= A @ B[:, c0:c0+NR]`` for every row, largest blocks first."""
-    M = out.shape[0]
-    r = 0
-    while r + MR <= M:
-        _block_mr(a, r, b, c0, out, r, accumulate)
-        r += MR
-    if r + 4 <= M:
-        _block_4(a, r, b, c0, out, r, accumulate)
-        r += 4
-    if r + 2 <= M:
-        _block_2(a, r, b, c0, out, r, accumulate)
-        r += 2
-    if r < M:
-        _block_1(a, r, b, c0, out, r, accumulate)
+_whole_panels = gemm_cpu.make_whole_panels(_make_block, MR, NR)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
@@ -300,11 +280,10 @@ def gemm(a, b, out, accumulate):
 def _gemm_slice(a, b, out, accumulate):
     M, N = out.shape
     full = N - N % NR
-    for c0 in range(0, full, NR):
-        _column_panel(a, b, c0, out[:, c0:], accumulate)
+    _whole_panels(a, b, out, full, accumulate)
     if full < N:  # the last, partial panel of B is zero-padded: through a tile
         tile = np.empty((M, NR), np.float32)
-        _column_panel(a, b, full, tile, False)
+        _whole_panels(a, b[:, full:], tile, NR, False)
         gemm_cpu.store_tile(tile, out, full, accumulate)
 
 

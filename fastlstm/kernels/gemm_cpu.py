@@ -16,7 +16,8 @@ LLVM kept a Numba array of accumulators in registers only for some block
 shapes and targets (the others ran many times slower).  ``A`` may have any
 strides (the weight gradient reads a transposed view); ``B`` and the output
 need contiguous rows.  Columns past the last full panel of ``NR`` go through a
-zero-padded copy, rows past the last full block through blocks of 4, 2, 1.
+zero-padded copy, the rows past the last full block through one block of as many
+rows (:func:`make_whole_panels`).
 
 ``MR x NR`` follows the vector width Numba compiles for: 8 x 32 floats are
 16 AVX-512 registers of accumulators, 6 x 16 are 12 AVX2 ones.  The LSTM
@@ -63,7 +64,9 @@ def _make_block(rows):
 
         out[o_r0:o_r0+rows, o_c0:o_c0+NR] (+)= a[r0:r0+rows, :K] @ b[:, c0:c0+NR]
 
-    with ``K = b.shape[0]``.  No bounds are checked: the caller guarantees them.
+    with ``K = b.shape[0]``.  No bounds are checked: the caller guarantees them.  Each
+    output is one chain of fused multiply-adds over ``k`` in order, whatever the block's
+    rows, so a row's results do not depend on the block it falls in.
     """
     @intrinsic
     def block(typingctx, a, r0, b, c0, out, o_r0, o_c0, accumulate):
@@ -122,29 +125,52 @@ def _make_block(rows):
     return block
 
 
-_block_mr = _make_block(MR)
-_block_4 = _make_block(4)
-_block_2 = _make_block(2)
-_block_1 = _make_block(1)
+def make_whole_panels(make_block, mr, nr):
+    """``whole_panels(a, b, out, ncols, accumulate)``: ``out[:, :ncols] (+)= A @ B[:, :ncols]``
+    for ``ncols`` a multiple of ``nr``, on the register blocks ``make_block(rows)``
+    of a GEMM (``mr x nr`` the largest; this module's and :mod:`.gemm_bf16_cpu`'s).
+
+    The blocks of ``mr`` rows go panel by panel.  The rows left over run as ONE block of
+    as many rows, so ``B`` is read once more, not once per block of 4, 2 and 1 rows: with
+    few rows a product is bound by reading ``B`` from L2, and the 7-row product of a step
+    where one of a block's rows had ended took twice as long as the 8-row one (``python
+    benchmarks/blas_peak.py --rows`` times every row count).  Each output is one chain of
+    multiply-adds over the inner dimension in order, whatever its block, so a row's
+    results do not depend on the rows beside it.
+    """
+    full = make_block(mr)
+
+    def make_last_rows(most):  # a block of ``rows <= most`` rows, chosen at run time
+        if most == 0:
+            @njit(inline="always")
+            def last_rows(a, b, out, r, rows, ncols, accumulate):
+                pass
+            return last_rows
+        fewer, these = make_last_rows(most - 1), make_block(most)
+
+        @njit(inline="always")
+        def last_rows(a, b, out, r, rows, ncols, accumulate):
+            if rows == most:
+                for c0 in range(0, ncols, nr):
+                    these(a, r, b, c0, out, r, c0, accumulate)
+            else:
+                fewer(a, b, out, r, rows, ncols, accumulate)
+        return last_rows
+
+    last_rows = make_last_rows(mr - 1)
+
+    @njit(nogil=True, error_model="numpy")  # not inlined: each caller compiled it anew
+    def whole_panels(a, b, out, ncols, accumulate):
+        M = out.shape[0]
+        whole = M - M % mr
+        for c0 in range(0, ncols, nr):
+            for r in range(0, whole, mr):
+                full(a, r, b, c0, out, r, c0, accumulate)
+        last_rows(a, b, out, whole, M - whole, ncols, accumulate)
+    return whole_panels
 
 
-@njit(inline="always")
-def _column_panel(a, b, c0, out, o_c0, accumulate):
-    """``out[:, o_c0:o_c0+NR] (+)= a @ b[:, c0:c0+NR]`` for every row, largest blocks first."""
-    M = a.shape[0]
-    r = 0
-    while r + MR <= M:
-        _block_mr(a, r, b, c0, out, r, o_c0, accumulate)
-        r += MR
-    if MR > 4 and r + 4 <= M:
-        _block_4(a, r, b, c0, out, r, o_c0, accumulate)
-        r += 4
-    if MR > 2 and r + 2 <= M:
-        _block_2(a, r, b, c0, out, r, o_c0, accumulate)
-        r += 2
-    while r < M:
-        _block_1(a, r, b, c0, out, r, o_c0, accumulate)
-        r += 1
+_whole_panels = make_whole_panels(_make_block, MR, NR)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
@@ -175,8 +201,7 @@ def _gemm_slice(a, b, out, accumulate):
     M, N = out.shape
     K = b.shape[0]
     full = N - N % NR
-    for c0 in range(0, full, NR):
-        _column_panel(a, b, c0, out, c0, accumulate)
+    _whole_panels(a, b, out, full, accumulate)
     if full < N:
         width = N - full
         padded = np.zeros((K, NR), out.dtype)
@@ -184,7 +209,7 @@ def _gemm_slice(a, b, out, accumulate):
             for c in range(width):
                 padded[k, c] = b[k, full + c]
         tile = np.empty((M, NR), out.dtype)
-        _column_panel(a, padded, 0, tile, 0, False)
+        _whole_panels(a, padded, tile, NR, False)
         store_tile(tile, out, full, accumulate)
 
 
