@@ -9,7 +9,7 @@ from fastlstm.backends import AdamConfig, cpu, get_backend
 from fastlstm.model import ModelSpec
 from fastlstm.backends.cpu import (HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _chunk_plan,
                                    _Overlay)
-from fastlstm.kernels import gemm_cpu
+from fastlstm.kernels import gemm_cpu, lstm_cpu
 
 from conftest import make_problem, rel_err
 from oracle import ORACLE
@@ -63,6 +63,41 @@ def test_chunk_plan_covers_the_batch_in_order(rows, threads, max_rows, sizes):
     edges = [0] + [hi for _, hi in bounds]
     assert [lo for lo, _ in bounds] == edges[:-1] and edges[-1] == rows
     assert [i for group in groups for i in group] == list(range(len(bounds)))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 7, 33, 128])
+def test_rows_are_dealt_longest_first_and_evenly(batch, threads):
+    # each worker's rows sorted by length, their total steps as even as dealing in turn
+    # makes them: the i-th longest row goes to worker i % workers, while it has room
+    ws = CPUBackend(num_threads=threads)._workspace(ModelSpec(3, 4, 1, 2), batch, 9,
+                                                    np.float32, "step")
+    lengths = np.random.default_rng(batch).integers(1, 10, batch)
+    order = ws.order(lengths)
+    assert sorted(order) == list(range(batch))
+    ranked = list(np.argsort(-lengths, kind="stable"))
+    start = 0
+    for w, group in enumerate(ws.groups):
+        size = sum(ws.rows[i][1] - ws.rows[i][0] for i in group)
+        share = list(order[start:start + size])
+        assert share == sorted(share, key=ranked.index)  # longest first, ties in order
+        assert share[:size - 1] == ranked[w:(size - 1) * len(ws.groups):len(ws.groups)]
+        start += size
+
+
+def test_packed_steps_count_the_rows_longer_than_each_step():
+    lengths = np.array([5, 5, 3, 1], np.int64)
+    active, slot, cslot = lstm_cpu.packed_steps(lengths, 4, False, False)
+    np.testing.assert_array_equal(active, [4, 3, 3, 2, 2, 0])
+    np.testing.assert_array_equal(slot, [0, 4, 7, 10, 12, 14])  # the steps one after another
+    np.testing.assert_array_equal(cslot, [0, 0, 4, 7, 10, 12])
+    active, slot, _ = lstm_cpu.packed_steps(lengths, 4, False, True)  # from the last step back
+    np.testing.assert_array_equal(active, [2, 2, 3, 3, 4, 0])
+    np.testing.assert_array_equal(slot, [0, 2, 4, 7, 10, 14])
+    active, slot, cslot = lstm_cpu.packed_steps(lengths, 4, True, False)  # two slots in turn
+    np.testing.assert_array_equal(active, [4, 3, 3, 2, 2, 0])
+    np.testing.assert_array_equal(slot, [0, 4, 0, 4, 0, 4])
+    np.testing.assert_array_equal(cslot, slot)
 
 
 def test_a_training_cache_survives_later_calls():

@@ -268,7 +268,7 @@ class _Workspace:
         # rows of the step buffers: every step kept (packed) in training, two in turn else
         slots = steps if train else 2
 
-        def chunk_shapes(R, bf16=bf16):
+        def chunk_shapes(R, bf16=bf16, gathered=True):
             layers = [[dict(xh=(slots * R, K), c=(slots * R, H), z=(R, G), h_last=(R, H))
                        for _ in range(D)] for K in widths]
             if train:
@@ -276,6 +276,9 @@ class _Workspace:
                     for run in layer:
                         run["gates"] = (steps * R, G)
             shapes = dict(layers=layers, hseq=[(R, steps, D * H)] * (L - 1))
+            if gathered:  # the chunk's rows of the input where the batch is reordered (a
+                # fresh array each time cost more than the copy: its pages were new)
+                shapes["x"] = (R, steps, spec.input_size)
             if train:
                 shapes.update(dz=(steps * R, G), dh=(R, H), dc=(R, H), dlast=(R, D * H))
             if bf16:  # packed operands (uint32 pairs, carved as float32 of the same size)
@@ -291,9 +294,10 @@ class _Workspace:
         max_rows = MAX_CHUNK_ROWS
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
         if train and own_gemm and _small_chunks_pay_off(weight_bytes):
-            # every buffer of a chunk has a length proportional to its rows
-            # (the float32 state only: bfloat16's scratch is read by one GEMM at a time)
-            row_bytes = _nbytes(chunk_shapes(1, bf16=False), dtype)
+            # every buffer of a chunk has a length proportional to its rows (the float32
+            # state only: bfloat16's scratch is read by one GEMM at a time, and the gathered
+            # input as the caller's would be, a step at a time)
+            row_bytes = _nbytes(chunk_shapes(1, bf16=False, gathered=False), dtype)
             max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
         if mode == "step":
@@ -348,13 +352,15 @@ class _Workspace:
         if lengths is None:
             return None
         sizes = [sum(self.rows[i][1] - self.rows[i][0] for i in group) for group in self.groups]
-        dealt = [[] for _ in sizes]
-        w = 0
-        for row in np.argsort(-lengths, kind="stable"):
-            while len(dealt[w]) == sizes[w]:
-                w = (w + 1) % len(sizes)
-            dealt[w].append(row)
-            w = (w + 1) % len(sizes)
+        # the workers' shares differ by one row at most (_chunk_plan): a round of every
+        # worker, as many times as the smallest share, then one more row each for those
+        # with one more
+        workers, rounds = len(sizes), min(sizes)
+        ranked = np.argsort(-lengths, kind="stable")
+        dealt = list(ranked[:rounds * workers].reshape(rounds, workers).T)
+        extra = iter(ranked[rounds * workers:])
+        dealt = [np.append(rows, next(extra)) if size > rounds else rows
+                 for rows, size in zip(dealt, sizes)]
         return np.concatenate(dealt)
 
 
@@ -692,21 +698,8 @@ def _unordered(a, order, axis=0):
 
 @functools.lru_cache(maxsize=64)
 def _full_steps(rows, steps, ring):
-    """:func:`_packed_steps` of a chunk whose rows have every step (either direction)."""
-    return _packed_steps(np.full(steps, rows), rows, ring)
-
-
-def _packed_steps(active, rows, ring):
-    """``(active, slot, cslot)`` of :func:`lstm_cpu.forward_layer` for ``active`` rows per
-    step: training packs the steps one after another, inference alternates two slots."""
-    S = len(active)
-    active = np.append(active, 0).astype(np.int64)
-    if ring:
-        slot = (np.arange(S + 1) % 2) * rows
-        return active, slot, slot
-    slot = np.zeros(S + 1, np.int64)
-    np.cumsum(active[:-1], out=slot[1:])
-    return active, slot, np.concatenate([[0], slot[:-1]])
+    """:func:`lstm_cpu.packed_steps` of a chunk whose rows have every step (either direction)."""
+    return lstm_cpu.packed_steps(np.full(rows, steps, np.int64), rows, ring, False)
 
 
 class _DropoutPlan:
@@ -806,11 +799,15 @@ class _ChunkOps:
         if lengths is None:
             self.steps = [_full_steps(R, T, self.ring)] * 2
         else:  # rows longest first: the active rows of a step are a prefix of the chunk
-            active = np.searchsorted(-lengths, -np.arange(lengths[0]), "left")
-            self.steps = [_packed_steps(a, R, self.ring) for a in (active, active[::-1])]
+            lengths = np.ascontiguousarray(lengths, np.int64)
+            self.steps = [lstm_cpu.packed_steps(lengths, R, self.ring, reverse)
+                          for reverse in (False, True)]
         if x is None:
             return None
-        return x[self.lo:self.hi] if self.order is None else x[self.order[self.lo:self.hi]]
+        if self.order is None:
+            return x[self.lo:self.hi]
+        lstm_cpu.gather_rows(x, self.order[self.lo:self.hi], self.chunk["x"])
+        return self.chunk["x"]
 
     def _run(self, k, reverse):
         return self.chunk["layers"][k][reverse], k * self.spec.num_directions + reverse
