@@ -72,6 +72,9 @@ def test_ragged_compares_every_contender_and_writes_json(tmp_path):
     else:
         expected = fastlstm | {"torch_packed", "torch_padded"}
     assert set(results["medians"]) == expected
+    assert len(results["paired_epoch_s"]) == 1 and min(results["paired_epoch_s"][0]) > 0
+    assert results["ratios"]["epoch_fastlstm_ragged_over_fastlstm_padded_paired"] > 0
+    assert "minibatch by minibatch" in text
     for m in results["medians"].values():
         assert m["epoch_s"] > 0 and m["inference_samples_per_s"] > 0
     assert {"epoch_fastlstm_ragged_over_fastlstm_padded", "epoch_fastlstm_bi_over_uni",
