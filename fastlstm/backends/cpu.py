@@ -799,7 +799,6 @@ class _ChunkOps:
         if lengths is None:
             self.steps = [_full_steps(R, T, self.ring)] * 2
         else:  # rows longest first: the active rows of a step are a prefix of the chunk
-            lengths = np.ascontiguousarray(lengths, np.int64)
             self.steps = [lstm_cpu.packed_steps(lengths, R, self.ring, reverse)
                           for reverse in (False, True)]
         if x is None:

@@ -132,9 +132,9 @@ def make_whole_panels(make_block, mr, nr):
 
     The blocks of ``mr`` rows go panel by panel.  The rows left over run as ONE block of
     as many rows, so ``B`` is read once more, not once per block of 4, 2 and 1 rows: with
-    few rows a product is bound by reading ``B`` from L2, and the 7-row product of a step
-    where one of a block's rows had ended took twice as long as the 8-row one (``python
-    benchmarks/blas_peak.py --rows`` times every row count).  Each output is one chain of
+    few rows a product is bound by reading ``B`` from L2, so a step where one of a block's
+    rows had ended cost more than the full block (``python benchmarks/blas_peak.py --rows``
+    times every row count).  Each output is one chain of
     multiply-adds over the inner dimension in order, whatever its block, so a row's
     results do not depend on the rows beside it.
     """
@@ -159,8 +159,8 @@ def make_whole_panels(make_block, mr, nr):
 
     last_rows = make_last_rows(mr - 1)
 
-    # compiled once per signature, not inlined: inlined, each call site compiled all its
-    # blocks anew, and a fresh compile of a training step took half as long again
+    # compiled once per signature, not inlined: inlined, every call site compiled all its
+    # blocks anew, which lengthened the first compile of the kernels that call the GEMM
     @njit(nogil=True, error_model="numpy")
     def whole_panels(a, b, out, ncols, accumulate):
         M = out.shape[0]

@@ -285,8 +285,8 @@ def packed_steps(lengths, rows, ring, reverse):
     ``lengths`` (longest first): training packs the steps one after another, inference
     (``ring``) alternates two slots of ``rows``.
 
-    One compiled call per chunk and direction: the NumPy calls it replaces took longer, run
-    by two threads at once, than the copy of the chunk's input (``python
+    One compiled call per chunk and direction, without the GIL: as a few small NumPy calls,
+    run by two threads at once, it took longer than the copy of the chunk's input (``python
     benchmarks/ragged.py`` times the epoch it is part of).
     """
     S = lengths[0] if lengths.shape[0] > 0 else 0
