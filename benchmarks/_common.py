@@ -39,6 +39,19 @@ def summarize(times):
     return med, (max(times) - min(times)) / med if med > 0 else 0.0
 
 
+def cpu_choices_description():
+    """One line: the CPU backend's choices in this process (``fastlstm.backends.cpu_choices``)
+    and where they come from; measuring them first where this CPU has none cached."""
+    from fastlstm.backends import cpu_choices
+    c = cpu_choices.cpu_choices()
+    override = os.environ.get(cpu_choices.ENV)
+    source = f"{cpu_choices.ENV}={override!r}" if override else "measured on this CPU"
+    chunks = (f"training chunks of {c.train_chunk_bytes / 2**20:g} MiB of state"
+              if c.train_chunk_bytes else "no small training chunks")
+    return (f"CPU backend's choices ({source}): time-loop GEMM {c.step_gemm}, weight-gradient "
+            f"GEMM {c.grad_gemm}, {chunks}, at most {c.max_chunk_rows} rows a chunk")
+
+
 def machine_description():
     """One line naming the CPU, the core count, the load, and the library versions."""
     import numba

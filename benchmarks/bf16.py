@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import machine_description  # noqa: E402
+from _common import cpu_choices_description, machine_description  # noqa: E402
 from epoch import (add_workload_arguments, fastlstm_epoch, fastlstm_inference,  # noqa: E402
                    load_images, torch_epoch, torch_inference)
 
@@ -76,6 +76,7 @@ def main():
     torch.set_num_threads(threads)
     machine = machine_description()
     print(machine)
+    print(cpu_choices_description())
     rng = np.random.default_rng(0)
     X, y, source = load_images(args.data, args.samples, rng)
     Xi = X[:args.infer_samples]

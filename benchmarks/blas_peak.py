@@ -28,7 +28,7 @@ import argparse
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from _common import machine_description, summarize, time_call
+from _common import cpu_choices_description, machine_description, summarize, time_call
 from floor import chunk_rows, fma_peak_gflops, gemm_rates, step_shapes
 
 T, I, H = 28, 28, 128
@@ -108,8 +108,8 @@ def main():
     args = parser.parse_args()
     print(machine_description())
     cores = threadpool_limits(user_api="blas").get_original_num_threads()["blas"]
-    print(f"fastlstm gemm: blocks of {gemm_cpu.MR} x {gemm_cpu.NR}; the CPU backend uses it "
-          f"{'here' if gemm_cpu.PAYS_OFF else 'nowhere here (BLAS instead)'}")
+    print(f"fastlstm gemm: blocks of {gemm_cpu.MR} x {gemm_cpu.NR}")
+    print(cpu_choices_description())
     shapes = {f"square sgemm {args.size}": (args.size,) * 3 + (False,), **step_shapes()}
     rates = gemm_rates(shapes, threads=sorted({1, cores}))
     peak = fma_peak_gflops()

@@ -251,18 +251,20 @@ def main():
     if args.estimator_child:
         return estimator_child(args)
 
-    from _common import machine_description
+    from _common import cpu_choices_description, machine_description
     if args.threads:
         os.environ["FASTLSTM_NUM_THREADS"] = str(args.threads)
     from fastlstm.backends import get_backend
     threads = get_backend("cpu").num_threads
     print(machine_description())
+    print(cpu_choices_description())
     rng = np.random.default_rng(0)
     X, y, source = load_images(args.data, args.samples, rng)
     Xi = X[:args.infer_samples]
     print(f"data: {source}; {len(X)} samples, batch {args.batch}, H={args.hidden}, "
           f"{threads} threads\n")
-    results = dict(machine=machine_description(), threads=threads, samples=len(X),
+    results = dict(machine=machine_description(), choices=cpu_choices_description(),
+                   threads=threads, samples=len(X),
                    batch=args.batch, hidden=args.hidden, repeat=args.repeat)
     torch = None
     if not args.no_torch:

@@ -305,7 +305,7 @@ def main(argv=None):
     if not 1 <= args.min_steps <= args.max_steps:
         parser.error("need 1 <= --min-steps <= --max-steps")
 
-    from _common import machine_description
+    from _common import cpu_choices_description, machine_description
     if args.threads:
         os.environ["FASTLSTM_NUM_THREADS"] = str(args.threads)
     from fastlstm.backends import get_backend
@@ -313,10 +313,11 @@ def main(argv=None):
     machine = machine_description()
     command = shlex.join(["python", *sys.argv])
     print(machine)
+    print(cpu_choices_description())
     print(f"command: {command}")
 
     names = [n for n in CONTENDERS if n in args.contenders]  # in the alternating order
-    results = dict(machine=machine, command=command, threads=threads, samples=args.samples,
+    results = dict(machine=machine, choices=cpu_choices_description(), command=command, threads=threads, samples=args.samples,
                    min_steps=args.min_steps, max_steps=args.max_steps, inputs=INPUTS,
                    classes=CLASSES, batch=args.batch, hidden=args.hidden,
                    infer_samples=None, infer_batch=args.infer_batch, repeat=args.repeat)

@@ -1,6 +1,7 @@
 """bfloat16 precision: the rounding rule (:mod:`fastlstm.precision`), the reference's bfloat16
 mode, the bfloat16 GEMM kernel and the CPU backend's ``precision="bfloat16"``."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,8 +15,9 @@ from numba import njit
 from sklearn.base import clone
 
 from fastlstm import LSTMClassifier, LSTMRegressor, backends, load, reference
-from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, cpu, get_backend
+from fastlstm.backends import AdamConfig, Backend, BackendUnavailable, get_backend
 from fastlstm.backends.cpu import CPUBackend
+from fastlstm.backends.cpu_choices import builtin_choices
 from fastlstm.kernels import gemm_bf16_cpu
 from fastlstm.precision import bf16_bits, check_precision, round_bf16
 
@@ -258,12 +260,12 @@ def test_cpu_bf16_with_every_row_one_step_long(initial_states):
 
 
 @needs_bf16
-def test_bf16_train_step_matches_forward_backward_and_learns(monkeypatch):
-    monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # several chunks per thread
+def test_bf16_train_step_matches_forward_backward_and_learns():
     spec, params, x, y, _, _ = make_problem((64, 7, 5, 8, 2, 3), "cross_entropy", np.float32,
                                             bidirectional=True)
     lengths = make_lengths(64, 7, "random")
-    backend = CPUBackend(num_threads=2, precision="bfloat16")
+    choices = dataclasses.replace(builtin_choices(), train_chunk_bytes=1)  # chunks per thread
+    backend = CPUBackend(num_threads=2, precision="bfloat16", choices=choices)
     p_step, p_ref = params.copy(), params.copy()
     s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
     config, losses = AdamConfig(1e-2), []

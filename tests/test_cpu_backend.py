@@ -1,5 +1,6 @@
 """The CPU backend's own machinery: batches cut into chunks over threads, reused buffers."""
 
+import dataclasses
 import weakref
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 
 from fastlstm.backends import AdamConfig, cpu, get_backend
 from fastlstm.model import ModelSpec
-from fastlstm.backends.cpu import (HUGE_PAGE, MAX_CHUNK_ROWS, CPUBackend, _carve, _chunk_plan,
-                                   _Overlay)
+from fastlstm.backends.cpu import HUGE_PAGE, CPUBackend, _carve, _chunk_plan, _Overlay
+from fastlstm.backends.cpu_choices import builtin_choices
 from fastlstm.kernels import gemm_cpu, lstm_cpu
 
 from conftest import make_problem, rel_err
@@ -18,13 +19,14 @@ from test_backend_parity import TOLERANCE, run
 
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["chunks-of-128", "smallest-chunks"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks, monkeypatch):
+def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks):
     # more rows than one chunk holds, an uneven split, several chunks per thread, 2 layers
+    choices = builtin_choices()
     if small_chunks:  # training chunks of one GEMM row block (inference keeps its own)
-        monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)
-    shape = (3 * MAX_CHUNK_ROWS + 7, 4, 3, 5, 2, 3)
+        choices = dataclasses.replace(choices, train_chunk_bytes=1)
+    shape = (3 * choices.max_chunk_rows + 7, 4, 3, 5, 2, 3)
     problem = make_problem(shape, "cross_entropy", np.float64)
-    backend = CPUBackend(threads)
+    backend = CPUBackend(threads, choices=choices)
     got = run(backend, *problem, "cross_entropy")
     want = run(ORACLE, *problem, "cross_entropy")
     rows = backend._workspace(problem[0], shape[0], shape[1], np.float64, "train").rows
@@ -35,14 +37,14 @@ def test_any_thread_count_and_many_chunks_match_reference(threads, small_chunks,
         assert rel_err(got["grads"][name], want["grads"][name]) < TOLERANCE[np.float64], name
 
 
-@pytest.mark.parametrize("hidden, blocked, small", [
-    (16, True, True),
-    (512, True, False),   # 4.4 MB of weights: each small chunk would stream them from L3
-    (16, False, False),   # BLAS is slow on small chunks
+@pytest.mark.parametrize("hidden, chunk_bytes, small", [
+    (16, 1, True),        # as small as they come: one row block
+    (512, 1, False),      # 4.4 MB of weights: each small chunk would stream them from L3
+    (16, 0, False),       # no small chunks chosen
 ])
-def test_training_chunks_are_small_where_that_pays_off(hidden, blocked, small, monkeypatch):
-    monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)  # as small as they come: one row block
-    backend = CPUBackend(num_threads=2, own_gemm=blocked)
+def test_training_chunks_are_small_where_that_pays_off(hidden, chunk_bytes, small):
+    choices = dataclasses.replace(builtin_choices(), train_chunk_bytes=chunk_bytes)
+    backend = CPUBackend(num_threads=2, choices=choices)
     spec = ModelSpec(28, hidden, 1, 10)
     for mode in ("train", "step"):
         rows = backend._workspace(spec, 64, 2, np.float32, mode).rows
@@ -116,10 +118,11 @@ def test_a_training_cache_survives_later_calls():
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["a-chunk-a-thread", "small-chunks"])
 def test_train_step_reuses_its_buffers_and_matches_forward_backward(small_chunks, monkeypatch):
     spec, params, x, y, _, _ = make_problem((23, 5, 3, 4, 2, 3), "cross_entropy", np.float64)
+    choices = builtin_choices()
     if small_chunks:  # the smallest chunks allowed, 3 rows: 23 rows in 2 or 3, four per thread
-        monkeypatch.setattr(cpu, "TRAIN_CHUNK_BYTES", 1)
+        choices = dataclasses.replace(choices, train_chunk_bytes=1)
         monkeypatch.setattr(cpu.gemm_cpu, "MR", 3)
-    backend = CPUBackend(num_threads=2)
+    backend = CPUBackend(num_threads=2, choices=choices)
     p_step, p_ref = params.copy(), params.copy()
     s_step, s_ref = backend.adam_state(p_step), backend.adam_state(p_ref)
     for _ in range(3):
@@ -217,11 +220,11 @@ def test_sessions_hold_blas_on_one_thread_and_restore_it():
 def test_a_rows_outputs_do_not_depend_on_its_place_in_the_batch():
     # scikit-learn's check_methods_sample_order_invariance, made deterministic: with
     # BLAS computing a one-output head, some rows came out an ulp apart.  The property
-    # of our GEMM, used by default wherever the CPU has FMA; BLAS does not promise it
-    # (OpenBLAS's Haswell kernels give such rows in the time loop too)
+    # of our GEMM in the time loop (step_gemm="own"); BLAS does not promise it (OpenBLAS's
+    # Haswell kernels give such rows in the time loop too)
     spec, params, x, _, _, _ = make_problem((20, 4, 3, 8, 1, 1), "squared_error", np.float32)
-    backend = CPUBackend(num_threads=2)
-    assert backend.own_gemm == gemm_cpu.PAYS_OFF
+    backend = CPUBackend(num_threads=2,
+                         choices=dataclasses.replace(builtin_choices(), step_gemm="own"))
     outputs, _ = backend.forward(spec, params, x)
     for seed in range(20):
         order = np.random.default_rng(seed).permutation(len(x))

@@ -186,7 +186,7 @@ def test_the_thread_count_changes_the_last_bits_of_a_fit_not_its_predictions(mon
         np.testing.assert_array_equal(a._params, b._params)  # reruns: bit-identical
     assert not np.array_equal(fits[1][0]._params, fits[2][0]._params)
     np.testing.assert_allclose(fits[1][0]._params, fits[2][0]._params, rtol=0, atol=1e-5)
-    if get_backend("cpu").own_gemm:  # a row's outputs do not depend on the other rows
+    if get_backend("cpu").choices.own_step_gemm:  # a row's outputs do not depend on the other rows
         model = fits[1][0]
         expected = model.predict_proba(X)
         monkeypatch.setenv("FASTLSTM_NUM_THREADS", "1")

@@ -1,11 +1,14 @@
 """The register-blocked GEMM of the CPU kernels against float64 products, and the CPU
 backend with either GEMM (its own or BLAS) against the reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from fastlstm.backends import get_backend
 from fastlstm.backends.cpu import CPUBackend
+from fastlstm.backends.cpu_choices import builtin_choices
 from fastlstm.kernels import gemm_cpu
 
 from conftest import in_float64, make_problem, rel_err
@@ -93,7 +96,9 @@ def test_cpu_backend_matches_reference_with_either_gemm(own_gemm, shape, dtype):
     spec, params, x, y, h0, c0 = make_problem(shape, "cross_entropy", dtype)
     want_backend = ORACLE
     results = []
-    for backend, args in ((CPUBackend(own_gemm=own_gemm), (params, x, h0, c0)),
+    gemm = "own" if own_gemm else "blas"
+    choices = dataclasses.replace(builtin_choices(), step_gemm=gemm, grad_gemm=gemm)
+    for backend, args in ((CPUBackend(choices=choices), (params, x, h0, c0)),
                           (want_backend, in_float64(params, x, h0, c0))):
         p, xx, hh, cc = args
         outputs, cache = backend.forward(spec, p, xx, hh, cc, train=True)

@@ -14,10 +14,10 @@ primitives of :class:`_ChunkOps`.  Per chunk, layer and direction, forward: one
 GEMM per step ``[x_t, h_{t-1}] @ [W_ih, W_hh]^T`` and one fused pass for the
 gates (:func:`lstm_cpu.forward_layer`); backward: one fused pass per step and
 ``dz_t @ W_hh``, then the weight gradients (transposed) as ONE GEMM over all
-steps, ``[x, h_prev]^T @ dz``.  Where it is the faster (AVX-512, or AVX2 with
-FMA), the GEMMs of the time loop and the weight gradients run on our own
-register-blocked kernel (:mod:`..kernels.gemm_cpu`) instead of BLAS: ``python
-benchmarks/blas_peak.py`` measures both at these shapes.
+steps, ``[x, h_prev]^T @ dz``.  The GEMMs of the time loop and the weight gradients
+run on our own register-blocked kernel (:mod:`..kernels.gemm_cpu`) or on BLAS, and
+chunks have the size, that :mod:`.cpu_choices` measured to be the fastest on this CPU
+(``python benchmarks/blas_peak.py`` times both GEMMs at these shapes).
 
 ``precision="bfloat16"`` (on CPUs with AVX512-BF16) runs the GEMMs that
 :mod:`fastlstm.precision` names on :mod:`..kernels.gemm_bf16_cpu` instead, through the
@@ -32,7 +32,7 @@ rows still active at a step are a prefix; each step computes only those, and the
 steps are stored packed, so the weight-gradient GEMM too runs over valid steps
 only.  ``python benchmarks/ragged.py`` measures what that saves against padding.
 
-In training, chunks are small (:data:`TRAIN_CHUNK_BYTES` of saved state), and in
+In training, chunks are small (``train_chunk_bytes`` of saved state), and in
 a training step the chunks of one thread run forward and backward one after
 another on the same buffers, so what backward reads is still in cache.  Buffers
 are reused across calls (per thread and shape) once no result refers to them any
@@ -60,18 +60,8 @@ from ..kernels import adam_cpu, dropout_cpu, gemm_bf16_cpu, gemm_cpu, head_cpu, 
 from ..precision import check_precision
 from .base import (Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
                    get_loss)
+from .cpu_choices import cpu_choices
 
-#: largest number of rows per chunk: the per-step working set stays in L2
-MAX_CHUNK_ROWS = 128
-#: bytes that the saved state of one chunk (over all steps: inputs and hidden states,
-#: cells, gates and their gradients) may take in training.  The chunks of a thread run
-#: one after another on the same buffers, which then stay in cache between forward and
-#: backward; the best chunks held about this much state at H = 64 and 128 and T = 28 and
-#: 56 (the A/B runs behind it are in ``benchmarks/RESULTS.md``, "Kernel choices"; ``python
-#: benchmarks/epoch.py`` shows a whole epoch).  Every chunk reads the weights at every step,
-#: so this holds while they stay in the core's L2 (:func:`_small_chunks_pay_off`).  With
-#: BLAS for the step GEMMs, small chunks are slow.
-TRAIN_CHUNK_BYTES = 5 << 19
 #: workspaces kept per thread (a full batch and an epoch's last, smaller one, ...)
 MAX_WORKSPACES = 4
 
@@ -138,8 +128,8 @@ def l2_cache_bytes():
 
 
 def _small_chunks_pay_off(weight_bytes):
-    """Whether training in chunks of :data:`TRAIN_CHUNK_BYTES` beats chunks of up to
-    :data:`MAX_CHUNK_ROWS` rows, for step GEMMs on ``weight_bytes`` of weights.
+    """Whether training in chunks of ``train_chunk_bytes`` (:mod:`.cpu_choices`) can beat
+    chunks of up to ``max_chunk_rows`` rows, for step GEMMs on ``weight_bytes`` of weights.
 
     Small chunks win while the weights stay in L2; past that, each small chunk streams
     the weights from L3 at every step (measured by hidden size: ``benchmarks/RESULTS.md``,
@@ -254,12 +244,12 @@ class _Workspace:
     ``mode`` is ``"inference"``, ``"train"`` (a forward whose buffers a later
     backward reads: each chunk has its own) or ``"step"`` (a training step: the
     chunks of one worker run forward and backward one after another, on the same
-    buffers).  Training chunks hold at most :data:`TRAIN_CHUNK_BYTES` of state where
-    that pays off: with ``own_gemm`` (the step GEMMs on :mod:`..kernels.gemm_cpu`) and
-    weights that stay in L2.
+    buffers).  Chunks have at most ``choices.max_chunk_rows`` rows (a
+    :class:`.cpu_choices.Choices`); training chunks hold at most
+    ``choices.train_chunk_bytes`` of state where the weights stay in L2.
     """
 
-    def __init__(self, spec, batch, steps, dtype, mode, threads, own_gemm, bf16=False):
+    def __init__(self, spec, batch, steps, dtype, mode, threads, choices, bf16=False):
         H, G, L, D = spec.hidden_size, 4 * spec.hidden_size, spec.num_layers, spec.num_directions
         train = mode != "inference"
         self.steps = steps
@@ -291,14 +281,14 @@ class _Workspace:
                 shapes["bf16"] = scratch
             return shapes
 
-        max_rows = MAX_CHUNK_ROWS
+        max_rows = choices.max_chunk_rows
         weight_bytes = max(widths) * G * np.dtype(dtype).itemsize
-        if train and own_gemm and _small_chunks_pay_off(weight_bytes):
+        if train and choices.train_chunk_bytes and _small_chunks_pay_off(weight_bytes):
             # every buffer of a chunk has a length proportional to its rows (the float32
             # state only: bfloat16's scratch is read by one GEMM at a time, and the gathered
             # input as the caller's would be, a step at a time)
             row_bytes = _nbytes(chunk_shapes(1, bf16=False, gathered=False), dtype)
-            max_rows = min(MAX_CHUNK_ROWS, max(gemm_cpu.MR, TRAIN_CHUNK_BYTES // row_bytes))
+            max_rows = min(max_rows, max(gemm_cpu.MR, choices.train_chunk_bytes // row_bytes))
         self.rows, self.groups = _chunk_plan(batch, threads, max_rows, gemm_cpu.MR)
         if mode == "step":
             chunks = [_Overlay(chunk_shapes(hi - lo) for lo, hi in (self.rows[i] for i in group))
@@ -371,17 +361,16 @@ class CPUBackend(Backend):
     ----------
     num_threads : int, optional
         Threads to use; default :func:`default_num_threads`.
-    own_gemm : bool, optional
-        Run the GEMMs inside the time loop and the weight-gradient GEMM with our own
-        register-blocked kernel (:mod:`fastlstm.kernels.gemm_cpu`) instead of
-        BLAS.  Default: where that kernel is the faster (``gemm_cpu.PAYS_OFF``: SIMD of
-        256 bits or more, with FMA).  With our kernel, a row's results do not depend
-        on its place in the batch; with BLAS they may differ in the last bits.
     precision : {"float32", "bfloat16", "auto"}, default="float32"
         ``"bfloat16"``: the LSTM's GEMMs (those :mod:`fastlstm.precision` names) round their
         operands to bfloat16 and sum in float32, on AVX512-BF16 (``vdpbf16ps``); the
         parameters are then float32.  ``"auto"`` is float32 (never a lower precision
         than asked for).  AMX (``tdpbf16ps``) is not used.
+    choices : fastlstm.backends.cpu_choices.Choices, optional
+        Which GEMM (ours or BLAS) the time loop and the weight gradients run on, and the
+        chunk sizes.  Default: :func:`.cpu_choices.cpu_choices`, measured on this CPU
+        (or fixed by ``FASTLSTM_CPU_CHOICES``).  With our GEMM, a row's results do not
+        depend on its place in the batch; with BLAS they may differ in the last bits.
 
     Raises
     ------
@@ -391,7 +380,7 @@ class CPUBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, num_threads=None, own_gemm=None, precision="float32"):
+    def __init__(self, num_threads=None, precision="float32", choices=None):
         self.precision = check_precision(precision)
         if self.precision == "bfloat16" and not gemm_bf16_cpu.available():
             raise BackendUnavailable(
@@ -399,7 +388,7 @@ class CPUBackend(Backend):
                 f"(vdpbf16ps; Linux flag {gemm_bf16_cpu.CPUINFO_FLAG!r}), and this one lacks "
                 "it (AMX is not used); use precision='float32'")
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
-        self.own_gemm = gemm_cpu.PAYS_OFF if own_gemm is None else bool(own_gemm)
+        self.choices = cpu_choices() if choices is None else choices
         self._pool = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
@@ -461,7 +450,7 @@ class CPUBackend(Backend):
         key = (spec, batch, steps, np.dtype(dtype).str, mode, self.num_threads)
         ws = cache.pop(key, None)
         if ws is None or sys.getrefcount(ws) > 2:  # 2: the name ``ws`` and the call's argument
-            ws = _Workspace(spec, batch, steps, dtype, mode, self.num_threads, self.own_gemm,
+            ws = _Workspace(spec, batch, steps, dtype, mode, self.num_threads, self.choices,
                             self.precision == "bfloat16")
             while len(cache) >= MAX_WORKSPACES:
                 cache.pop(next(iter(cache)))
@@ -779,7 +768,7 @@ class _ChunkOps:
 
     def __init__(self, backend, spec, views, ws, ci, outputs, worker=0, first=True,
                  h0_zero=True, c0=None, dinputs=None, order=None, dropout=None):
-        self.own_gemm, self.spec, self.views, self.ws = backend.own_gemm, spec, views, ws
+        self.choices, self.spec, self.views, self.ws = backend.choices, spec, views, ws
         self.ci, self.chunk, (self.lo, self.hi) = ci, ws.chunks[ci], ws.rows[ci]
         self.dropout = dropout
         self.outputs, self.worker, self.first = outputs, worker, first
@@ -843,7 +832,7 @@ class _ChunkOps:
                                run.get("gates"), hseq, run["h_last"], run["z"],
                                zeros if h0 is None else h0[lo:hi],
                                zeros if c0 is None else c0[lo:hi], active, slot, cslot,
-                               h0 is None, reverse, self.own_gemm,
+                               h0 is None, reverse, self.choices.own_step_gemm,
                                *self._dropout(k, reverse, make_masks=True),
                                *self._packed("w16", n))
         return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
@@ -895,7 +884,8 @@ class _ChunkOps:
         c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
         lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
                                 dh, dc, db, active, slot, cslot, self.dinputs is not None,
-                                self.own_gemm, reverse, *self._dropout(k, reverse, False),
+                                self.choices.own_step_gemm, reverse,
+                                *self._dropout(k, reverse, False),
                                 *self._packed("w_hh16", n))
         dz2, xh2 = dz[:P], run["xh"][:P]
         # with h0 = 0 the h part of the first step is zero: one GEMM over the other
@@ -944,7 +934,7 @@ class _ChunkOps:
         if self.bf16 is not None:
             gemm_bf16_cpu.gemm_xt(rows, dz2, self.bf16["grad_a"], self.bf16["grad_b"], out,
                                   not first)
-        elif self.own_gemm:
+        elif self.choices.own_grad_gemm:
             gemm_cpu.gemm(rows.T, dz2, out, not first)
         elif first:
             np.matmul(rows.T, dz2, out=out)

@@ -1,0 +1,173 @@
+"""The CPU backend's measured choices: every candidate against the reference, the cache, the
+override, and the calibration itself."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from fastlstm.backends import AdamConfig, cpu_choices as cc
+from fastlstm.backends.cpu import CPUBackend
+from fastlstm.kernels import gemm_bf16_cpu
+
+from conftest import in_float64, make_lengths, make_problem
+from oracle import BF16_ORACLE, ORACLE
+from test_dropout import KINDS, compare, run
+
+#: every candidate of every choice, the others builtin
+EVERY_CHOICE = [(field, value) for field, values in cc.CANDIDATES.items() for value in values]
+#: more rows than the largest chunk, 2 layers, both directions
+SHAPE = (300, 5, 3, 6, 2, 3)
+
+
+def with_choice(field, value):
+    return dataclasses.replace(cc.builtin_choices(), **{field: value})
+
+
+def choice_id(choice):
+    return f"{choice[0]}={choice[1]}"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("choice", EVERY_CHOICE, ids=choice_id)
+def test_every_choice_matches_the_reference(choice, dtype):
+    problem = make_problem(SHAPE, "cross_entropy", dtype, bidirectional=True)
+    lengths = make_lengths(SHAPE[0], SHAPE[1], "random")
+    backend = CPUBackend(2, choices=with_choice(*choice))
+    got = run(backend, *problem, "cross_entropy", lengths, KINDS["both"])
+    want = run(ORACLE, *in_float64(*problem), "cross_entropy", lengths, KINDS["both"])
+    compare(got, want, 1e-10 if dtype == np.float64 else 1e-4)
+    inference, _ = backend.forward(*problem[:3], lengths=lengths)
+    expected, _ = ORACLE.forward(*in_float64(*problem[:3]), lengths=lengths)
+    np.testing.assert_allclose(inference, expected, rtol=0, atol=1e-10 if dtype == np.float64
+                               else 1e-5)
+
+
+@pytest.mark.skipif(not gemm_bf16_cpu.available(),
+                    reason="this CPU (Numba's target) lacks AVX512-BF16 (vdpbf16ps)")
+@pytest.mark.parametrize("choice", EVERY_CHOICE, ids=choice_id)
+def test_every_choice_matches_the_bf16_reference(choice):
+    # fewer, longer rows than SHAPE's, on one thread: still more rows than the smallest
+    # chunk; with more rows, more operands fall near a bfloat16 rounding boundary, where
+    # float32's sums and the oracle's float64 ones may round apart (see test_bf16.py)
+    shape = (80, 9, 4, 6, 2, 3)
+    problem = make_problem(shape, "cross_entropy", np.float32, bidirectional=True)
+    lengths = make_lengths(shape[0], shape[1], "random")
+    backend = CPUBackend(1, precision="bfloat16", choices=with_choice(*choice))
+    got = run(backend, *problem, "cross_entropy", lengths, None)
+    want = run(BF16_ORACLE, *in_float64(*problem), "cross_entropy", lengths, None)
+    compare(got, want, 2e-4)
+
+
+@pytest.mark.parametrize("choice", EVERY_CHOICE, ids=choice_id)
+def test_a_fixed_choice_gives_bit_identical_training_runs(choice):
+    spec, params, x, y, _, _ = make_problem(SHAPE, "cross_entropy", np.float32)
+    runs = []
+    for _ in range(2):  # a fresh backend each time: nothing carried over but the choice
+        backend = CPUBackend(2, choices=with_choice(*choice))
+        p = params.copy()
+        state = backend.adam_state(p)
+        for _ in range(3):
+            backend.train_step(spec, p, state, x, y, "cross_entropy", AdamConfig(1e-2))
+        runs.append(p)
+    np.testing.assert_array_equal(*runs)
+
+
+def test_the_override_fixes_some_choices_and_leaves_the_others_builtin():
+    builtin = cc.builtin_choices()
+    assert cc.parse_override("builtin") == builtin
+    got = cc.parse_override('{"step_gemm": "blas", "max_chunk_rows": 64}')
+    assert got == dataclasses.replace(builtin, step_gemm="blas", max_chunk_rows=64)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fast", "FASTLSTM_CPU_CHOICES must be 'builtin' or a JSON object"),
+    ("[1, 2]", "FASTLSTM_CPU_CHOICES must be 'builtin' or a JSON object"),
+    ('{"chunk": 3}', r"unknown choices \['chunk'\]"),
+    ('{"step_gemm": "mkl"}', "step_gemm must be 'own' or 'blas'"),
+    ('{"max_chunk_rows": 2}', "max_chunk_rows must be a whole number >= "),
+    ('{"train_chunk_bytes": 1.5}', "train_chunk_bytes must be a whole number"),
+    ('{"train_chunk_bytes": true}', "train_chunk_bytes must be a whole number"),
+])
+def test_a_bad_override_is_refused_with_what_to_do(text, message):
+    with pytest.raises(ValueError, match=message):
+        cc.parse_override(text)
+
+
+@pytest.fixture
+def calibrating(monkeypatch, tmp_path):
+    """No override, the cache in ``tmp_path``, and a calibration that counts its calls."""
+    monkeypatch.delenv(cc.ENV, raising=False)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    calls = []
+    measured = dataclasses.replace(cc.builtin_choices(), max_chunk_rows=256)
+
+    def calibrate():
+        calls.append(1)
+        return measured, {"max_chunk_rows": {"256": 0.01}}
+    monkeypatch.setattr(cc, "calibrate", calibrate)
+    cc.cpu_choices.cache_clear()
+    yield calls, measured, tmp_path
+    cc.cpu_choices.cache_clear()
+
+
+def test_the_first_use_calibrates_and_later_processes_read_the_cache(calibrating):
+    calls, measured, folder = calibrating
+    assert cc.cpu_choices() == measured
+    (path,) = folder.glob("fastlstm-cpu-choices-*.json")
+    assert path == cc.cache_path()
+    record = json.loads(path.read_text())
+    assert record["identity"] == cc.cpu_identity()
+    assert record["timings"] == {"max_chunk_rows": {"256": 0.01}}
+    cc.cpu_choices.cache_clear()  # as a new process
+    assert cc.cpu_choices() == measured and len(calls) == 1
+    assert CPUBackend(1).choices == measured
+
+
+def test_a_damaged_cache_is_measured_anew(calibrating):
+    calls, measured, _ = calibrating
+    path = cc.cache_path()
+    path.write_text('{"choices": {"step_gemm": "own"')  # cut short
+    assert cc.cpu_choices() == measured and len(calls) == 1
+    assert cc._read(path) == measured
+
+
+def test_the_override_wins_over_the_cache(calibrating, monkeypatch):
+    calls, measured, _ = calibrating
+    assert cc.cpu_choices() == measured
+    monkeypatch.setenv(cc.ENV, "builtin")
+    cc.cpu_choices.cache_clear()
+    assert cc.cpu_choices() == cc.builtin_choices()
+
+
+def test_without_a_writable_cache_the_builtin_choices_are_used(calibrating, monkeypatch):
+    calls, _, _ = calibrating
+    monkeypatch.setattr(cc, "cache_path", lambda identity=None: None)
+    assert cc.cpu_choices() == cc.builtin_choices() and not calls
+
+
+def test_a_change_of_kernels_or_cpu_is_another_cache_file(calibrating, monkeypatch):
+    identity = cc.cpu_identity()
+    paths = {cc.cache_path(identity)}
+    for key, value in (("kernels", "0" * 64), ("model", "another CPU"), ("features", ["avx2"])):
+        paths.add(cc.cache_path(dict(identity, **{key: value})))
+    assert len(paths) == 4
+
+
+def test_the_calibration_measures_every_candidate_and_picks_one():
+    choices, timings = cc.calibrate(rounds=3)
+    assert set(timings) == set(cc.CANDIDATES)
+    for field, values in cc.CANDIDATES.items():
+        assert set(timings[field]) == {str(v) for v in values}
+        assert all(0 < t["seconds"] < 10 and t["ratio"] > 0 for t in timings[field].values())
+        assert getattr(choices, field) in values
+        # a choice is the current one (ratio 1) or won by more than the margin
+        chosen = timings[field][str(getattr(choices, field))]["ratio"]
+        assert chosen == 1 or chosen < 1 - cc.MARGIN
+
+
+def test_the_command_line_prints_the_choices(capsys):
+    cc.main([])
+    out = capsys.readouterr().out
+    assert "CPU: " in out and "choices (FASTLSTM_CPU_CHOICES='builtin')" in out
