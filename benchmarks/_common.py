@@ -86,25 +86,68 @@ def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, see
     return spec, params, x, y
 
 
-def train_epoch(backend, spec, params, state, X, y, order, batch, lr, dropout=None):
-    """One epoch as the estimators run it: in one backend session, minibatches taken from
-    ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
-    ``train_step`` each; with ``dropout`` (``(p, recurrent_p)``), masks seeded anew for
-    every minibatch, as the estimators seed them.
-
-    Returns the sum of the minibatch losses, left on the device (no synchronisation).
-    """
+def train_step(backend, spec, params, state, X, y, lr, dropout=None):
+    """``step(start, idx)``: one ``train_step`` of fastlstm on the minibatch ``X[idx]``,
+    ``y[idx]`` (``start``: its first position in the epoch's order), as the estimators run
+    it; with ``dropout`` (``(p, recurrent_p)``), masks seeded by ``start``, as the
+    estimators seed them anew for every minibatch.  Returns the minibatch's loss.  Call it
+    inside ``backend.session()``."""
     from fastlstm.backends import AdamConfig
     from fastlstm.dropout import Dropout
     config = AdamConfig(lr)
+
+    def step(start, idx):
+        drop = None if dropout is None else Dropout(*dropout, seed=start)
+        return backend.train_step(spec, params, state, X[idx], y[idx], "cross_entropy", config,
+                                  dropout=drop)
+    return step
+
+
+def train_epoch(backend, spec, params, state, X, y, order, batch, lr, dropout=None):
+    """One epoch as the estimators run it: in one backend session, minibatches taken from
+    ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
+    :func:`train_step` each.
+
+    Returns the sum of the minibatch losses, left on the device (no synchronisation).
+    """
+    step = train_step(backend, spec, params, state, X, y, lr, dropout)
     total = 0.0
     with backend.session():
         for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            drop = None if dropout is None else Dropout(*dropout, seed=start)
-            total = total + backend.train_step(spec, params, state, X[idx], y[idx],
-                                               "cross_entropy", config, dropout=drop)
+            total = total + step(start, order[start:start + batch])
     return total
+
+
+def paired_epoch(steps, order, batch):
+    """One epoch of each contender of ``steps`` (name: ``step(start, idx)``), minibatch by
+    minibatch: every minibatch runs every contender's step in turn, the order rotated by
+    one each minibatch, and each step is timed alone.  Returns name: the seconds of its
+    steps.
+
+    A shared machine's speed drifts by a quarter within seconds: between two contenders'
+    whole epochs that drift is part of their ratio, between two steps of one minibatch
+    (milliseconds apart) hardly.  The same goes for :func:`paired_inference`.
+    """
+    names = list(steps)
+    seconds = dict.fromkeys(names, 0.0)
+    for n, start in enumerate(range(0, len(order), batch)):
+        idx = order[start:start + batch]
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            began = time.perf_counter()
+            steps[name](start, idx)
+            seconds[name] += time.perf_counter() - began
+    return seconds
+
+
+def paired_inference(forwards, samples, batch):
+    """:func:`paired_epoch` for inference: ``forwards`` (name: ``forward(rows)``, the
+    predictions of the samples of the slice ``rows``) over ``samples`` samples in batches
+    of ``batch``.  Returns name: samples per second."""
+    def batch_of(forward):
+        return lambda start, idx: forward(slice(start, start + len(idx)))
+    seconds = paired_epoch({name: batch_of(f) for name, f in forwards.items()},
+                           range(samples), batch)
+    return {name: samples / s for name, s in seconds.items()}
 
 
 def torch_model(inputs, hidden, classes):
@@ -125,23 +168,33 @@ def torch_model(inputs, hidden, classes):
     return LSTMClassifier()
 
 
-def torch_train_epoch(net, optimizer, X, y, order, batch, autocast=False):
-    """:func:`train_epoch` for the PyTorch baseline: Adam steps on softmax cross-entropy over
-    the minibatches ``X[idx]``, ``y[idx]`` taken with ``order`` (a tensor beside ``X``).
+def torch_train_step(net, optimizer, X, y, autocast=False):
+    """:func:`train_step` for the PyTorch baseline: ``step(start, idx)``, one Adam step on
+    softmax cross-entropy over the minibatch ``X[idx]``, ``y[idx]`` (tensors).
     ``autocast``: the forward and the loss under ``torch.autocast("cpu",
     dtype=torch.bfloat16)``, the backward after it, as PyTorch's documentation has it.
-
-    Returns the sum of the minibatch losses, left on the device (no synchronisation).
-    """
+    Returns the loss, a tensor."""
     import torch
     from torch.nn.functional import cross_entropy
-    total = 0.0
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
+
+    def step(start, idx):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = cross_entropy(net(X[idx]), y[idx])
         loss.backward()
         optimizer.step()
-        total = total + loss.detach()
+        return loss.detach()
+    return step
+
+
+def torch_train_epoch(net, optimizer, X, y, order, batch, autocast=False):
+    """:func:`train_epoch` for the PyTorch baseline: :func:`torch_train_step` over the
+    minibatches taken with ``order`` (a tensor beside ``X``).
+
+    Returns the sum of the minibatch losses, left on the device (no synchronisation).
+    """
+    step = torch_train_step(net, optimizer, X, y, autocast)
+    total = 0.0
+    for start in range(0, len(order), batch):
+        total = total + step(start, order[start:start + batch])
     return total

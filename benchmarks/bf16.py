@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import cpu_choices_description, machine_description  # noqa: E402
 from epoch import (add_workload_arguments, fastlstm_epoch, fastlstm_inference,  # noqa: E402
-                   load_images, torch_epoch, torch_inference)
+                   load_images, paired_round, torch_epoch, torch_inference)
 
 #: the contenders: name, and what runs them (fastlstm's precision, or PyTorch's autocast)
 CONTENDERS = (("fastlstm float32", ("fastlstm", "float32")),
@@ -107,13 +107,26 @@ def main():
                     epoch_cpu=s["epoch_cpu_s"] / f["epoch_cpu_s"],
                     inference=f["inference_samples_per_s"] / s["inference_samples_per_s"])
 
-    ratios = {f"{fast} over {slow}": speedup(fast, slow) for fast, slow in (
-        ("fastlstm bfloat16", "PyTorch autocast bf16"), ("fastlstm bfloat16", "fastlstm float32"),
-        ("fastlstm float32", "PyTorch float32"), ("PyTorch autocast bf16", "PyTorch float32"))}
+    pairs = (("fastlstm bfloat16", "PyTorch autocast bf16"), ("fastlstm bfloat16", "fastlstm float32"),
+             ("fastlstm float32", "PyTorch float32"), ("PyTorch autocast bf16", "PyTorch float32"))
+    ratios = {f"{fast} over {slow}": speedup(fast, slow) for fast, slow in pairs}
     print()
     for label, r in ratios.items():
         print(f"  {label:46s} speed-up: epoch {r['epoch']:.2f}x (CPU time {r['epoch_cpu']:.2f}x), "
               f"inference {r['inference']:.2f}x")
+    # one more epoch and inference pass of each, every minibatch run by all four in turn
+    paired = paired_round(dict(CONTENDERS), X, y, Xi, args, rng)
+    paired_ratios = {f"{fast} over {slow}": dict(
+        epoch=paired[slow]["epoch_s"] / paired[fast]["epoch_s"],
+        inference=paired[fast]["inference_samples_per_s"] / paired[slow]["inference_samples_per_s"])
+        for fast, slow in pairs}
+    print("\n  minibatch by minibatch (one more epoch and inference pass each, every minibatch run "
+          "by all four in turn):")
+    for name, r in paired.items():
+        print(f"  {name:22s} epoch {r['epoch_s']:6.2f} s   inference "
+              f"{r['inference_samples_per_s']:8,.0f} samples/s")
+    for label, r in paired_ratios.items():
+        print(f"  {label:46s} speed-up: epoch {r['epoch']:.2f}x, inference {r['inference']:.2f}x")
     print("  (target: fastlstm bfloat16 >= 1.3x PyTorch autocast bf16 in both)")
     print(f"  load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in load_before)} before, "
           f"{' '.join(f'{v:.2f}' for v in load_after)} after")
@@ -122,7 +135,9 @@ def main():
             machine=machine, command=" ".join(sys.argv), threads=threads, samples=len(X),
             batch=args.batch, hidden=args.hidden, repeat=args.repeat, data=source,
             torch_version=torch.__version__, load_average_before=load_before,
-            load_average_after=load_after, runs=runs, medians=medians, ratios=ratios), indent=2))
+            load_average_after=load_after, runs=runs, medians=medians, ratios=ratios,
+            choices=cpu_choices_description(), paired=paired, paired_ratios=paired_ratios),
+            indent=2))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import time
 PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -143,18 +144,22 @@ def estimator_report(args):
     return r
 
 
-def fastlstm_epoch(X, y, batch, hidden, rng, lr, precision="float32"):
-    from _common import train_epoch
+def fastlstm_model(X, y, batch, hidden, rng, lr, precision="float32"):
+    """``(backend, spec, params, state)`` of a fresh model, after one untimed step (the
+    Numba kernels compiled or loaded, the workspaces made)."""
     from fastlstm.backends import AdamConfig, get_backend
     from fastlstm.model import ModelSpec
     backend = get_backend("cpu", precision)
     spec = ModelSpec(X.shape[2], hidden, 1, 10)
     params = spec.layout.init(rng, np.float32)
-    state = backend.adam_state(params)
-    X, y = backend.asarray(X), backend.asarray(y)
-    # one untimed step: compile or load the Numba kernels
     backend.train_step(spec, params.copy(), backend.adam_state(params), X[:batch], y[:batch],
                        "cross_entropy", AdamConfig(lr))
+    return backend, spec, params, backend.adam_state(params)
+
+
+def fastlstm_epoch(X, y, batch, hidden, rng, lr, precision="float32"):
+    from _common import train_epoch
+    backend, spec, params, state = fastlstm_model(X, y, batch, hidden, rng, lr, precision)
     start, cpu_start = time.perf_counter(), time.process_time()
     total = train_epoch(backend, spec, params, state, X, y, rng.permutation(len(X)), batch, lr)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -171,16 +176,25 @@ def fastlstm_inference(model, X, batch):
     return len(X) / (time.perf_counter() - start)
 
 
+def torch_model(X, y, batch, hidden, lr, autocast=False):
+    """``(net, optimizer, X, y)`` (the data as tensors) of a fresh PyTorch model, after one
+    untimed step."""
+    import torch
+    from _common import torch_model as model, torch_train_epoch
+    torch.manual_seed(0)
+    net = model(X.shape[2], hidden, 10)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch, autocast)
+    return net, opt, Xt, yt
+
+
 def torch_epoch(X, y, batch, hidden, rng, lr, autocast=False):
     """``autocast``: in ``torch.autocast("cpu", dtype=torch.bfloat16)`` (see
     :func:`_common.torch_train_epoch`)."""
     import torch
-    from _common import torch_model, torch_train_epoch
-    torch.manual_seed(0)
-    net = torch_model(X.shape[2], hidden, 10)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch, autocast)  # one untimed step
+    from _common import torch_train_epoch
+    net, opt, Xt, yt = torch_model(X, y, batch, hidden, lr, autocast)
     start, cpu_start = time.perf_counter(), time.process_time()
     total = torch_train_epoch(net, opt, Xt, yt, torch.from_numpy(rng.permutation(len(X))), batch,
                               autocast)
@@ -197,6 +211,43 @@ def torch_inference(net, X, batch, autocast=False):
         for b in range(0, len(X), batch):
             net(Xt[b:b + batch])
     return len(X) / (time.perf_counter() - start)
+
+
+def paired_round(contenders, X, y, Xi, args, rng, lr=1e-3):
+    """An epoch and an inference pass of every contender, minibatch by minibatch
+    (:func:`_common.paired_epoch`): name: ``dict(epoch_s=..., inference_samples_per_s=...)``,
+    each the sum over its own steps.  ``contenders``: name: ``("fastlstm", precision)`` or
+    ``("torch", autocast)``."""
+    from _common import paired_epoch, paired_inference, torch_train_step, train_step
+    steps, forwards, sessions = {}, {}, []
+    for name, (kind, setting) in contenders.items():
+        if kind == "fastlstm":
+            backend, spec, params, state = fastlstm_model(X, y, args.batch, args.hidden, rng, lr,
+                                                          setting)
+            steps[name] = train_step(backend, spec, params, state, X, y, lr)
+            forwards[name] = (lambda b, s, p: lambda rows: b.forward(s, p, Xi[rows]))(
+                backend, spec, params)
+            sessions.append(backend.session())
+        else:
+            import torch
+            net, opt, Xt, yt = torch_model(X, y, args.batch, args.hidden, lr, setting)
+            steps[name] = (lambda step: lambda start, idx: step(start, torch.from_numpy(idx)))(
+                torch_train_step(net, opt, Xt, yt, setting))
+
+            def forward(rows, net=net, autocast=setting, Xti=torch.from_numpy(Xi)):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                            enabled=autocast):
+                    return net(Xti[rows])
+            forwards[name] = forward
+    with contextlib.ExitStack() as stack:
+        for session in sessions:
+            stack.enter_context(session)
+        for forward in forwards.values():  # untimed: the inference workspaces
+            forward(slice(0, args.infer_batch))
+        epoch = paired_epoch(steps, rng.permutation(len(X)), args.batch)
+        inference = paired_inference(forwards, len(Xi), args.infer_batch)
+    return {name: dict(epoch_s=epoch[name], inference_samples_per_s=inference[name])
+            for name in contenders}
 
 
 def report_floor(results, medians, args, threads):
@@ -309,6 +360,18 @@ def main():
                                                  / t["inference_samples_per_s"])
         print(f"\n  fastlstm / PyTorch: epoch time {results['epoch_time_ratio']:.2f}x, "
               f"inference throughput {results['inference_throughput_ratio']:.2f}x")
+        paired = paired_round({"fastlstm": ("fastlstm", "float32"), "PyTorch": ("torch", False)},
+                              X, y, Xi, args, rng)
+        f, t = paired["fastlstm"], paired["PyTorch"]
+        results["paired"] = dict(paired, epoch_time_ratio=f["epoch_s"] / t["epoch_s"],
+                                 inference_throughput_ratio=f["inference_samples_per_s"]
+                                 / t["inference_samples_per_s"])
+        print(f"  minibatch by minibatch (one more epoch and inference pass each, every "
+              f"minibatch's steps back to back):\n    fastlstm epoch {f['epoch_s']:.2f} s, "
+              f"inference {f['inference_samples_per_s']:,.0f} samples/s; PyTorch "
+              f"{t['epoch_s']:.2f} s, {t['inference_samples_per_s']:,.0f} samples/s: epoch time "
+              f"{results['paired']['epoch_time_ratio']:.2f}x, inference throughput "
+              f"{results['paired']['inference_throughput_ratio']:.2f}x")
     if not args.no_estimator:
         results["estimator"] = estimator_report(args)
     if args.json:

@@ -46,6 +46,25 @@ def test_epoch_compares_and_writes_json(tmp_path):
     floor = results["floor"]
     assert floor["floor"] == max(floor["probe"], floor["best_gemm"]) > 0
     assert medians["fastlstm"]["epoch_floor_fraction"] > 0
+    if "PyTorch" in medians:
+        paired = results["paired"]
+        assert paired["fastlstm"]["epoch_s"] > 0 and paired["PyTorch"]["epoch_s"] > 0
+        assert paired["epoch_time_ratio"] > 0 and paired["inference_throughput_ratio"] > 0
+
+
+def test_paired_epoch_runs_every_minibatch_of_each_in_a_rotating_order(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _common import paired_epoch, paired_inference
+    calls = []
+    steps = {name: (lambda name: lambda start, idx: calls.append((name, start, list(idx))))(name)
+             for name in "abc"}
+    seconds = paired_epoch(steps, list(range(7)), 3)
+    assert set(seconds) == set("abc") and all(s >= 0 for s in seconds.values())
+    assert [c[0] for c in calls] == list("abc" "bca" "cab")
+    assert [c[1:] for c in calls[::3]] == [(0, [0, 1, 2]), (3, [3, 4, 5]), (6, [6])]
+    rows = []
+    rates = paired_inference({"a": rows.append}, 5, 2)
+    assert rows == [slice(0, 2), slice(2, 4), slice(4, 5)] and rates["a"] > 0
 
 
 def test_blas_peak_reports_the_inference_ceiling_and_every_row_count():

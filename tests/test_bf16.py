@@ -382,7 +382,11 @@ def test_bf16_benchmark_compares_the_four_contenders_and_writes_json(tmp_path):
     assert all(m["epoch_s"] > 0 and m["inference_samples_per_s"] > 0
                for m in results["medians"].values())
     assert "fastlstm bfloat16 over PyTorch autocast bf16" in results["ratios"]
-    assert "load average" in text and "target" in text
+    assert set(results["paired"]) == set(results["medians"])
+    assert all(m["epoch_s"] > 0 and m["inference_samples_per_s"] > 0
+               for m in results["paired"].values())
+    assert results["paired_ratios"]["fastlstm bfloat16 over PyTorch autocast bf16"]["epoch"] > 0
+    assert "load average" in text and "target" in text and "minibatch by minibatch" in text
 
 
 @needs_bf16
