@@ -77,6 +77,11 @@ def main():
     machine = machine_description()
     print(machine)
     print(cpu_choices_description())
+    from floor import bf16_peak_gflops, fma_peak_gflops
+    peaks = dict(float32=fma_peak_gflops(), bfloat16=bf16_peak_gflops())
+    print(f"one core's peaks: float32 multiply-adds {peaks['float32']:.1f} GFLOP/s, vdpbf16ps "
+          f"{peaks['bfloat16']:.1f} ({peaks['bfloat16'] / peaks['float32']:.2f}x): bfloat16's "
+          "GEMMs can be at most that much faster")
     rng = np.random.default_rng(0)
     X, y, source = load_images(args.data, args.samples, rng)
     Xi = X[:args.infer_samples]
@@ -136,7 +141,8 @@ def main():
             batch=args.batch, hidden=args.hidden, repeat=args.repeat, data=source,
             torch_version=torch.__version__, load_average_before=load_before,
             load_average_after=load_after, runs=runs, medians=medians, ratios=ratios,
-            choices=cpu_choices_description(), paired=paired, paired_ratios=paired_ratios),
+            choices=cpu_choices_description(), peaks_gflops=peaks, paired=paired,
+            paired_ratios=paired_ratios),
             indent=2))
 
 

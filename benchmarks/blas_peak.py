@@ -29,7 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from _common import cpu_choices_description, machine_description, summarize, time_call
-from floor import chunk_rows, fma_peak_gflops, gemm_rates, step_shapes
+from floor import bf16_peak_gflops, chunk_rows, fma_peak_gflops, gemm_rates, step_shapes
 
 T, I, H = 28, 28, 128
 
@@ -120,6 +120,10 @@ def main():
     print(f"one core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s; best one-thread "
           f"GEMM at the training step's shapes {best:.1f};\n  the floor of this machine: "
           f"{floor:.1f} GFLOP/s per thread (each figure below: GFLOP/s, and its fraction of it)")
+    bf16_peak = bf16_peak_gflops()
+    if bf16_peak is not None:
+        print(f"  bfloat16's peak, vdpbf16ps alone: {bf16_peak:.1f} GFLOP/s, "
+              f"{bf16_peak / peak:.2f}x float32's multiply-adds")
     print(f"{'GEMM':48s} " + " ".join(f"{key:>13s}" for key in next(iter(rates.values()))))
     for name, r in rates.items():
         # BLAS on all cores: its fraction of the floor of as many threads

@@ -5,7 +5,8 @@ epoch and inference) report their figures also as fractions of this floor,
 measured on the machine they run on (machines differ: a ratio to a rule of one
 machine says nothing of another):
 
-* :func:`fma_peak_gflops`: one core's arithmetic peak, fused multiply-adds alone;
+* :func:`fma_peak_gflops`: one core's arithmetic peak, fused multiply-adds alone
+  (:func:`bf16_peak_gflops`: bfloat16's, ``vdpbf16ps`` alone);
 * :func:`gemm_rates`: the one-thread rate of BLAS and of fastlstm's own GEMM at the
   CPU backend's step shapes (:func:`step_shapes`);
 * :func:`floor_gflops`: the larger of the two, the rate below which no GEMM of
@@ -21,59 +22,19 @@ from threadpoolctl import threadpool_limits
 
 from _common import summarize, time_call
 
-#: independent accumulators of the peak probe: a core with two FMA units of 4 cycles'
-#: latency needs 8 to keep both busy; 16 leave room and still fit 32 AVX-512 registers
-CHAINS = 16
-
-
-def _probe(lanes, fused):
-    """A jitted ``run(rounds)``: ``CHAINS`` accumulators of ``lanes`` float32 lanes, each
-    multiplied and added ``rounds`` times, written as LLVM vector IR.
-
-    Not as a loop for LLVM to vectorise: on Intel's server cores LLVM's vectoriser
-    prefers 256-bit vectors even where the registers have 512 bits, and a loop-written
-    probe measured half the peak there (132.6 GFLOP/s against OpenBLAS's 194).
-    """
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def chains(typingctx, rounds):
-        def codegen(context, builder, sig, args):
-            vty = ir.VectorType(ir.FloatType(), lanes)
-            a, b = ir.Constant(vty, [0.999] * lanes), ir.Constant(vty, [1e-3] * lanes)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fma.v{lanes}f32")
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, [1 + i / 64] * lanes))
-                    for i in range(CHAINS)]
-            with cgutils.for_range(builder, args[0]):
-                for acc in accs:
-                    value = builder.load(acc)
-                    step = builder.call(fma, [value, a, b]) if fused else \
-                        builder.fadd(builder.fmul(value, a), b)
-                    builder.store(step, acc)
-            total = builder.load(accs[0])
-            for acc in accs[1:]:  # the result depends on every chain: none is optimised away
-                total = builder.fadd(total, builder.load(acc))
-            return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
-        return types.float32(rounds), codegen
-
-    @njit
-    def run(rounds):
-        return chains(rounds)
-    return run
-
-
 def fma_peak_gflops():
-    """One core's GFLOP/s on multiply-adds alone, in registers of the target's full width."""
-    from fastlstm.kernels._cpu_features import has_fma, vector_bits
-    lanes = max(vector_bits(), 128) // 32
-    run = _probe(lanes, has_fma())
-    rounds = 2_000_000
-    run(1)  # compile
-    return gflops(lambda: run(rounds), 1, CHAINS * lanes, rounds)
+    """One core's GFLOP/s on multiply-adds alone, in registers of the target's full width
+    (:func:`fastlstm.kernels.peak_cpu.peak_gflops`)."""
+    from fastlstm.kernels.peak_cpu import peak_gflops
+    return peak_gflops("fma")
+
+
+def bf16_peak_gflops():
+    """One core's GFLOP/s on ``vdpbf16ps`` alone (bfloat16's peak), or ``None`` where Numba's
+    target lacks AVX512-BF16."""
+    from fastlstm.kernels import gemm_bf16_cpu
+    from fastlstm.kernels.peak_cpu import peak_gflops
+    return peak_gflops("dpbf16") if gemm_bf16_cpu.available() else None
 
 
 def chunk_rows(hidden=128, steps=28, inputs=28, batch=128, infer_batch=1000):

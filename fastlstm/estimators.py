@@ -950,7 +950,9 @@ class LSTMClassifier(ClassifierMixin, BaseLSTM):
         elsewhere a clear error) rounds their operands to bfloat16 and sums in float32
         (``python benchmarks/bf16.py`` times it against float32); the weights, the cell
         state, the gates, the loss and the optimizer stay float32
-        (:mod:`fastlstm.precision` says exactly what is rounded).  ``"auto"`` is
+        (:mod:`fastlstm.precision` says exactly what is rounded).  Where the CPU's
+        ``vdpbf16ps`` is no faster than its float32 multiply-adds (measured once per
+        process), bfloat16 cannot be the faster, and a warning says so.  ``"auto"`` is
         ``"float32"``: a lower precision is never chosen for you.
 
     Attributes

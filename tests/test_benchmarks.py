@@ -7,7 +7,6 @@ process with an empty cache, about ten seconds.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -73,6 +72,8 @@ def test_blas_peak_reports_the_inference_ceiling_and_every_row_count():
     assert "peak on fused multiply-adds alone" in text
     assert "the floor of this machine" in text and "of the floor" in text
     assert "with free gate math" in text
+    from fastlstm.kernels import gemm_bf16_cpu
+    assert ("bfloat16's peak, vdpbf16ps alone" in text) == gemm_bf16_cpu.available()
     rows = re.findall(r"^ *(\d+) +[\d.]+ +[\d.]+x +[\d.]+$", text, re.M)
     assert [int(r) for r in rows] == list(range(1, 2 * MR + 2))
 
@@ -121,32 +122,3 @@ def test_fashion_recipe_fits_and_scores(tmp_path):
     assert result["epochs"] == 1 and result["train_samples"] == 512
     assert 0 <= result["test_accuracy"] <= 1
     assert "test accuracy" in text
-
-
-PROBE_ASM = """
-import sys
-sys.path.insert(0, sys.argv[1])
-from numba import types
-from floor import CHAINS, _probe
-run = _probe(16, True)
-run.compile((types.int64,))
-asm = "\\n".join(run.inspect_asm().values())
-fma = [line for line in asm.splitlines() if "vfmadd" in line]
-print(len(fma), sum("zmm" in line for line in fma), CHAINS)
-"""
-
-
-def test_the_peak_probe_uses_whole_registers_where_llvm_prefers_halves():
-    """Built for an Intel server core (LLVM's vectoriser prefers 256-bit vectors there), the
-    probe still multiplies in 512-bit registers only, at least one FMA per chain (LLVM
-    unrolls the rounds).  Compiled only, never run: this machine need not be that CPU."""
-    import llvmlite.binding as llvm
-    features = llvm.get_host_cpu_features()
-    if not features.get("avx512f"):
-        features["avx512f"] = True  # the target's features: the host's, with AVX-512
-    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
-    done = subprocess.run([sys.executable, "-c", PROBE_ASM, str(BENCHMARKS)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-    assert done.returncode == 0, done.stderr
-    fmas, full_width, chains = map(int, done.stdout.split())
-    assert fmas == full_width >= chains

@@ -387,6 +387,7 @@ def test_bf16_benchmark_compares_the_four_contenders_and_writes_json(tmp_path):
                for m in results["paired"].values())
     assert results["paired_ratios"]["fastlstm bfloat16 over PyTorch autocast bf16"]["epoch"] > 0
     assert "load average" in text and "target" in text and "minibatch by minibatch" in text
+    assert results["peaks_gflops"]["bfloat16"] > 0 and results["peaks_gflops"]["float32"] > 0
 
 
 @needs_bf16

@@ -141,6 +141,15 @@ def test_the_override_wins_over_the_cache(calibrating, monkeypatch):
     assert cc.cpu_choices() == cc.builtin_choices()
 
 
+def test_a_failed_calibration_warns_and_uses_the_builtin_choices(calibrating, monkeypatch):
+    def fails():
+        raise MemoryError("no room")
+    monkeypatch.setattr(cc, "calibrate", fails)
+    with pytest.warns(RuntimeWarning, match="could not measure its CPU choices"):
+        assert cc.cpu_choices() == cc.builtin_choices()
+    assert cc._read(cc.cache_path()) is None  # nothing cached: the next process tries again
+
+
 def test_without_a_writable_cache_the_builtin_choices_are_used(calibrating, monkeypatch):
     calls, _, _ = calibrating
     monkeypatch.setattr(cc, "cache_path", lambda identity=None: None)

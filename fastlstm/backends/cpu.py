@@ -48,6 +48,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,7 +57,8 @@ import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: l
 from threadpoolctl import ThreadpoolController
 
 from .. import dropout as masks, model
-from ..kernels import adam_cpu, dropout_cpu, gemm_bf16_cpu, gemm_cpu, head_cpu, lstm_cpu, reduce_cpu
+from ..kernels import (adam_cpu, dropout_cpu, gemm_bf16_cpu, gemm_cpu, head_cpu, lstm_cpu,
+                       peak_cpu, reduce_cpu)
 from ..precision import check_precision
 from .base import (Backend, BackendUnavailable, Gradients, check_lengths, check_sample_weight,
                    get_loss)
@@ -136,6 +138,21 @@ def _small_chunks_pay_off(weight_bytes):
     "Kernel choices").
     """
     return weight_bytes <= l2_cache_bytes() // 2
+
+
+def _say_if_bf16_cannot_pay():
+    """Warn where ``vdpbf16ps`` is no faster than float32's multiply-adds on this core
+    (:func:`..kernels.peak_cpu.bf16_over_float32`): bfloat16's GEMMs are then slower than
+    float32's, operands packed on top, as on an Intel Xeon of the Emerald Rapids
+    generation without AMX (``benchmarks/RESULTS.md``; ``python benchmarks/bf16.py``
+    prints both peaks beside the epochs)."""
+    ratio = peak_cpu.bf16_over_float32()
+    if ratio is not None and ratio < 1:
+        warnings.warn(
+            f"precision='bfloat16' is not faster than float32 on this CPU: its vdpbf16ps "
+            f"peak measured {ratio:.2f}x its float32 multiply-adds' (AMX is not used), so "
+            "bfloat16's GEMMs are the slower; precision='float32' is faster here, and "
+            "rounds nothing", UserWarning, stacklevel=2)
 
 
 def _chunk_plan(rows, threads, max_rows, align):
@@ -387,6 +404,8 @@ class CPUBackend(Backend):
                 "precision='bfloat16' needs a CPU with the AVX512-BF16 instruction set "
                 f"(vdpbf16ps; Linux flag {gemm_bf16_cpu.CPUINFO_FLAG!r}), and this one lacks "
                 "it (AMX is not used); use precision='float32'")
+        if self.precision == "bfloat16":
+            _say_if_bf16_cannot_pay()
         self.num_threads = int(num_threads) if num_threads else default_num_threads()
         self.choices = cpu_choices() if choices is None else choices
         self._pool = None

@@ -1,9 +1,8 @@
 """The CPU backend's choices of GEMM and chunk size, measured on the CPU that runs them.
 
-A kernel or a chunk size tuned on one machine is not the fastest on another (the
-same epoch ran at 0.63x PyTorch's time on the project's AMD machine and 0.76x on an
-Intel one), so the choices that only speed depends on are made by timing them on
-the CPU at hand, once:
+A kernel or a chunk size tuned on one machine need not be the fastest on another, so
+the choices that only speed depends on are made by timing them on the CPU at hand,
+once (``benchmarks/RESULTS.md`` has what they chose where):
 
 ``step_gemm``
     ``"own"`` (:func:`..kernels.gemm_cpu.gemm`, register-blocked) or ``"blas"``, for
@@ -50,6 +49,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +229,13 @@ def cpu_choices():
         with _locked(path):
             choices = _read(path)  # another process may have calibrated meanwhile
             if choices is None:
-                choices, timings = calibrate()
+                try:
+                    choices, timings = calibrate()
+                except Exception as exc:  # a fit must not fail for want of a speed-up
+                    warnings.warn(f"fastlstm could not measure its CPU choices ({exc!r}); "
+                                  f"it uses the builtin ones (see {__name__})", RuntimeWarning,
+                                  stacklevel=2)
+                    return builtin_choices()
                 write(path, identity, choices, timings)
     return choices
 

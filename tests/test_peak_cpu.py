@@ -1,0 +1,73 @@
+"""The per-instruction peak probes, and what the CPU backend tells a user from them."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from fastlstm.backends.cpu import CPUBackend
+from fastlstm.kernels import gemm_bf16_cpu, peak_cpu
+
+needs_bf16 = pytest.mark.skipif(not gemm_bf16_cpu.available(),
+                                reason="this CPU (Numba's target) lacks AVX512-BF16 (vdpbf16ps)")
+
+PROBE_ASM = """
+from numba import types
+from fastlstm.kernels.peak_cpu import CHAINS, _probe
+run = _probe({op!r}, 16)
+run.compile((types.int64,))
+asm = "\\n".join(run.inspect_asm().values())
+ops = [line for line in asm.splitlines() if {mnemonic!r} in line]
+print(len(ops), sum("zmm" in line for line in ops), CHAINS)
+"""
+
+
+@pytest.mark.parametrize("op, mnemonic, feature", [("fma", "vfmadd", "avx512f"),
+                                                   ("dpbf16", "vdpbf16ps", "avx512bf16")])
+def test_the_probes_use_whole_registers_where_llvm_prefers_halves(op, mnemonic, feature):
+    """Built for an Intel server core (LLVM's vectoriser prefers 256-bit vectors there), each
+    probe still computes in 512-bit registers only, at least one instruction per chain (LLVM
+    unrolls the rounds).  Compiled only, never run: this machine need not be that CPU."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    for name in ("avx512f", "avx512bw", "avx512vl", feature):
+        features[name] = True  # the target's features: the host's, with these
+    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", PROBE_ASM.format(op=op, mnemonic=mnemonic)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    count, full_width, chains = map(int, done.stdout.split())
+    assert count == full_width >= chains
+
+
+def test_the_fma_peak_is_a_rate():
+    assert 1 < peak_cpu.peak_gflops("fma", samples=3, seconds=0.005) < 1e5
+
+
+@needs_bf16
+def test_the_bf16_peak_is_a_rate_and_compared_with_float32s():
+    assert 1 < peak_cpu.peak_gflops("dpbf16", samples=3, seconds=0.005) < 1e5
+    assert 0 < peak_cpu.bf16_over_float32() < 10
+
+
+def test_without_avx512_bf16_there_is_no_bf16_peak(monkeypatch):
+    monkeypatch.setattr(gemm_bf16_cpu, "available", lambda: False)
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        peak_cpu.peak_gflops("dpbf16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("ratio, warns", [(0.45, True), (1.9, False)])
+def test_bfloat16_where_it_cannot_be_faster_says_so(ratio, warns, monkeypatch):
+    monkeypatch.setattr(peak_cpu, "bf16_over_float32", lambda: ratio)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CPUBackend(1, precision="bfloat16")
+        CPUBackend(1)  # float32: nothing to say
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if warns:
+        assert len(said) == 1 and "0.45x" in said[0] and "precision='float32'" in said[0]
+    else:
+        assert not said
