@@ -44,8 +44,7 @@ def cpu_choices_description():
     and where they come from; measuring them first where this CPU has none cached."""
     from fastlstm.backends import cpu_choices
     c = cpu_choices.cpu_choices()
-    override = os.environ.get(cpu_choices.ENV)
-    source = f"{cpu_choices.ENV}={override!r}" if override else "measured on this CPU"
+    source = cpu_choices.source()
     chunks = (f"training chunks of {c.train_chunk_bytes / 2**20:g} MiB of state"
               if c.train_chunk_bytes else "no small training chunks")
     return (f"CPU backend's choices ({source}): time-loop GEMM {c.step_gemm}, weight-gradient "

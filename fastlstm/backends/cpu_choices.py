@@ -18,10 +18,12 @@ once (``benchmarks/RESULTS.md`` has what they chose where):
     the most rows of a chunk, in inference and training.
 
 Every choice computes the same function and passes the parity tests against the
-reference (``tests/test_cpu_choices.py`` runs each); they differ in the last bits only
-where the GEMM differs (BLAS sums in another order, and a row's result may then
-depend on its place in the batch).  A fixed choice gives bit-identical results run to
-run.
+reference (``tests/test_cpu_choices.py`` runs each), but not bit for bit: BLAS sums in
+another order than our GEMM (and a row's result may then depend on its place in the
+batch), and the chunk sizes decide the order in which the weight gradient is summed over
+the rows.  So the choices are part of what a fit computes, as the thread count is: a fixed
+choice gives bit-identical results run to run, and processes that share a cache folder
+share the choices.
 
 :func:`cpu_choices` gives the choices of this process:
 
@@ -106,7 +108,9 @@ class Choices:
         return self.grad_gemm == "own"
 
 
-#: the values the calibration tries, per choice (the builtin one among them)
+#: the values the calibration tries, per choice (the builtin one among them).  BLAS in the
+#: time loop is tried with training chunks as large as inference's (``train_chunk_bytes``
+#: 0): small chunks were slow with it (``benchmarks/RESULTS.md``, "Kernel choices")
 CANDIDATES = dict(step_gemm=("own", "blas"), grad_gemm=("own", "blas"),
                   train_chunk_bytes=(0, 5 << 18, 5 << 19, 5 << 20),
                   max_chunk_rows=(64, 128, 256))
@@ -116,10 +120,16 @@ def builtin_choices():
     """The choices of the rule the backend had before it measured: our GEMM with SIMD of
     256 bits or more and FMA (``gemm_cpu.PAYS_OFF``), BLAS else; training chunks of
     2.5 MiB of state with our GEMM (the best at H = 64 and 128 on the project's AMD
-    machine: ``benchmarks/RESULTS.md``, "Kernel choices"); chunks of at most 128 rows."""
+    machine: ``benchmarks/RESULTS.md``, "Kernel choices"), none with BLAS; chunks of at
+    most 128 rows."""
     gemm = "own" if gemm_cpu.PAYS_OFF else "blas"
-    return Choices(step_gemm=gemm, grad_gemm=gemm,
-                   train_chunk_bytes=(5 << 19) if gemm_cpu.PAYS_OFF else 0, max_chunk_rows=128)
+    return Choices(step_gemm=gemm, grad_gemm=gemm, train_chunk_bytes=_chunk_bytes_for(gemm),
+                   max_chunk_rows=128)
+
+
+def _chunk_bytes_for(step_gemm):
+    """The builtin ``train_chunk_bytes`` for a time-loop GEMM: small chunks with ours only."""
+    return (5 << 19) if step_gemm == "own" else 0
 
 
 def parse_override(text):
@@ -138,12 +148,15 @@ def parse_override(text):
     if unknown:
         raise ValueError(f"{ENV} names unknown choices {unknown}; the choices are "
                          f"{sorted(CANDIDATES)}")
+    if "step_gemm" in fields and "train_chunk_bytes" not in fields:
+        fields["train_chunk_bytes"] = _chunk_bytes_for(fields["step_gemm"])
     return dataclasses.replace(builtin_choices(), **fields)
 
 
 def cpu_identity():
     """What the choices depend on: the CPU model, the instruction sets Numba compiles for,
-    the BLAS library, the kernels' source (and this calibration's format)."""
+    the BLAS library, the source of the kernels and of the backend's chunking (and this
+    calibration's format)."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -153,8 +166,11 @@ def cpu_identity():
     from threadpoolctl import threadpool_info
     blas = sorted(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
                   for i in threadpool_info() if i.get("user_api") == "blas")
+    here = Path(__file__).resolve().parent  # the chunk logic and this calibration
     return dict(model=model, features=sorted(_cpu_features.target_features()), blas=blas,
-                kernels=_numba_cache.kernels_stamp(), format=FORMAT)
+                kernels=_numba_cache.kernels_stamp(),
+                backend=_numba_cache.sources_stamp([here / "cpu.py", here / "cpu_choices.py"]),
+                format=FORMAT)
 
 
 def _cache_folders():
@@ -225,18 +241,19 @@ def cpu_choices():
     if path is None:
         return builtin_choices()
     choices = _read(path)
-    if choices is None:
+    if choices is not None:
+        return choices
+    try:
         with _locked(path):
             choices = _read(path)  # another process may have calibrated meanwhile
             if choices is None:
-                try:
-                    choices, timings = calibrate()
-                except Exception as exc:  # a fit must not fail for want of a speed-up
-                    warnings.warn(f"fastlstm could not measure its CPU choices ({exc!r}); "
-                                  f"it uses the builtin ones (see {__name__})", RuntimeWarning,
-                                  stacklevel=2)
-                    return builtin_choices()
+                choices, timings = calibrate()
                 write(path, identity, choices, timings)
+    except Exception as exc:  # a fit must not fail for want of a speed-up (a lock or a
+        # cache that cannot be written, a calibration that failed): nothing is cached
+        warnings.warn(f"fastlstm could not measure or cache its CPU choices ({exc!r}); it "
+                      f"uses the builtin ones (see {__name__})", RuntimeWarning, stacklevel=2)
+        return builtin_choices()
     return choices
 
 
@@ -313,6 +330,9 @@ def calibrate(rounds=ROUNDS):
 
     for field, values in CANDIDATES.items():
         candidates = [dataclasses.replace(best, **{field: v}) for v in values]
+        if field == "step_gemm":
+            candidates = [dataclasses.replace(c, train_chunk_bytes=_chunk_bytes_for(c.step_gemm))
+                          for c in candidates]
         for c in candidates:  # compile and allocate first, untimed
             timed(c)
         rows = []
@@ -330,6 +350,18 @@ def calibrate(rounds=ROUNDS):
     return best, timings
 
 
+def source():
+    """Where :func:`cpu_choices` has its choices from, in words."""
+    if os.environ.get(ENV):
+        return f"{ENV}={os.environ[ENV]!r}"
+    choices, path = cpu_choices(), cache_path()
+    if path is None:
+        return "builtin: no writable cache folder to keep a measurement in"
+    if _read(path) == choices:
+        return f"measured on this CPU, cached in {path}"
+    return "builtin: measuring them failed (see the warning)"
+
+
 def main(argv=None):
     import argparse
     parser = argparse.ArgumentParser(
@@ -344,18 +376,19 @@ def main(argv=None):
     if args.recalibrate:
         if os.environ.get(ENV):
             parser.error(f"{ENV} is set: unset it to recalibrate")
+        if path is None:
+            parser.error("no cache folder is writable (NUMBA_CACHE_DIR, the kernels' "
+                         "__pycache__, ~/.cache/fastlstm): a measurement could not be kept")
         choices, timings = calibrate()
-        if path is not None:
-            write(path, identity, choices, timings)
+        write(path, identity, choices, timings)
+        cpu_choices.cache_clear()
         print("  each candidate's time over the current choice's (median of rounds), and a "
               "round's median time:")
         for field, by_value in timings.items():
             print(f"  {field:18s} " + "  ".join(
                 f"{v}: {t['ratio']:.3f} ({t['seconds'] * 1e3:.1f} ms)" for v, t in by_value.items()))
-    else:
-        choices = cpu_choices()
-    source = f"{ENV}={os.environ[ENV]!r}" if os.environ.get(ENV) else f"cache {path}"
-    print(f"choices ({source}): {dataclasses.asdict(choices)}")
+    choices = cpu_choices()
+    print(f"choices ({source()}): {dataclasses.asdict(choices)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ zero-padded copy, the rows past the last full block through one block of as many
 rows (:func:`make_whole_panels`).
 
 ``MR x NR`` follows the vector width Numba compiles for: 8 x 32 floats are
-16 AVX-512 registers of accumulators, 6 x 16 are 12 AVX2 ones.  The LSTM
-kernels use it where :data:`PAYS_OFF`, and BLAS elsewhere.
+16 AVX-512 registers of accumulators, 6 x 16 are 12 AVX2 ones.  Whether the LSTM
+kernels use it or BLAS is measured on each CPU (:mod:`fastlstm.backends.cpu_choices`);
+:data:`PAYS_OFF` is the rule where nothing was measured.
 """
 
 import numpy as np
@@ -35,7 +36,8 @@ from ._fastmath import REASSOC
 
 #: rows and columns of the register block, for the SIMD width of the target
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
-#: whether :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  It does with
+#: the builtin rule (:func:`fastlstm.backends.cpu_choices.builtin_choices`): whether
+#: :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  It does with
 #: AVX-512, and with AVX2 and FMA as measured by building for AVX2 on the same machine,
 #: OpenBLAS on its Haswell kernels (slower than BLAS at a chunk's weight gradient, but
 #: faster at its step GEMMs, over a training step and in inference; no AVX2-only CPU was
