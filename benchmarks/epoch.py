@@ -217,7 +217,11 @@ def paired_round(contenders, X, y, Xi, args, rng, lr=1e-3):
     """An epoch and an inference pass of every contender, minibatch by minibatch
     (:func:`_common.paired_epoch`): name: ``dict(epoch_s=..., inference_samples_per_s=...)``,
     each the sum over its own steps.  ``contenders``: name: ``("fastlstm", precision)`` or
-    ``("torch", autocast)``."""
+    ``("torch", autocast)``.
+
+    fastlstm's sessions (BLAS on one thread) stay open through PyTorch's steps too: PyTorch's
+    wheels link MKL statically, out of threadpoolctl's reach, so its threads are not held; a
+    PyTorch on a shared BLAS would be, in this pass only."""
     from _common import paired_epoch, paired_inference, torch_train_step, train_step
     steps, forwards, sessions = {}, {}, []
     for name, (kind, setting) in contenders.items():
