@@ -11,7 +11,10 @@ the rounding grows with training at this large learning rate: the predicted
 probabilities differ by 3e-8 after one epoch, 6e-7 after 20 and 0.09 after 60.
 sklearn runs this check on ``MLPClassifier`` with L-BFGS, not its default Adam.  Even after
 one full-batch step it fails by one float32 ulp (relative 1.3e-7 in one probability of 45):
-the check's ``rtol=1e-7`` is below float32's resolution.
+the check's ``rtol=1e-7`` is below float32's resolution.  The regressor's predictions
+usually met it, by the luck of the rounding, but not always: run under pytest-xdist on an
+Intel Xeon, one of 15 came out one ulp apart (relative 1.6e-7).  So the check is expected to
+fail on every estimator, and where it passes pytest says XPASS.
 """
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -27,7 +30,7 @@ ROUNDING_GROWS = {
 
 
 def expected_failed_checks(estimator):
-    return ROUNDING_GROWS if isinstance(estimator, LSTMClassifier) else {}
+    return ROUNDING_GROWS
 
 
 @parametrize_with_checks([LSTMClassifier(**SMALL), LSTMRegressor(**SMALL),
