@@ -85,12 +85,12 @@ def lstm_problem(batch, steps, inputs, hidden, outputs=10, dtype=np.float32, see
     return spec, params, x, y
 
 
-def train_step(backend, spec, params, state, X, y, lr, dropout=None):
+def train_step(backend, spec, params, state, X, y, lr, dropout=None, lengths=None):
     """``step(start, idx)``: one ``train_step`` of fastlstm on the minibatch ``X[idx]``,
     ``y[idx]`` (``start``: its first position in the epoch's order), as the estimators run
     it; with ``dropout`` (``(p, recurrent_p)``), masks seeded by ``start``, as the
-    estimators seed them anew for every minibatch.  Returns the minibatch's loss.  Call it
-    inside ``backend.session()``."""
+    estimators seed them anew for every minibatch; with ``lengths``, the rows' lengths
+    ``lengths[idx]``.  Returns the minibatch's loss.  Call it inside ``backend.session()``."""
     from fastlstm.backends import AdamConfig
     from fastlstm.dropout import Dropout
     config = AdamConfig(lr)
@@ -98,18 +98,20 @@ def train_step(backend, spec, params, state, X, y, lr, dropout=None):
     def step(start, idx):
         drop = None if dropout is None else Dropout(*dropout, seed=start)
         return backend.train_step(spec, params, state, X[idx], y[idx], "cross_entropy", config,
-                                  dropout=drop)
+                                  dropout=drop,
+                                  lengths=None if lengths is None else lengths[idx])
     return step
 
 
-def train_epoch(backend, spec, params, state, X, y, order, batch, lr, dropout=None):
+def train_epoch(backend, spec, params, state, X, y, order, batch, lr, dropout=None,
+                lengths=None):
     """One epoch as the estimators run it: in one backend session, minibatches taken from
     ``X``, ``y`` by indexing with ``order`` (a permutation, on the backend), one
     :func:`train_step` each.
 
     Returns the sum of the minibatch losses, left on the device (no synchronisation).
     """
-    step = train_step(backend, spec, params, state, X, y, lr, dropout)
+    step = train_step(backend, spec, params, state, X, y, lr, dropout, lengths)
     total = 0.0
     with backend.session():
         for start in range(0, len(order), batch):

@@ -144,7 +144,7 @@ def estimator_report(args):
     return r
 
 
-def fastlstm_model(X, y, batch, hidden, rng, lr, precision="float32"):
+def fastlstm_ready(X, y, batch, hidden, rng, lr, precision="float32"):
     """``(backend, spec, params, state)`` of a fresh model, after one untimed step (the
     Numba kernels compiled or loaded, the workspaces made)."""
     from fastlstm.backends import AdamConfig, get_backend
@@ -159,7 +159,7 @@ def fastlstm_model(X, y, batch, hidden, rng, lr, precision="float32"):
 
 def fastlstm_epoch(X, y, batch, hidden, rng, lr, precision="float32"):
     from _common import train_epoch
-    backend, spec, params, state = fastlstm_model(X, y, batch, hidden, rng, lr, precision)
+    backend, spec, params, state = fastlstm_ready(X, y, batch, hidden, rng, lr, precision)
     start, cpu_start = time.perf_counter(), time.process_time()
     total = train_epoch(backend, spec, params, state, X, y, rng.permutation(len(X)), batch, lr)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -176,13 +176,13 @@ def fastlstm_inference(model, X, batch):
     return len(X) / (time.perf_counter() - start)
 
 
-def torch_model(X, y, batch, hidden, lr, autocast=False):
+def torch_ready(X, y, batch, hidden, lr, autocast=False):
     """``(net, optimizer, X, y)`` (the data as tensors) of a fresh PyTorch model, after one
     untimed step."""
     import torch
-    from _common import torch_model as model, torch_train_epoch
+    from _common import torch_model, torch_train_epoch
     torch.manual_seed(0)
-    net = model(X.shape[2], hidden, 10)
+    net = torch_model(X.shape[2], hidden, 10)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     torch_train_epoch(net, opt, Xt, yt, torch.arange(batch), batch, autocast)
@@ -194,7 +194,7 @@ def torch_epoch(X, y, batch, hidden, rng, lr, autocast=False):
     :func:`_common.torch_train_epoch`)."""
     import torch
     from _common import torch_train_epoch
-    net, opt, Xt, yt = torch_model(X, y, batch, hidden, lr, autocast)
+    net, opt, Xt, yt = torch_ready(X, y, batch, hidden, lr, autocast)
     start, cpu_start = time.perf_counter(), time.process_time()
     total = torch_train_epoch(net, opt, Xt, yt, torch.from_numpy(rng.permutation(len(X))), batch,
                               autocast)
@@ -226,23 +226,26 @@ def paired_round(contenders, X, y, Xi, args, rng, lr=1e-3):
     steps, forwards, sessions = {}, {}, []
     for name, (kind, setting) in contenders.items():
         if kind == "fastlstm":
-            backend, spec, params, state = fastlstm_model(X, y, args.batch, args.hidden, rng, lr,
+            backend, spec, params, state = fastlstm_ready(X, y, args.batch, args.hidden, rng, lr,
                                                           setting)
             steps[name] = train_step(backend, spec, params, state, X, y, lr)
-            forwards[name] = (lambda b, s, p: lambda rows: b.forward(s, p, Xi[rows]))(
-                backend, spec, params)
+
+            def forward(rows, backend=backend, spec=spec, params=params):
+                return backend.forward(spec, params, Xi[rows])
             sessions.append(backend.session())
         else:
             import torch
-            net, opt, Xt, yt = torch_model(X, y, args.batch, args.hidden, lr, setting)
-            steps[name] = (lambda step: lambda start, idx: step(start, torch.from_numpy(idx)))(
-                torch_train_step(net, opt, Xt, yt, setting))
+            net, opt, Xt, yt = torch_ready(X, y, args.batch, args.hidden, lr, setting)
+
+            def step(start, idx, torch_step=torch_train_step(net, opt, Xt, yt, setting)):
+                return torch_step(start, torch.from_numpy(idx))
+            steps[name] = step
 
             def forward(rows, net=net, autocast=setting, Xti=torch.from_numpy(Xi)):
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                             enabled=autocast):
                     return net(Xti[rows])
-            forwards[name] = forward
+        forwards[name] = forward
     with contextlib.ExitStack() as stack:
         for session in sessions:
             stack.enter_context(session)

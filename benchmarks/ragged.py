@@ -125,52 +125,43 @@ def fastlstm_model(hidden, bidirectional, rng):
     return get_backend("cpu"), spec, spec.layout.init(rng, np.float32)
 
 
-def fastlstm_epoch(model, X, lengths, y, order, batch):
-    """:func:`_common.train_epoch` with each minibatch's lengths (or none)."""
+def fastlstm_ready(model, X, lengths, y, order, batch):
+    """``(backend, spec, params, state)``: ``model``'s, after one untimed step on a copy
+    (the Numba kernels compiled or loaded, the workspace made)."""
     from fastlstm.backends import AdamConfig
     backend, spec, params = model
-    config = AdamConfig(LR)
-    lens = (lambda idx: lengths[idx]) if lengths is not None else (lambda idx: None)
-    # one untimed step on a copy: compile or load the Numba kernels, make the workspace
     idx = order[:batch]
     backend.train_step(spec, params.copy(), backend.adam_state(params), X[idx], y[idx],
-                       "cross_entropy", config, lengths=lens(idx))
-    state = backend.adam_state(params)
+                       "cross_entropy", AdamConfig(LR),
+                       lengths=None if lengths is None else lengths[idx])
+    return backend, spec, params, backend.adam_state(params)
+
+
+def fastlstm_epoch(model, X, lengths, y, order, batch):
+    """:func:`_common.train_epoch` with each minibatch's lengths (or none)."""
+    from _common import train_epoch
+    backend, spec, params, state = fastlstm_ready(model, X, lengths, y, order, batch)
     start, cpu_start = time.perf_counter(), time.process_time()
-    total = 0.0
-    with backend.session():
-        for b in range(0, len(order), batch):
-            idx = order[b:b + batch]
-            total += backend.train_step(spec, params, state, X[idx], y[idx], "cross_entropy",
-                                        config, lengths=lens(idx))
+    total = train_epoch(backend, spec, params, state, X, y, order, batch, LR, lengths=lengths)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu, total / -(-len(order) // batch)
 
 
 def fastlstm_paired_epoch(model, X, lengths, y, order, batch):
-    """One epoch of ``fastlstm_ragged`` and one of ``fastlstm_padded`` taken together, each
-    minibatch's two steps back to back: ``(ragged seconds, padded seconds)``, the sums of
-    their own steps.  A machine whose speed drifts between contenders' epochs (a shared one)
-    slows both steps of a minibatch alike, so their ratio varies far less between rounds."""
-    from fastlstm.backends import AdamConfig
+    """One epoch of ``fastlstm_ragged`` and one of ``fastlstm_padded`` taken together,
+    minibatch by minibatch (:func:`_common.paired_epoch`): ``(ragged seconds, padded
+    seconds)``, the sums of their own steps.  A machine whose speed drifts between
+    contenders' epochs (a shared one) slows both steps of a minibatch alike, so their ratio
+    varies far less between rounds."""
+    from _common import paired_epoch, train_step
     backend, spec, params = model
-    config = AdamConfig(LR)
-    runs = [(params.copy(), backend.adam_state(params), lambda idx: lengths[idx]),
-            (params.copy(), backend.adam_state(params), lambda idx: None)]
-    seconds = [0.0, 0.0]
-    for p, _, lens in runs:  # untimed: compile or load the kernels, make the workspaces
-        idx = order[:batch]
-        backend.train_step(spec, p.copy(), backend.adam_state(p), X[idx], y[idx],
-                           "cross_entropy", config, lengths=lens(idx))
+    steps = {}
+    for name, lens in (("ragged", lengths), ("padded", None)):
+        _, _, p, state = fastlstm_ready((backend, spec, params.copy()), X, lens, y, order, batch)
+        steps[name] = train_step(backend, spec, p, state, X, y, LR, lengths=lens)
     with backend.session():
-        for b in range(0, len(order), batch):
-            idx = order[b:b + batch]
-            for i, (p, state, lens) in enumerate(runs):
-                start = time.perf_counter()
-                backend.train_step(spec, p, state, X[idx], y[idx], "cross_entropy", config,
-                                   lengths=lens(idx))
-                seconds[i] += time.perf_counter() - start
-    return tuple(seconds)
+        seconds = paired_epoch(steps, order, batch)
+    return seconds["ragged"], seconds["padded"]
 
 
 def fastlstm_inference(model, X, lengths, batch):

@@ -72,9 +72,10 @@ WORKLOAD = dict(input_size=28, hidden_size=128, steps=28, train_rows=64, infer_r
 MARGIN = 0.05
 #: timed rounds per choice: each round runs every candidate once, and a candidate's
 #: figure is the median over the rounds of its time over the current choice's in the same
-#: round (a host's speed drifts by a quarter within seconds; within a round it barely does).
-#: With 7 rounds, chunk sizes within 2% of each other (as 25 rounds measured them) came
-#: out up to 7% apart on the project's Intel machine; 15 keep such noise under MARGIN
+#: round (a shared host's speed drifts within seconds; within a round it barely does).
+#: With 7, chunk sizes that longer runs measured as equal came out further apart than
+#: MARGIN on the project's Intel machine (``benchmarks/RESULTS.md``); 15 keep such noise
+#: under it (``python -m fastlstm.backends.cpu_choices --recalibrate`` prints the ratios)
 ROUNDS = 15
 
 

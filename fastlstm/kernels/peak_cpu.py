@@ -112,7 +112,7 @@ def peak_gflops(op="fma", samples=7, seconds=0.02):
 @functools.lru_cache(maxsize=None)
 def bf16_over_float32():
     """``vdpbf16ps``'s peak over float32's multiply-adds' on this core (measured once per
-    process, in under a second), or ``None`` without AVX512-BF16."""
+    process: two probes to compile and run), or ``None`` without AVX512-BF16."""
     from .gemm_bf16_cpu import available
     if not available():
         return None
