@@ -5,8 +5,10 @@ shapes of the CPU backend at B=128, T=28, I=28, H=128: those of one chunk of
 a training step (its rows as the backend cuts them) and of inference (batches
 of 1,000), with BLAS on one thread and on all cores, and with the
 register-blocked kernel of ``fastlstm.kernels.gemm_cpu`` (one thread; the
-backend runs it per thread).  The weight gradient is timed in the layout the
-backend uses: ``[x, h]^T`` is a transposed view.
+backend runs it per thread), on ``B`` as it is and packed into panels (as the
+backend packs the weights of the step GEMMs once per batch).  The weight
+gradient is timed in the layout the backend uses: ``[x, h]^T`` is a transposed
+view, ``dz`` not packed.
 
 Every rate is also given as a fraction of this machine's floor (``floor.py``):
 the larger of one core's arithmetic peak (independent fused multiply-adds in
@@ -54,15 +56,17 @@ def inference_split(rows):
     no_dropout = lstm_cpu.no_dropout(np.float32)
 
     float32 = gemm_bf16_cpu.FLOAT32  # no bfloat16 operands
+    panels = np.empty((gemm_cpu.panel_count(G), K, gemm_cpu.NR), np.float32)
+    gemm_cpu.pack_panels(w, panels)  # as the backend packs the weights, once per batch
 
     def layer():
         lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active,
-                               slot, slot, True, False, True, *no_dropout, *float32)
+                               slot, slot, True, False, panels, *no_dropout, *float32)
 
     def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
-        gemm_cpu.gemm(first, w[:I], z, False)
+        gemm_cpu.gemm_panels(first, panels[:, :I], z, False)
         for _ in range(T - 1):
-            gemm_cpu.gemm(xh[rows:], w, z, False)
+            gemm_cpu.gemm_panels(xh[rows:], panels, z, False)
 
     with threadpool_limits(1, user_api="blas"):
         return tuple(summarize(time_call(fn, 9, min_time=0.05))[0] for fn in (layer, gemms))
@@ -115,7 +119,7 @@ def main():
     peak = fma_peak_gflops()
     # the floor: the best one-thread rate at the training step's shapes, or the probe's
     best = max(rate for name, r in rates.items() if not name.startswith(("square", "inference"))
-               for key, rate in r.items() if "1 thr" in key)
+               for key, rate in r.items() if "1 thr" in key and rate)
     floor = max(peak, best)
     print(f"one core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s; best one-thread "
           f"GEMM at the training step's shapes {best:.1f};\n  the floor of this machine: "
@@ -127,7 +131,8 @@ def main():
     print(f"{'GEMM':48s} " + " ".join(f"{key:>13s}" for key in next(iter(rates.values()))))
     for name, r in rates.items():
         # BLAS on all cores: its fraction of the floor of as many threads
-        cells = [f"{g:6.1f} ({g / (floor * (1 if '1 thr' in key else cores)):4.0%})"
+        cells = ["-" if g is None else
+                 f"{g:6.1f} ({g / (floor * (1 if '1 thr' in key else cores)):4.0%})"
                  for key, g in r.items()]
         print(f"{name:48s} " + " ".join(f"{c:>13s}" for c in cells))
 

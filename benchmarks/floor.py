@@ -7,8 +7,8 @@ machine says nothing of another):
 
 * :func:`fma_peak_gflops`: one core's arithmetic peak, fused multiply-adds alone
   (:func:`bf16_peak_gflops`: bfloat16's, ``vdpbf16ps`` alone);
-* :func:`gemm_rates`: the one-thread rate of BLAS and of fastlstm's own GEMM at the
-  CPU backend's step shapes (:func:`step_shapes`);
+* :func:`gemm_rates`: the one-thread rate of BLAS and of fastlstm's own GEMM (on ``B`` as
+  it is, and packed) at the CPU backend's step shapes (:func:`step_shapes`);
 * :func:`floor_gflops`: the larger of the two, the rate below which no GEMM of
   these shapes runs; :func:`training_flop` and :func:`inference_flop` count what an
   LSTM of one layer multiplies per sample, so ``flop / (threads * floor)`` is the
@@ -72,18 +72,26 @@ def gflops(fn, m, k, n, repeat=7):
 
 
 def gemm_rates(shapes, threads=(1,)):
-    """``{name: {"BLAS <n> thr": GFLOP/s, ..., "ours 1 thr": GFLOP/s}}`` for ``shapes``."""
+    """``{name: {"BLAS <n> thr": GFLOP/s, ..., "ours 1 thr": GFLOP/s, "packed 1 thr": GFLOP/s
+    or None}}`` for ``shapes``: "packed" is our GEMM on ``B`` packed beforehand
+    (:func:`fastlstm.kernels.gemm_cpu.gemm_panels`), as the backend runs the step GEMMs on
+    weights it packs once per batch; None for a weight gradient, whose ``B`` is not packed."""
     from fastlstm.kernels import gemm_cpu
     rates = {}
     for name, (m, k, n, transposed) in shapes.items():
         a, b = operands(m, k, n, transposed)
         out = np.empty((m, n), np.float32)
+        panels = np.empty((gemm_cpu.panel_count(n), k, gemm_cpu.NR), np.float32)
+        gemm_cpu.pack_panels(b, panels)
         gemm_cpu.gemm(a, b, out, False)  # compile or load before timing
+        gemm_cpu.gemm_panels(a, panels, out, False)
         rates[name] = {}
         for t in threads:
             with threadpool_limits(t, user_api="blas"):
                 rates[name][f"BLAS {t} thr"] = gflops(lambda: np.matmul(a, b, out=out), m, k, n)
         rates[name]["ours 1 thr"] = gflops(lambda: gemm_cpu.gemm(a, b, out, False), m, k, n)
+        rates[name]["packed 1 thr"] = None if transposed else gflops(
+            lambda: gemm_cpu.gemm_panels(a, panels, out, False), m, k, n)
     return rates
 
 
@@ -92,7 +100,7 @@ def floor_gflops(hidden=128, batch=128):
     one-thread GEMM rate at the training step's shapes, and the larger of the two."""
     shapes = {name: s for name, s in step_shapes(hidden, batch=batch).items()
               if not name.startswith("inference")}
-    best = max(max(r.values()) for r in gemm_rates(shapes).values())
+    best = max(rate for r in gemm_rates(shapes).values() for rate in r.values() if rate)
     probe = fma_peak_gflops()
     return dict(probe=probe, best_gemm=best, floor=max(probe, best))
 

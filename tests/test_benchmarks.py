@@ -71,11 +71,20 @@ def test_blas_peak_reports_the_inference_ceiling_and_every_row_count():
     text = run("blas_peak.py", "--size", "64", "--rows")
     assert "peak on fused multiply-adds alone" in text
     assert "the floor of this machine" in text and "of the floor" in text
-    assert "with free gate math" in text
+    assert "with free gate math" in text and "packed 1 thr" in text
     from fastlstm.kernels import gemm_bf16_cpu
     assert ("bfloat16's peak, vdpbf16ps alone" in text) == gemm_bf16_cpu.available()
     rows = re.findall(r"^ *(\d+) +[\d.]+ +[\d.]+x +[\d.]+$", text, re.M)
     assert [int(r) for r in rows] == list(range(1, 2 * MR + 2))
+
+
+def test_vector_width_times_both_versions_and_writes_json(tmp_path):
+    out = tmp_path / "width.json"
+    text = run("vector_width.py", "--hidden", "8", "--rounds", "2", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert len(results) == 2 and "inference chunk" in text
+    for figures in results.values():
+        assert set(figures["ms"]) == {"256-bit", "full width"} and figures["full_over_256"] > 0
 
 
 def test_ragged_compares_every_contender_and_writes_json(tmp_path):

@@ -81,6 +81,64 @@ def test_gemm_refuses_mismatched_or_strided_operands():
                                                                             np.float32), False)
 
 
+def packed(b):
+    panels = np.full((gemm_cpu.panel_count(b.shape[1]), b.shape[0], NR), np.nan, b.dtype)
+    gemm_cpu.pack_panels(b, panels)
+    return panels
+
+
+def test_pack_panels_lays_out_every_column_and_pads_with_zeros():
+    b = np.arange(5 * (2 * NR + 3), dtype=np.float32).reshape(5, 2 * NR + 3)
+    panels = packed(b[:, ::-1])  # any strides
+    assert panels.shape == (3, 5, NR)
+    padded = np.zeros((5, 3 * NR), np.float32)
+    padded[:, :b.shape[1]] = b[:, ::-1]
+    np.testing.assert_array_equal(np.concatenate(list(panels), axis=1), padded)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
+def test_gemm_on_packed_panels_is_gemm_bit_for_bit(shape, dtype):
+    M, K, N = shape
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    want = np.empty((M, N), dtype)
+    gemm_cpu.gemm(a, b, want, False)
+    out = np.full((M, N), np.nan, dtype)
+    gemm_cpu.gemm_panels(a, packed(b), out, False)
+    np.testing.assert_array_equal(out, want)
+    assert rel_err(out, reference(a, b)) < TOLERANCE[dtype]
+    before = rng.standard_normal((M, N)).astype(dtype)
+    want, acc = before.copy(), before.copy()
+    gemm_cpu.gemm(a, b, want, True)
+    gemm_cpu.gemm_panels(a, packed(b), acc, True)
+    np.testing.assert_array_equal(acc, want)
+
+
+def test_gemm_on_the_first_rows_of_packed_panels():
+    # the LSTM's first step multiplies the input part of [W_ih, W_hh]^T alone: panels[:, :I]
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((MR + 3, 9)).astype(np.float32)
+    b = rng.standard_normal((40, 2 * NR + 5)).astype(np.float32)
+    out = np.empty((MR + 3, 2 * NR + 5), np.float32)
+    gemm_cpu.gemm_panels(a, packed(b)[:, :9], out, False)
+    want = np.empty_like(out)
+    gemm_cpu.gemm(a, b[:9], want, False)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_gemm_panels_refuses_mismatched_operands():
+    a = np.ones((4, 3), np.float32)
+    panels = packed(np.ones((3, NR + 1), np.float32))
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_cpu.gemm_panels(a, panels, np.empty((5, NR), np.float32), False)
+    with pytest.raises(ValueError, match="shapes"):  # more columns than the panels hold
+        gemm_cpu.gemm_panels(a, panels, np.empty((4, 2 * NR + 1), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm_cpu.gemm_panels(a, panels, np.empty((4, 4 * NR), np.float32)[:, ::2], False)
+
+
 def test_gemm_keeps_non_finite_values():
     a = np.array([[np.inf, 1.0], [np.nan, 0.0]], np.float32)
     out = np.empty((2, NR), np.float32)

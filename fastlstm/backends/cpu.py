@@ -17,7 +17,9 @@ gates (:func:`lstm_cpu.forward_layer`); backward: one fused pass per step and
 steps, ``[x, h_prev]^T @ dz``.  The GEMMs of the time loop and the weight gradients
 run on our own register-blocked kernel (:mod:`..kernels.gemm_cpu`) or on BLAS, and
 chunks have the size, that :mod:`.cpu_choices` measured to be the fastest on this CPU
-(``python benchmarks/blas_peak.py`` times both GEMMs at these shapes).
+(``python benchmarks/blas_peak.py`` times both GEMMs at these shapes).  Our kernel reads
+the weights of the time loop packed into panels (:func:`..kernels.gemm_cpu.pack_panels`),
+once per call of the backend (:meth:`CPUBackend._prepare`).
 
 ``precision="bfloat16"`` (on CPUs with AVX512-BF16) runs the GEMMs that
 :mod:`fastlstm.precision` names on :mod:`..kernels.gemm_bf16_cpu` instead, through the
@@ -326,6 +328,11 @@ class _Workspace:
                 shapes["w_hh16"] = [(g.pairs(G), g.panel_columns(H))] * runs
                 shapes["w_ih16"] = [(g.pairs(G), g.panel_columns(K - H)) for K in widths
                                     for _ in range(D)]
+        elif choices.own_step_gemm:  # the weights packed for gemm_cpu, by CPUBackend._prepare
+            g = gemm_cpu
+            shapes["w_panels"] = [(g.panel_count(G), K, g.NR) for K in widths for _ in range(D)]
+            if train:
+                shapes["w_hh_panels"] = [(g.panel_count(H), G, g.NR)] * runs
         if train:
             # per layer and direction, for each worker: the weight gradient of its rows
             # (transposed, as ``w_cat_t``) and their bias gradient.  The rows of the
@@ -622,6 +629,10 @@ class CPUBackend(Backend):
                     if mode != "inference":
                         gemm_bf16_cpu.pack_panels(w_hh, ws.w_hh16[n])
                         gemm_bf16_cpu.pack_panels(w_ih, ws.w_ih16[n])
+                elif self.choices.own_step_gemm:
+                    gemm_cpu.pack_panels(ws.w_cat_t[n], ws.w_panels[n])
+                    if mode != "inference":
+                        gemm_cpu.pack_panels(w_hh, ws.w_hh_panels[n])
         # every row with every step takes the fixed-length path, bit for bit
         lengths = check_lengths(lengths, *x.shape[:2])
         order = ws.order(lengths)
@@ -805,6 +816,12 @@ class _ChunkOps:
             return gemm_bf16_cpu.FLOAT32
         return getattr(self.ws, weights)[n], self.bf16["step"]
 
+    def _panels(self, weights, n):
+        """The ``panels`` of :func:`gemm_cpu.matmul` for the packed ``weights`` of recurrence
+        ``n`` (a list of the workspace), or none (BLAS, or bfloat16's own packing)."""
+        panels = getattr(self.ws, weights, None)
+        return gemm_cpu.no_panels(self.ws.zeros.dtype) if panels is None else panels[n]
+
     def inputs(self, x, lengths):
         R, T = self.hi - self.lo, self.ws.steps
         if lengths is None:
@@ -854,7 +871,7 @@ class _ChunkOps:
                                run.get("gates"), hseq, run["h_last"], run["z"],
                                zeros if h0 is None else h0[lo:hi],
                                zeros if c0 is None else c0[lo:hi], active, slot, cslot,
-                               h0 is None, reverse, self.choices.own_step_gemm,
+                               h0 is None, reverse, self._panels("w_panels", n),
                                *self._dropout(k, reverse, make_masks=True),
                                *self._packed("w16", n))
         return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
@@ -906,7 +923,7 @@ class _ChunkOps:
         c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
         lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
                                 dh, dc, db, active, slot, cslot, self.dinputs is not None,
-                                self.choices.own_step_gemm, reverse,
+                                self._panels("w_hh_panels", n), reverse,
                                 *self._dropout(k, reverse, False),
                                 *self._packed("w_hh16", n))
         dz2, xh2 = dz[:P], run["xh"][:P]

@@ -2,6 +2,13 @@
 
 import functools
 
+from numba import types
+from numba.extending import intrinsic
+
+#: whether :func:`full_width_loops` asks for the full width (``benchmarks/vector_width.py``
+#: compiles the LSTM kernels both ways to time them side by side; read when compiling)
+FULL_WIDTH_LOOPS = True
+
 
 @functools.lru_cache(maxsize=None)
 def target_features():
@@ -32,3 +39,23 @@ def vector_bits():
 def has_fma():
     """Whether the target has fused multiply-add instructions."""
     return "fma" in target_features()
+
+
+@intrinsic
+def full_width_loops(typingctx):
+    """Let LLVM's loop vectoriser use the target's full vector width in the function
+    being compiled (a call to this is the first statement of a kernel).
+
+    LLVM tunes for Intel's server cores with AVX-512 (Skylake-X to Emerald Rapids) to
+    *prefer* 256-bit vectors, against the frequency drop of heavy 512-bit code on the
+    oldest of them: the LSTM's gate math then ran in 256-bit registers beside the
+    GEMM's 512-bit ones.  The function attribute ``prefer-vector-width`` overrides that
+    tuning for one function, and the loops inlined into it; set only where the target
+    has AVX-512.  ``python benchmarks/vector_width.py`` times the kernels both ways.
+    """
+    def codegen(context, builder, sig, args):
+        if FULL_WIDTH_LOOPS and vector_bits() >= 512:
+            # a string attribute, which llvmlite's checked ``add`` does not know
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.void(), codegen

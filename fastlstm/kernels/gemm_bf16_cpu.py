@@ -315,17 +315,18 @@ def gemm_xt(x, y, x16, y16, out, accumulate):
 
 
 @njit(inline="always")
-def matmul(a, b, b16, a16, out, own_gemm):
+def matmul(a, b, panels, b16, a16, out):
     """``out = a @ b``, in the precision the caller's buffers choose: bfloat16 where ``b16``
     holds ``b`` packed by :func:`pack_panels` (``a`` is packed into the scratch ``a16``, of
     at least ``a``'s rows and ``b16``'s pairs, first), else float32 by
-    :func:`.gemm_cpu.matmul` (``b16`` has no rows).  One call site serves both precisions."""
+    :func:`.gemm_cpu.matmul` (``b16`` has no rows; ``panels``: ``b`` packed for our GEMM, or
+    none for BLAS).  One call site serves both precisions."""
     if b16.shape[0] > 0:
         rows = a16[:a.shape[0]]
         pack_rows(a, rows)
         gemm(rows, b16, out, False)
     else:
-        gemm_cpu.matmul(a, b, out, own_gemm)
+        gemm_cpu.matmul(a, b, panels, out)
 
 
 #: the ``b16`` and ``a16`` of :func:`matmul` that choose float32

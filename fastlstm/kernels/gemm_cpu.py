@@ -4,8 +4,9 @@ At one time step's shapes (a training chunk of 16 rows times a 156 x 512
 weight matrix, or 16 x 512 times 512 x 128 backwards, and inference's 128
 rows) OpenBLAS on one core is slowest where the chunks are smallest; this
 kernel runs the same products, and the weight gradient, faster on the
-project's machine (an AMD EPYC of CPU family 26, Zen 5), without packing anything.
-``python benchmarks/blas_peak.py`` times both at the backend's shapes.
+project's machines (an AMD EPYC of CPU family 26, Zen 5, and an Intel Xeon of
+family 6, model 207).  ``python benchmarks/blas_peak.py`` times both at the
+backend's shapes.
 
 An output block of ``MR`` rows by ``NR`` columns is accumulated in ``MR``
 SIMD vectors of ``NR`` lanes across the whole inner dimension: per ``k``, one
@@ -19,11 +20,22 @@ need contiguous rows.  Columns past the last full panel of ``NR`` go through a
 zero-padded copy, the rows past the last full block through one block of as many
 rows (:func:`make_whole_panels`).
 
+:func:`gemm` reads ``B`` where it lies; :func:`gemm_panels` reads it packed
+(:func:`pack_panels`: each panel of ``NR`` columns one contiguous run), as the
+step GEMMs read the weights, which stay the same over the whole time loop:
+packed once per batch, a panel stays in L1 while the row blocks pass (the rows
+of ``B``, kilobytes apart, fall in a few cache sets).  The weight gradient's
+``B`` changes with every call: packing it in the call was no faster where tried
+(on the Intel Xeon, timed against :func:`gemm` round by round at a chunk's weight
+gradient), so :func:`gemm` does not pack.
+
 ``MR x NR`` follows the vector width Numba compiles for: 8 x 32 floats are
 16 AVX-512 registers of accumulators, 6 x 16 are 12 AVX2 ones.  Whether the LSTM
 kernels use it or BLAS is measured on each CPU (:mod:`fastlstm.backends.cpu_choices`);
 :data:`PAYS_OFF` is the rule where nothing was measured.
 """
+
+import functools
 
 import numpy as np
 from llvmlite import ir
@@ -127,10 +139,12 @@ def _make_block(rows):
     return block
 
 
-def make_whole_panels(make_block, mr, nr):
+def make_whole_panels(make_block, mr, nr, panel_major=False):
     """``whole_panels(a, b, out, ncols, accumulate)``: ``out[:, :ncols] (+)= A @ B[:, :ncols]``
     for ``ncols`` a multiple of ``nr``, on the register blocks ``make_block(rows)``
     of a GEMM (``mr x nr`` the largest; this module's and :mod:`.gemm_bf16_cpu`'s).
+    ``panel_major``: ``B`` is given as its panels of ``nr`` columns, ``b[p]`` the columns
+    ``p nr ... (p + 1) nr - 1`` (:func:`pack_panels`), else as its rows.
 
     The blocks of ``mr`` rows go panel by panel.  The rows left over run as ONE block of
     as many rows, so ``B`` is read once more, not once per block of 4, 2 and 1 rows: with
@@ -141,6 +155,15 @@ def make_whole_panels(make_block, mr, nr):
     results do not depend on the rows beside it.
     """
     full = make_block(mr)
+
+    if panel_major:
+        @njit(inline="always")
+        def panel(b, c0):  # the panel of B holding column c0, and c0's column in it
+            return b[c0 // nr], 0
+    else:
+        @njit(inline="always")
+        def panel(b, c0):
+            return b, c0
 
     def make_last_rows(most):  # a block of ``rows <= most`` rows, chosen at run time
         if most == 0:
@@ -154,7 +177,8 @@ def make_whole_panels(make_block, mr, nr):
         def last_rows(a, b, out, r, rows, ncols, accumulate):
             if rows == most:
                 for c0 in range(0, ncols, nr):
-                    these(a, r, b, c0, out, r, c0, accumulate)
+                    bp, bc = panel(b, c0)
+                    these(a, r, bp, bc, out, r, c0, accumulate)
             else:
                 fewer(a, b, out, r, rows, ncols, accumulate)
         return last_rows
@@ -168,13 +192,15 @@ def make_whole_panels(make_block, mr, nr):
         M = out.shape[0]
         whole = M - M % mr
         for c0 in range(0, ncols, nr):
+            bp, bc = panel(b, c0)
             for r in range(0, whole, mr):
-                full(a, r, b, c0, out, r, c0, accumulate)
+                full(a, r, bp, bc, out, r, c0, accumulate)
         last_rows(a, b, out, whole, M - whole, ncols, accumulate)
     return whole_panels
 
 
 _whole_panels = make_whole_panels(_make_block, MR, NR)
+_whole_packed_panels = make_whole_panels(_make_block, MR, NR, panel_major=True)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
@@ -231,10 +257,87 @@ def store_tile(tile, out, c0, accumulate):
                 out[r, c0 + c] = tile[r, c]
 
 
+def panel_count(n):
+    """Panels of :data:`NR` columns that :func:`pack_panels` stores for ``n`` columns."""
+    return -(-n // NR)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pack_panels(b, out):
+    """``out[p, k, j] = b[k, p NR + j]``, zeros past ``b``'s columns: ``b`` as the contiguous
+    panels :func:`gemm_panels` reads.
+
+    A row of ``b`` is a few kilobytes long, so the rows of one panel of ``b`` fall in a few
+    sets of the L1 cache and push each other out before the next block of rows reads them
+    again; a panel packed is one contiguous run, which stays in L1.  The LSTM's step GEMMs
+    read the same weights at every step: packed once per batch, they are read packed
+    ``T`` times (``python benchmarks/blas_peak.py`` times both).
+
+    Parameters
+    ----------
+    b : (K, N) array, any strides
+    out : (panel_count(N), K, NR) array of ``b``'s dtype
+    """
+    K, N = b.shape
+    for p in range(out.shape[0]):
+        c0 = p * NR
+        width = min(NR, N - c0)
+        for k in range(K):
+            src, dst = b[k], out[p, k]
+            for j in range(width):
+                dst[j] = src[c0 + j]
+            for j in range(width, NR):
+                dst[j] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
+def gemm_panels(a, panels, out, accumulate):
+    """``out (+)= a[:, :K] @ B`` with ``B`` packed by :func:`pack_panels` into ``panels``
+    (``K = panels.shape[1]``, ``N <= NR panels.shape[0]``), single-threaded; the same sums
+    as :func:`gemm`, bit for bit.
+
+    Parameters
+    ----------
+    a : (M, K') array, any strides, ``K' >= K``
+    panels : (P, K, NR) array, C-contiguous (a slice ``[:, :K]`` of one is too)
+    out : (M, N) array, rows contiguous; must not overlap ``a`` or ``panels``
+    accumulate : bool
+    """
+    M, N = out.shape
+    K = panels.shape[1]
+    if a.shape[0] != M or a.shape[1] < K or panels.shape[0] * NR < N or panels.shape[2] != NR:
+        raise ValueError("gemm_panels: shapes do not match")
+    if K > 0 and N > 0 and (panels.strides[2] != panels.itemsize
+                            or panels.strides[1] != NR * panels.itemsize):
+        raise ValueError("gemm_panels: the panels need contiguous rows of NR")
+    if M > 0 and N > 0 and out.strides[1] != out.itemsize:
+        raise ValueError("gemm_panels: out needs contiguous rows")
+    full = N - N % NR
+    for k0 in range(0, max(K, 1), KC):
+        k1 = min(K, k0 + KC)
+        sliced, acc = panels[:, k0:k1], accumulate or k0 > 0
+        _whole_packed_panels(a[:, k0:k1], sliced, out, full, acc)
+        if full < N:  # the last panel is zero-padded: through a tile
+            tile = np.empty((M, NR), out.dtype)
+            _whole_packed_panels(a[:, k0:k1], sliced[full // NR:], tile, NR, False)
+            store_tile(tile, out, full, acc)
+
+
 @njit(inline="always")
-def matmul(a, b, out, own_gemm):
-    """``out = a @ b`` (same shapes, contiguous): :func:`gemm` if ``own_gemm``, else BLAS."""
-    if own_gemm:
-        gemm(a, b, out, False)
+def matmul(a, b, panels, out):
+    """``out = a @ b`` (``a`` and ``out`` contiguous): :func:`gemm_panels` where ``panels``
+    holds ``b`` packed by :func:`pack_panels`, else (``panels`` has no panels) BLAS."""
+    if panels.shape[0] > 0:
+        gemm_panels(a, panels, out, False)
     else:
         np.dot(a, b, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_panels(dtype):
+    return np.empty((0, 0, NR), dtype)
+
+
+def no_panels(dtype):
+    """The ``panels`` of :func:`matmul` that choose BLAS, in ``dtype`` (shared, empty)."""
+    return _no_panels(np.dtype(dtype))

@@ -15,9 +15,10 @@ out-of-order window to overlap enough iterations: inference ran faster split;
 ``python benchmarks/forward_backward.py`` times it.)  Backwards, one fused
 pass per step gives the gradient of the pre-activations and accumulates the
 bias gradient; the weight gradients are then ONE GEMM over all steps,
-``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm` or
-BLAS (``own_gemm``), or in bfloat16 :func:`.gemm_bf16_cpu.gemm` where the caller passes
-the weights packed for it (:func:`.gemm_bf16_cpu.matmul`: the same code either way).
+``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm_panels` on
+the weights packed once per batch (``w_panels``), or BLAS, or in bfloat16
+:func:`.gemm_bf16_cpu.gemm` where the caller passes the weights packed for it
+(:func:`.gemm_bf16_cpu.matmul`: the same call site for all three).
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -32,13 +33,14 @@ from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
 from .dropout_cpu import unit_scale
 from .gemm_bf16_cpu import matmul
+from ._cpu_features import full_width_loops
 
 _ONE = np.float32(1.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active, slot,
-                  cslot, h0_zero, reverse, own_gemm, h_mask, out_keys, out_drop, w16, a16):
+                  cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16):
     """Run one layer in one direction over all steps for one chunk of rows.
 
     The rows are sorted by length, longest first, so the rows still active at a
@@ -87,8 +89,9 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
         ``h0`` is zero: the first step's GEMM then takes the input part only, and
         its ``h`` part of ``xh`` is neither written nor read.
     reverse : bool
-    own_gemm : bool
-        Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
+    w_panels : (panel_count(G), K, NR) or (0, 0, NR) array
+        ``w_cat_t`` packed by :func:`.gemm_cpu.pack_panels`: the step GEMMs by
+        :func:`.gemm_cpu.gemm_panels`; no panels (:func:`.gemm_cpu.no_panels`): by BLAS.
     h_mask : (R, H) or (0, 0) array
         Recurrent dropout: ``h_{t-1}`` is read times this where the recurrence reads it
         (so ``xh`` holds the masked state, which the weight gradient then sees too);
@@ -104,6 +107,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
         a scratch of ``(R, pairs(K))`` for ``xh``'s rows packed; both without rows (as
         :data:`.gemm_bf16_cpu.FLOAT32`): float32.
     """
+    full_width_loops()
     I = x.shape[2]
     K = xh.shape[1]
     H = K - I
@@ -132,10 +136,10 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
                         hr[j] *= h_mask[r, j]
         if first:
             # in bfloat16 the pair of rows I - 1, I of an odd I meets a zero of the padded x
-            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], w16[:(I + 1) // 2], a16, z[:m],
-                   own_gemm)
+            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], w_panels[:, :I],
+                   w16[:(I + 1) // 2], a16, z[:m])
         else:
-            matmul(cur, w_cat_t, w16, a16, z[:m], own_gemm)
+            matmul(cur, w_cat_t, w_panels, w16, a16, z[:m])
         for r in range(m):
             # 1-D views per row: indexing them vectorises, 2-D indexing does not
             zr = z[r]
@@ -174,7 +178,7 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
 def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
-                   need_dh0, own_gemm, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
+                   need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
     """Backpropagate through one layer in one direction for one chunk of rows.
 
     The steps, rows and buffers are those of :func:`forward_layer`, walked back.
@@ -203,14 +207,15 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
     active, slot, cslot : (S + 1,) int arrays
         As in :func:`forward_layer`.
     need_dh0 : bool
-    own_gemm : bool
-        Step GEMMs by :func:`.gemm_cpu.gemm` (else BLAS).
+    w_hh_panels : (panel_count(H), G, NR) or (0, 0, NR) array
+        As ``w_panels`` of :func:`forward_layer`, for ``w_hh``.
     reverse, h_mask, out_keys, out_drop
         As in :func:`forward_layer`: ``dh_seq`` is the gradient w.r.t. the masked
         output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
     w_hh16, a16 : uint32 arrays
         As ``w16`` and ``a16`` of :func:`forward_layer`, for ``w_hh`` and ``(R, pairs(G))``.
     """
+    full_width_loops()
     G = gates.shape[1]
     H = G // 4
     S = active.shape[0] - 1
@@ -255,7 +260,7 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
         # that came from step s - 1, and for the rows that started here only if asked
         n = m if need_dh0 else carried
         if n > 0:
-            matmul(dz[slot[s]:slot[s] + n], w_hh, w_hh16, a16, dh[:n], own_gemm)
+            matmul(dz[slot[s]:slot[s] + n], w_hh, w_hh_panels, w_hh16, a16, dh[:n])
             if masked_h:
                 for r in range(n):
                     dh_r, hm = dh[r], h_mask[r]
