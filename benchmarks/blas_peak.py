@@ -59,9 +59,11 @@ def inference_split(rows):
     panels = np.empty((gemm_cpu.panel_count(G), K, gemm_cpu.NR), np.float32)
     gemm_cpu.pack_panels(w, panels)  # as the backend packs the weights, once per batch
 
+    forward_layer = lstm_cpu.layer_kernels(H)[0]  # the kernel the backend runs at this H
+
     def layer():
-        lstm_cpu.forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active,
-                               slot, slot, True, False, panels, *no_dropout, *float32)
+        forward_layer(x, w, bias, xh, c, None, hseq, h_last, z, zeros, zeros, active, slot, slot,
+                      True, False, panels, *no_dropout, *float32)
 
     def gemms():  # what forward_layer multiplies: the input part first (h0 = 0), then [x, h]
         gemm_cpu.gemm_panels(first, panels[:, :I], z, False)

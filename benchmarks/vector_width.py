@@ -1,17 +1,18 @@
-"""The LSTM kernels' loops at 256 and at 512 bits, side by side in one process.
+"""The LSTM kernels' loops at LLVM's preferred vector width and at the full width, side by side.
 
 LLVM tunes for Intel's server cores to prefer 256-bit vectors even where the
 target has AVX-512, so the gate math of ``lstm_cpu.forward_layer`` and
-``backward_layer`` was vectorised at half the width of the GEMM beside it;
-:func:`fastlstm.kernels._cpu_features.full_width_loops` lifts that preference for
-those two kernels.  This compiles both kernels twice, with and without it
-(``_cpu_features.FULL_WIDTH_LOOPS``), and times, on one thread, an inference
-chunk (its rows, ``T`` steps) and a training chunk's forward and backward (the
-rows the backend cuts for a training step), each version in turn, round after
-round: the figure is the median over the rounds of the full-width time over the
-256-bit time *of the same round*, which a shared machine's drift hardly moves.
-On a target without AVX-512, or where LLVM already prefers 512 bits, the two
-versions are the same code and the ratio is 1.
+``backward_layer`` is vectorised at half the width of the GEMM beside it;
+``forward_layer_full_width`` and ``backward_layer_full_width`` are the same
+kernels with that preference lifted
+(:func:`fastlstm.kernels._cpu_features.full_width_loops`), and the backend runs
+them from ``lstm_cpu.FULL_WIDTH_FROM_HIDDEN`` hidden units on.  This times both
+pairs on one thread, on an inference chunk (its rows, ``T`` steps) and on a
+training chunk's forward and backward (the rows the backend cuts for a training
+step), each version in turn, round after round: the figure is the median over
+the rounds of the full-width time over the other's *in the same round*, which a
+shared machine's drift hardly moves.  On a target without AVX-512, or where LLVM
+already prefers 512 bits, the two versions are the same code and the ratio is 1.
 
     python benchmarks/vector_width.py [--hidden 128] [--rounds 15] [--json out.json]
 """
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 from threadpoolctl import threadpool_limits
 
 from _common import machine_description
@@ -65,15 +65,6 @@ def chunk(rows, hidden, train, rng):
     return forward, backward
 
 
-def kernels(full_width):
-    """``forward_layer`` and ``backward_layer`` compiled anew, at the full width or not."""
-    from fastlstm.kernels import _cpu_features, lstm_cpu
-    from fastlstm.kernels._fastmath import NO_REASSOC
-    _cpu_features.FULL_WIDTH_LOOPS = full_width  # read when the kernels compile
-    return [njit(nogil=True, error_model="numpy", fastmath=NO_REASSOC)(fn.py_func)
-            for fn in (lstm_cpu.forward_layer, lstm_cpu.backward_layer)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=128)
@@ -81,13 +72,14 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     print(machine_description())
-    from fastlstm.kernels import _cpu_features
+    from fastlstm.kernels import lstm_cpu
     train_rows, infer_rows = chunk_rows(args.hidden)
     rng = np.random.default_rng(0)
     infer_args, _ = chunk(infer_rows, args.hidden, False, rng)
     fwd_args, bwd_args = chunk(train_rows, args.hidden, True, rng)
-    versions = {"256-bit": kernels(False), "full width": kernels(True)}
-    _cpu_features.FULL_WIDTH_LOOPS = True
+    versions = {"default": (lstm_cpu.forward_layer, lstm_cpu.backward_layer),
+                "full width": (lstm_cpu.forward_layer_full_width,
+                               lstm_cpu.backward_layer_full_width)}
     work = {
         f"inference chunk, {infer_rows} rows": lambda f, b: f(*infer_args),
         f"training chunk forward + backward, {train_rows} rows":
@@ -107,13 +99,16 @@ def main(argv=None):
                         run(*versions[v])
                     times[name][v].append((time.perf_counter() - start) / 5)
     results = {}
+    chosen = "full width" if lstm_cpu.layer_kernels(args.hidden)[0] is versions["full width"][0] \
+        else "default"
     print(f"H={args.hidden}, T={T}, one thread, {args.rounds} rounds; median ms, and the paired "
-          "median of full width / 256-bit (< 1: the full width is faster)")
+          f"median of full width / default (< 1: the full width is faster); the backend runs "
+          f"the {chosen} kernels at this size")
     for name, t in times.items():
-        ratio = float(np.median(np.array(t["full width"]) / np.array(t["256-bit"])))
+        ratio = float(np.median(np.array(t["full width"]) / np.array(t["default"])))
         ms = {v: float(np.median(s)) * 1e3 for v, s in t.items()}
-        results[name] = dict(ms=ms, full_over_256=ratio)
-        print(f"  {name:42s} 256-bit {ms['256-bit']:7.3f}  full width {ms['full width']:7.3f}"
+        results[name] = dict(ms=ms, full_over_default=ratio)
+        print(f"  {name:42s} default {ms['default']:7.3f}  full width {ms['full width']:7.3f}"
               f"  ratio {ratio:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -246,3 +246,23 @@ def test_a_bidirectional_head_is_initialised_for_its_fan_in():
     assert np.abs(head).max() <= 1 / np.sqrt(32) < np.abs(lstm).max() <= 1 / np.sqrt(16)
     # a unidirectional network's draws are unchanged
     np.testing.assert_array_equal(uni.layout.init(0), ModelSpec(3, 16, 1, 5).layout.init(0))
+
+
+@pytest.mark.parametrize("hidden", [24, 64], ids=lambda h: f"H{h}")
+def test_full_width_kernels_give_the_same_bits(hidden, monkeypatch):
+    # the _full_width kernels differ from the others in how LLVM vectorises their loops
+    # only: a fit must not depend on which the hidden size picks (FULL_WIDTH_FROM_HIDDEN);
+    # H=24 leaves a remainder past the vectors of 16 lanes
+    spec, params, x, y, h0, c0 = make_problem((19, 7, 3, hidden, 2, 4), "cross_entropy",
+                                              np.float32, bidirectional=True)
+    results = []
+    for first_full in (0, 10**9):
+        monkeypatch.setattr(lstm_cpu, "FULL_WIDTH_FROM_HIDDEN", first_full)
+        backend = CPUBackend(num_threads=2)
+        outputs, cache = backend.forward(spec, params, x, h0, c0, train=True)
+        _, doutputs = backend.loss(outputs, y, "cross_entropy")
+        grads = backend.backward(spec, params, cache, doutputs, input_grads=True)
+        inference, _ = backend.forward(spec, params, x)
+        results.append([outputs, inference, grads.params, grads.x, grads.h0, grads.c0])
+    for full, default in zip(*results):
+        np.testing.assert_array_equal(full, default)

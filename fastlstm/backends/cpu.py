@@ -867,13 +867,12 @@ class _ChunkOps:
         else:
             hseq = np.empty((hi - lo, 0, H), zeros.dtype)  # the top layer's is not kept
         active, slot, cslot = self.steps[reverse]
-        lstm_cpu.forward_layer(seq, self.ws.w_cat_t[n], self.ws.bias[n], run["xh"], run["c"],
-                               run.get("gates"), hseq, run["h_last"], run["z"],
-                               zeros if h0 is None else h0[lo:hi],
-                               zeros if c0 is None else c0[lo:hi], active, slot, cslot,
-                               h0 is None, reverse, self._panels("w_panels", n),
-                               *self._dropout(k, reverse, make_masks=True),
-                               *self._packed("w16", n))
+        forward_layer = lstm_cpu.layer_kernels(H)[0]
+        forward_layer(seq, self.ws.w_cat_t[n], self.ws.bias[n], run["xh"], run["c"],
+                      run.get("gates"), hseq, run["h_last"], run["z"],
+                      zeros if h0 is None else h0[lo:hi], zeros if c0 is None else c0[lo:hi],
+                      active, slot, cslot, h0 is None, reverse, self._panels("w_panels", n),
+                      *self._dropout(k, reverse, make_masks=True), *self._packed("w16", n))
         return self.chunk["hseq"][k] if k < self.spec.num_layers - 1 else None
 
     def join(self, outs):
@@ -921,11 +920,10 @@ class _ChunkOps:
         if self.first:
             db[...] = 0
         c_init = self.ws.zeros[:hi - lo] if self.c0 is None else self.c0[n, lo:hi]
-        lstm_cpu.backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz,
-                                dh, dc, db, active, slot, cslot, self.dinputs is not None,
-                                self._panels("w_hh_panels", n), reverse,
-                                *self._dropout(k, reverse, False),
-                                *self._packed("w_hh16", n))
+        backward_layer = lstm_cpu.layer_kernels(H)[1]
+        backward_layer(run["gates"], run["c"], c_init, w_hh, dseq, dz, dh, dc, db, active, slot,
+                       cslot, self.dinputs is not None, self._panels("w_hh_panels", n), reverse,
+                       *self._dropout(k, reverse, False), *self._packed("w_hh16", n))
         dz2, xh2 = dz[:P], run["xh"][:P]
         # with h0 = 0 the h part of the first step is zero: one GEMM over the other
         # steps, then the first step's x part alone (not two GEMMs over all steps:

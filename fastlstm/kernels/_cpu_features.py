@@ -5,10 +5,6 @@ import functools
 from numba import types
 from numba.extending import intrinsic
 
-#: whether :func:`full_width_loops` asks for the full width (``benchmarks/vector_width.py``
-#: compiles the LSTM kernels both ways to time them side by side; read when compiling)
-FULL_WIDTH_LOOPS = True
-
 
 @functools.lru_cache(maxsize=None)
 def target_features():
@@ -51,10 +47,11 @@ def full_width_loops(typingctx):
     oldest of them: the LSTM's gate math then ran in 256-bit registers beside the
     GEMM's 512-bit ones.  The function attribute ``prefer-vector-width`` overrides that
     tuning for one function, and the loops inlined into it; set only where the target
-    has AVX-512.  ``python benchmarks/vector_width.py`` times the kernels both ways.
+    has AVX-512 (elsewhere, and where LLVM prefers 512 bits anyway, it changes nothing).
+    ``python benchmarks/vector_width.py`` times the LSTM kernels with and without it.
     """
     def codegen(context, builder, sig, args):
-        if FULL_WIDTH_LOOPS and vector_bits() >= 512:
+        if vector_bits() >= 512:
             # a string attribute, which llvmlite's checked ``add`` does not know
             set.add(builder.function.attributes, '"prefer-vector-width"="512"')
         return context.get_dummy_value()

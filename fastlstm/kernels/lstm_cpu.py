@@ -20,6 +20,11 @@ the weights packed once per batch (``w_panels``), or BLAS, or in bfloat16
 :func:`.gemm_bf16_cpu.gemm` where the caller passes the weights packed for it
 (:func:`.gemm_bf16_cpu.matmul`: the same call site for all three).
 
+Each layer kernel comes twice, the same code: ``forward_layer`` and
+``forward_layer_full_width`` (``backward_layer`` likewise), the second with its loops
+vectorised at the target's full width where LLVM's tuning would take half of it
+(:func:`._cpu_features.full_width_loops`); :func:`layer_kernels` picks by hidden size.
+
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
 """
@@ -36,6 +41,77 @@ from .gemm_bf16_cpu import matmul
 from ._cpu_features import full_width_loops
 
 _ONE = np.float32(1.0)
+
+
+@njit(inline="always")
+def _forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active,
+                   slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16):
+    I = x.shape[2]
+    K = xh.shape[1]
+    H = K - I
+    S = active.shape[0] - 1
+    keep_h = hseq.shape[1] > 0
+    masked_h = h_mask.shape[0] > 0
+    drop_out = out_keys.shape[0] > 0
+    threshold, scale, unit0, width = out_drop
+    bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
+    for s in range(S):
+        t = S - 1 - s if reverse else s
+        m = active[s]
+        carried = min(m, active[s - 1]) if s > 0 else 0  # rows whose state comes from step s-1
+        nxt_m = active[s + 1]
+        cur = xh[slot[s]:slot[s] + m]
+        for r in range(m):
+            cur[r, :I] = x[r, t]
+        first = s == 0 and h0_zero
+        if not first:
+            for r in range(carried, m):  # rows that start here
+                hr = cur[r, I:]
+                for j in range(H):
+                    hr[j] = 0 if h0_zero else h_init[r, j]
+                if masked_h and not h0_zero:
+                    for j in range(H):
+                        hr[j] *= h_mask[r, j]
+        if first:
+            # in bfloat16 the pair of rows I - 1, I of an odd I meets a zero of the padded x
+            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], w_panels[:, :I],
+                   w16[:(I + 1) // 2], a16, z[:m])
+        else:
+            matmul(cur, w_cat_t, w_panels, w16, a16, z[:m])
+        for r in range(m):
+            # 1-D views per row: indexing them vectorises, 2-D indexing does not
+            zr = z[r]
+            zi, zf, zg, zo = zr[:H], zr[H:2 * H], zr[2 * H:3 * H], zr[3 * H:]
+            go = zo  # the output gate, kept for the second pass: over its input in inference
+            if gates is not None:  # a branch Numba drops when compiling for None
+                gr = gates[slot[s] + r]
+                gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
+            c_prev = c[cslot[s] + r] if r < carried else c_init[r]
+            c_new = c[cslot[s + 1] + r]
+            for j in range(H):
+                a_i = sigmoid(zi[j] + bi[j])
+                a_f = sigmoid(zf[j] + bf[j])
+                a_g = tanh(zg[j] + bg[j])
+                go[j] = sigmoid(zo[j] + bo[j])
+                if gates is not None:
+                    gi[j] = a_i
+                    gf[j] = a_f
+                    gg[j] = a_g
+                c_new[j] = a_f * c_prev[j] + a_i * a_g
+            h_new = xh[slot[s + 1] + r, I:] if r < nxt_m else h_last[r]
+            for j in range(H):
+                h_new[j] = go[j] * tanh(c_new[j])
+            if keep_h:
+                if drop_out:
+                    hs, key, base = hseq[r, t], out_keys[r], t * width + unit0
+                    for j in range(H):
+                        hs[j] = h_new[j] * unit_scale(key, base + j, threshold, scale)
+                else:
+                    hseq[r, t] = h_new
+            if masked_h and r < nxt_m:  # what the next step's GEMM reads
+                hm = h_mask[r]
+                for j in range(H):
+                    h_new[j] *= hm[j]
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
@@ -107,115 +183,24 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
         a scratch of ``(R, pairs(K))`` for ``xh``'s rows packed; both without rows (as
         :data:`.gemm_bf16_cpu.FLOAT32`): float32.
     """
-    full_width_loops()
-    I = x.shape[2]
-    K = xh.shape[1]
-    H = K - I
-    S = active.shape[0] - 1
-    keep_h = hseq.shape[1] > 0
-    masked_h = h_mask.shape[0] > 0
-    drop_out = out_keys.shape[0] > 0
-    threshold, scale, unit0, width = out_drop
-    bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
-    for s in range(S):
-        t = S - 1 - s if reverse else s
-        m = active[s]
-        carried = min(m, active[s - 1]) if s > 0 else 0  # rows whose state comes from step s-1
-        nxt_m = active[s + 1]
-        cur = xh[slot[s]:slot[s] + m]
-        for r in range(m):
-            cur[r, :I] = x[r, t]
-        first = s == 0 and h0_zero
-        if not first:
-            for r in range(carried, m):  # rows that start here
-                hr = cur[r, I:]
-                for j in range(H):
-                    hr[j] = 0 if h0_zero else h_init[r, j]
-                if masked_h and not h0_zero:
-                    for j in range(H):
-                        hr[j] *= h_mask[r, j]
-        if first:
-            # in bfloat16 the pair of rows I - 1, I of an odd I meets a zero of the padded x
-            matmul(np.ascontiguousarray(x[:m, t]), w_cat_t[:I], w_panels[:, :I],
-                   w16[:(I + 1) // 2], a16, z[:m])
-        else:
-            matmul(cur, w_cat_t, w_panels, w16, a16, z[:m])
-        for r in range(m):
-            # 1-D views per row: indexing them vectorises, 2-D indexing does not
-            zr = z[r]
-            zi, zf, zg, zo = zr[:H], zr[H:2 * H], zr[2 * H:3 * H], zr[3 * H:]
-            go = zo  # the output gate, kept for the second pass: over its input in inference
-            if gates is not None:  # a branch Numba drops when compiling for None
-                gr = gates[slot[s] + r]
-                gi, gf, gg, go = gr[:H], gr[H:2 * H], gr[2 * H:3 * H], gr[3 * H:]
-            c_prev = c[cslot[s] + r] if r < carried else c_init[r]
-            c_new = c[cslot[s + 1] + r]
-            for j in range(H):
-                a_i = sigmoid(zi[j] + bi[j])
-                a_f = sigmoid(zf[j] + bf[j])
-                a_g = tanh(zg[j] + bg[j])
-                go[j] = sigmoid(zo[j] + bo[j])
-                if gates is not None:
-                    gi[j] = a_i
-                    gf[j] = a_f
-                    gg[j] = a_g
-                c_new[j] = a_f * c_prev[j] + a_i * a_g
-            h_new = xh[slot[s + 1] + r, I:] if r < nxt_m else h_last[r]
-            for j in range(H):
-                h_new[j] = go[j] * tanh(c_new[j])
-            if keep_h:
-                if drop_out:
-                    hs, key, base = hseq[r, t], out_keys[r], t * width + unit0
-                    for j in range(H):
-                        hs[j] = h_new[j] * unit_scale(key, base + j, threshold, scale)
-                else:
-                    hseq[r, t] = h_new
-            if masked_h and r < nxt_m:  # what the next step's GEMM reads
-                hm = h_mask[r]
-                for j in range(H):
-                    h_new[j] *= hm[j]
+    _forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active,
+                   slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
-def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
-                   need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
-    """Backpropagate through one layer in one direction for one chunk of rows.
-
-    The steps, rows and buffers are those of :func:`forward_layer`, walked back.
-
-    Parameters
-    ----------
-    gates : (rows, G) array
-        Gate activations saved by :func:`forward_layer`.
-    c : (rows, H) array
-        Cell states saved by :func:`forward_layer`.
-    c_init : (R, H) array
-        The initial cell states.
-    w_hh : (G, H) array
-    dh_seq : (rows, H) or (0, H) array
-        Gradient w.r.t. each step's hidden state from the layer above, rows as
-        ``gates``, or nothing for the top layer, whose gradient comes in ``dh``.
-    dz : (rows, G) array
-        Output: gradient w.r.t. the gate pre-activations of every step, rows as ``gates``.
-    dh, dc : (R, H) arrays
-        On entry the gradients w.r.t. each row's last hidden and cell state.  On
-        return ``dc`` holds the gradient w.r.t. each row's initial cell state,
-        and ``dh`` the one w.r.t. its initial hidden state if ``need_dh0`` (else
-        those products are skipped).
-    db : (G,) array
-        The bias gradient of these rows is ADDED to it.
-    active, slot, cslot : (S + 1,) int arrays
-        As in :func:`forward_layer`.
-    need_dh0 : bool
-    w_hh_panels : (panel_count(H), G, NR) or (0, 0, NR) array
-        As ``w_panels`` of :func:`forward_layer`, for ``w_hh``.
-    reverse, h_mask, out_keys, out_drop
-        As in :func:`forward_layer`: ``dh_seq`` is the gradient w.r.t. the masked
-        output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
-    w_hh16, a16 : uint32 arrays
-        As ``w16`` and ``a16`` of :func:`forward_layer`, for ``w_hh`` and ``(R, pairs(G))``.
-    """
+def forward_layer_full_width(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init,
+                             active, slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys,
+                             out_drop, w16, a16):
+    """:func:`forward_layer` with its loops at the target's full vector width
+    (:func:`._cpu_features.full_width_loops`): the same results, bit for bit."""
     full_width_loops()
+    _forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active,
+                   slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16)
+
+
+@njit(inline="always")
+def _backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
+                    need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
     G = gates.shape[1]
     H = G // 4
     S = active.shape[0] - 1
@@ -266,6 +251,76 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
                     dh_r, hm = dh[r], h_mask[r]
                     for j in range(H):
                         dh_r[j] *= hm[j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
+def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
+                   need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16):
+    """Backpropagate through one layer in one direction for one chunk of rows.
+
+    The steps, rows and buffers are those of :func:`forward_layer`, walked back.
+
+    Parameters
+    ----------
+    gates : (rows, G) array
+        Gate activations saved by :func:`forward_layer`.
+    c : (rows, H) array
+        Cell states saved by :func:`forward_layer`.
+    c_init : (R, H) array
+        The initial cell states.
+    w_hh : (G, H) array
+    dh_seq : (rows, H) or (0, H) array
+        Gradient w.r.t. each step's hidden state from the layer above, rows as
+        ``gates``, or nothing for the top layer, whose gradient comes in ``dh``.
+    dz : (rows, G) array
+        Output: gradient w.r.t. the gate pre-activations of every step, rows as ``gates``.
+    dh, dc : (R, H) arrays
+        On entry the gradients w.r.t. each row's last hidden and cell state.  On
+        return ``dc`` holds the gradient w.r.t. each row's initial cell state,
+        and ``dh`` the one w.r.t. its initial hidden state if ``need_dh0`` (else
+        those products are skipped).
+    db : (G,) array
+        The bias gradient of these rows is ADDED to it.
+    active, slot, cslot : (S + 1,) int arrays
+        As in :func:`forward_layer`.
+    need_dh0 : bool
+    w_hh_panels : (panel_count(H), G, NR) or (0, 0, NR) array
+        As ``w_panels`` of :func:`forward_layer`, for ``w_hh``.
+    reverse, h_mask, out_keys, out_drop
+        As in :func:`forward_layer`: ``dh_seq`` is the gradient w.r.t. the masked
+        output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
+    w_hh16, a16 : uint32 arrays
+        As ``w16`` and ``a16`` of :func:`forward_layer`, for ``w_hh`` and ``(R, pairs(G))``.
+    """
+    _backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
+                    need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=NO_REASSOC)
+def backward_layer_full_width(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
+                              cslot, need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop,
+                              w_hh16, a16):
+    """:func:`backward_layer` with its loops at the target's full vector width
+    (:func:`._cpu_features.full_width_loops`): the same results, bit for bit."""
+    full_width_loops()
+    _backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
+                    need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16)
+
+
+#: hidden sizes from which the LSTM layers run on the ``_full_width`` kernels: with 16
+#: float32 lanes (and LLVM's interleaving) the loops over ``H`` units left most of a small
+#: layer's units to their scalar remainder, and on the Intel Xeon (family 6, model 207)
+#: the full width was slower up to H=40 and faster from H=64 (``python
+#: benchmarks/vector_width.py --hidden H`` times both at a given size)
+FULL_WIDTH_FROM_HIDDEN = 64
+
+
+def layer_kernels(hidden):
+    """``(forward, backward)``: the kernels for layers of ``hidden`` units (see
+    :data:`FULL_WIDTH_FROM_HIDDEN`)."""
+    if hidden >= FULL_WIDTH_FROM_HIDDEN:
+        return forward_layer_full_width, backward_layer_full_width
+    return forward_layer, backward_layer
 
 
 @njit(cache=True, nogil=True)
