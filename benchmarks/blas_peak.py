@@ -13,7 +13,8 @@ view, ``dz`` not packed.
 Every rate is also given as a fraction of this machine's floor (``floor.py``):
 the larger of one core's arithmetic peak (independent fused multiply-adds in
 registers of the target's full width) and the best one-thread rate at the
-training step's shapes.  Then one inference chunk of the backend's shape (its
+training step's shapes; on all cores, that times what the probe reaches on all
+of them at once.  Then one inference chunk of the backend's shape (its
 rows, 28 steps) through ``lstm_cpu.forward_layer`` next to its step GEMMs alone:
 the samples/s of one core if the gate math cost nothing, and at the floor.
 
@@ -31,7 +32,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from _common import cpu_choices_description, machine_description, summarize, time_call
-from floor import bf16_peak_gflops, chunk_rows, fma_peak_gflops, gemm_rates, step_shapes
+from floor import (bf16_peak_gflops, chunk_rows, fma_peak_gflops, gemm_rates, step_shapes,
+                   thread_scaling)
 
 T, I, H = 28, 28, 128
 
@@ -123,9 +125,13 @@ def main():
     best = max(rate for name, r in rates.items() if not name.startswith(("square", "inference"))
                for key, rate in r.items() if "1 thr" in key and rate)
     floor = max(peak, best)
+    scaling = thread_scaling(cores, peak)
+    floor_all = cores * floor * scaling
     print(f"one core's peak on fused multiply-adds alone: {peak:.1f} GFLOP/s; best one-thread "
           f"GEMM at the training step's shapes {best:.1f};\n  the floor of this machine: "
-          f"{floor:.1f} GFLOP/s per thread (each figure below: GFLOP/s, and its fraction of it)")
+          f"{floor:.1f} GFLOP/s per thread (each figure below: GFLOP/s, and its fraction of it),"
+          f"\n  on {cores} threads at once {floor_all:.1f} ({scaling:.2f} of {cores} times one: "
+          f"the probe on {cores} threads together)")
     bf16_peak = bf16_peak_gflops()
     if bf16_peak is not None:
         print(f"  bfloat16's peak, vdpbf16ps alone: {bf16_peak:.1f} GFLOP/s, "
@@ -134,7 +140,7 @@ def main():
     for name, r in rates.items():
         # BLAS on all cores: its fraction of the floor of as many threads
         cells = ["-" if g is None else
-                 f"{g:6.1f} ({g / (floor * (1 if '1 thr' in key else cores)):4.0%})"
+                 f"{g:6.1f} ({g / (floor if '1 thr' in key else floor_all):4.0%})"
                  for key, g in r.items()]
         print(f"{name:48s} " + " ".join(f"{c:>13s}" for c in cells))
 

@@ -260,18 +260,20 @@ def paired_round(contenders, X, y, Xi, args, rng, lr=1e-3):
 def report_floor(results, medians, args, threads):
     """Each median as a fraction of this machine's floor (``benchmarks/floor.py``): the least
     time the epoch's GEMMs can take, and the most samples/s inference's allow, at the best
-    one-thread GEMM rate (or the peak probe) on every thread."""
+    one-thread GEMM rate (or the peak probe) on every thread, times what the threads give
+    together (the probe on all of them at once)."""
     from floor import floor_gflops, inference_flop, training_flop
-    rate = floor_gflops(args.hidden, args.batch)
-    per_s = threads * rate["floor"] * 1e9
+    rate = floor_gflops(args.hidden, args.batch, threads)
+    per_s = rate["floor_all"] * 1e9
     floor_epoch = args.samples * training_flop(args.hidden) / per_s
     floor_throughput = per_s / inference_flop(args.hidden)
     results["floor"] = dict(rate, threads=threads, epoch_s=floor_epoch,
                             inference_samples_per_s=floor_throughput)
     print(f"\n  the floor here: {rate['floor']:.1f} GFLOP/s per thread (peak probe "
           f"{rate['probe']:.1f}, best one-thread GEMM at the step's shapes "
-          f"{rate['best_gemm']:.1f}) x {threads} threads: the epoch's GEMMs take at least "
-          f"{floor_epoch:.2f} s, inference's allow at most {floor_throughput:,.0f} samples/s")
+          f"{rate['best_gemm']:.1f}) x {threads} threads x {rate['scaling']:.2f} (the probe on "
+          f"{threads} threads at once): the epoch's GEMMs take at least {floor_epoch:.2f} s, "
+          f"inference's allow at most {floor_throughput:,.0f} samples/s")
     for name, m in medians.items():
         m["epoch_floor_fraction"] = floor_epoch / m["epoch_s"]
         m["inference_floor_fraction"] = m["inference_samples_per_s"] / floor_throughput

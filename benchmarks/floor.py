@@ -10,9 +10,10 @@ machine says nothing of another):
 * :func:`gemm_rates`: the one-thread rate of BLAS and of fastlstm's own GEMM (on ``B`` as
   it is, and packed) at the CPU backend's step shapes (:func:`step_shapes`);
 * :func:`floor_gflops`: the larger of the two, the rate below which no GEMM of
-  these shapes runs; :func:`training_flop` and :func:`inference_flop` count what an
-  LSTM of one layer multiplies per sample, so ``flop / (threads * floor)`` is the
-  least time the GEMMs of a run can take.
+  these shapes runs, per thread, and on several threads that times the measured
+  :func:`thread_scaling` (the probe on all of them at once); :func:`training_flop`
+  and :func:`inference_flop` count what an LSTM of one layer multiplies per sample,
+  so ``flop / floor_all`` is the least time the GEMMs of a run can take.
 """
 
 from __future__ import annotations
@@ -95,14 +96,31 @@ def gemm_rates(shapes, threads=(1,)):
     return rates
 
 
-def floor_gflops(hidden=128, batch=128):
-    """``{"probe", "best_gemm", "floor"}`` in GFLOP/s per thread: the peak probe, the best
-    one-thread GEMM rate at the training step's shapes, and the larger of the two."""
+def floor_gflops(hidden=128, batch=128, threads=1):
+    """``{"probe", "best_gemm", "floor", "scaling", "floor_all"}`` in GFLOP/s: the peak probe
+    and the best one-thread GEMM rate at the training step's shapes, per thread; the larger
+    of the two (``floor``, per thread); what ``threads`` threads give together
+    (:func:`thread_scaling`); and the floor of them all, ``threads * floor * scaling``."""
     shapes = {name: s for name, s in step_shapes(hidden, batch=batch).items()
               if not name.startswith("inference")}
     best = max(rate for r in gemm_rates(shapes).values() for rate in r.values() if rate)
     probe = fma_peak_gflops()
-    return dict(probe=probe, best_gemm=best, floor=max(probe, best))
+    scaling = thread_scaling(threads, probe)
+    floor = max(probe, best)
+    return dict(probe=probe, best_gemm=best, floor=floor, scaling=scaling,
+                floor_all=threads * floor * scaling)
+
+
+def thread_scaling(threads, probe=None):
+    """The share of ``threads`` times one core's peak (``probe``, else measured) that the peak
+    probe reaches on ``threads`` threads at once, at most 1: below 1 where the threads share
+    a physical core, or a host with other guests (then the floor of ``threads`` threads is
+    lower than ``threads`` times one core's)."""
+    from fastlstm.kernels.peak_cpu import peak_gflops
+    if threads == 1:
+        return 1.0
+    probe = fma_peak_gflops() if probe is None else probe
+    return min(1.0, peak_gflops("fma", threads=threads) / (threads * probe))
 
 
 def inference_flop(hidden, steps=28, inputs=28):

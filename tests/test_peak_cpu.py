@@ -46,6 +46,54 @@ def test_the_fma_peak_is_a_rate():
     assert 1 < peak_cpu.peak_gflops("fma", samples=3, seconds=0.005) < 1e5
 
 
+def test_the_peak_of_threads_at_once_is_their_sum():
+    # no ratio is asserted (machines share cores), only that every thread ran the probe
+    one = peak_cpu.peak_gflops("fma", samples=3, seconds=0.005)
+    three = peak_cpu.peak_gflops("fma", samples=3, seconds=0.005, threads=3)
+    assert 1 < three < 1e5 and three > 0.5 * one
+
+
+FULL_WIDTH_ASM = """
+from numba import njit, types
+from fastlstm.kernels._cpu_features import full_width_loops
+from fastlstm.kernels._fastmath import NO_REASSOC
+from fastlstm.kernels.activations_cpu import sigmoid
+
+def gates(z, out):
+    for j in range(z.shape[0]):
+        out[j] = sigmoid(z[j])
+
+def gates_at_full_width(z, out):
+    full_width_loops()
+    for j in range(z.shape[0]):
+        out[j] = sigmoid(z[j])
+
+for fn in (gates, gates_at_full_width):
+    kernel = njit(fastmath=NO_REASSOC, error_model="numpy")(fn)  # as the kernels are
+    kernel.compile((types.float32[::1], types.float32[::1]))
+    divisions = [line for line in "\\n".join(kernel.inspect_asm().values()).splitlines()
+                 if "vdivps" in line]
+    print(sum("zmm" in line for line in divisions), sum("ymm" in line for line in divisions))
+"""
+
+
+def test_full_width_loops_vectorise_the_gate_math_in_whole_registers():
+    """Built for an Intel server core, a loop of sigmoids is vectorised in 256-bit registers,
+    and in 512-bit ones in a function that calls ``full_width_loops`` (what the LSTM's
+    ``_full_width`` kernels do).  Compiled only, never run."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    for name in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        features[name] = True
+    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", FULL_WIDTH_ASM], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    (zmm, ymm), (full_zmm, full_ymm) = (map(int, line.split())
+                                        for line in done.stdout.split("\n")[:2])
+    assert zmm == 0 < ymm and full_ymm == 0 < full_zmm
+
+
 @needs_bf16
 def test_the_bf16_peak_is_a_rate_and_compared_with_float32s():
     assert 1 < peak_cpu.peak_gflops("dpbf16", samples=3, seconds=0.005) < 1e5

@@ -15,6 +15,7 @@ loop-written probe measured half the peak there, below OpenBLAS's own rate.
 """
 
 import functools
+import threading
 import time
 
 from llvmlite import ir
@@ -65,16 +66,43 @@ def _probe(op, lanes):
             return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
         return types.float32(rounds), codegen
 
-    @njit
+    @njit(nogil=True)  # threads=: several at once
     def run(rounds):
         return chains(rounds)
     return run
 
 
-def peak_gflops(op="fma", samples=7, seconds=0.02):
+def _seconds(run, rounds, threads):
+    """Seconds of ``run(rounds)`` on ``threads`` threads started together (from their
+    release to the last one's end)."""
+    if threads == 1:
+        start = time.perf_counter()
+        run(rounds)
+        return time.perf_counter() - start
+    barrier = threading.Barrier(threads + 1)
+
+    def work():
+        barrier.wait()
+        run(rounds)
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    return time.perf_counter() - start
+
+
+def peak_gflops(op="fma", samples=7, seconds=0.02, threads=1):
     """One core's GFLOP/s on ``op`` alone (``"fma"``: ``"mul_add"`` where the target has no
-    FMA): the median of ``samples`` runs of about ``seconds`` each, after as many untimed ones
-    (a core may take a few tenths of a second to reach its full clock).
+    FMA): the fastest of ``samples`` runs of about ``seconds`` each, after as many untimed
+    ones (a core may take a few tenths of a second to reach its full clock; a busy host only
+    ever slows a sample down, so the fastest is the nearest to the peak).
+
+    With ``threads`` > 1, the probe runs on that many threads at once and the figure is
+    their sum: what the cores give together, which is less than ``threads`` times one
+    core's where they share a physical core or a host.
 
     Raises
     ------
@@ -92,21 +120,13 @@ def peak_gflops(op="fma", samples=7, seconds=0.02):
     run(1)  # compile
     rounds = 1 << 14
     while True:  # rounds per sample, and the untimed warm-up
-        start = time.perf_counter()
-        run(rounds)
-        if time.perf_counter() - start >= seconds:
+        if _seconds(run, rounds, 1) >= seconds:
             break
         rounds *= 2
     for _ in range(samples):
-        run(rounds)
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        run(rounds)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    flop = 2 * CHAINS * lanes * _PRODUCTS[op] * rounds
-    return flop / times[len(times) // 2] / 1e9
+        _seconds(run, rounds, threads)
+    fastest = min(_seconds(run, rounds, threads) for _ in range(samples))
+    return 2 * CHAINS * lanes * _PRODUCTS[op] * rounds * threads / fastest / 1e9
 
 
 @functools.lru_cache(maxsize=None)
