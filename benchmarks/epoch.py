@@ -15,7 +15,8 @@ the wall time: on a busy machine the wall time also counts the time other
 processes held the cores.
 Each median is also printed as a fraction of this machine's floor (``floor.py``):
 the epoch against the least time its GEMMs take at the best one-thread GEMM rate of
-the step's shapes (or the peak probe, if higher) on every thread, inference against
+the step's shapes (or the peak probe, if higher) on every thread, times the share of
+that the threads reach together (the probe on all of them at once), inference against
 the throughput that rate allows.
 Last, in a fresh process (warm Numba cache): one epoch of
 ``LSTMClassifier.fit``, the time until its first minibatch is done, and the
