@@ -299,7 +299,8 @@ def gemm_panels(a, panels, out, accumulate):
     Parameters
     ----------
     a : (M, K') array, any strides, ``K' >= K``
-    panels : (P, K, NR) array, C-contiguous (a slice ``[:, :K]`` of one is too)
+    panels : (P, K, NR) array, each panel's rows of ``NR`` contiguous and adjacent (as
+        :func:`pack_panels` writes them, and any slice ``[:, :K]`` of that)
     out : (M, N) array, rows contiguous; must not overlap ``a`` or ``panels``
     accumulate : bool
     """
