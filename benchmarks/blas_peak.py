@@ -6,7 +6,8 @@ a training step (its rows as the backend cuts them) and of inference (batches
 of 1,000), with BLAS on one thread and on all cores, and with the
 register-blocked kernel of ``fastlstm.kernels.gemm_cpu`` (one thread; the
 backend runs it per thread), on ``B`` as it is and packed into panels (as the
-backend packs the weights of the step GEMMs once per batch).  The weight
+backend packs the weights of the step GEMMs once per batch), and the packed
+one's time over the other's, the two timed in turn round by round.  The weight
 gradient is timed in the layout the backend uses: ``[x, h]^T`` is a transposed
 view, ``dz`` not packed.
 
@@ -32,8 +33,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from _common import cpu_choices_description, machine_description, summarize, time_call
-from floor import (bf16_peak_gflops, chunk_rows, fma_peak_gflops, gemm_rates, step_shapes,
-                   thread_scaling)
+from floor import (bf16_peak_gflops, chunk_rows, fma_peak_gflops, gemm_rates,
+                   packed_over_unpacked, step_shapes, thread_scaling)
 
 T, I, H = 28, 28, 128
 
@@ -143,6 +144,10 @@ def main():
                  f"{g:6.1f} ({g / (floor if '1 thr' in key else floor_all):4.0%})"
                  for key, g in r.items()]
         print(f"{name:48s} " + " ".join(f"{c:>13s}" for c in cells))
+
+    print("our GEMM on B packed, over on B as it is, timed in turn (paired median of 9 rounds):")
+    for name, ratio in packed_over_unpacked(shapes).items():
+        print(f"  {name:46s} {ratio:.2f}x the time")
 
     rows = chunk_rows()[1]
     layer, gemms = inference_split(rows)

@@ -96,6 +96,31 @@ def gemm_rates(shapes, threads=(1,)):
     return rates
 
 
+def packed_over_unpacked(shapes, rounds=9):
+    """``{name: time ratio}``: our GEMM on ``B`` packed over our GEMM on ``B`` as it is, for
+    the shapes whose ``B`` the backend packs (not the weight gradients), each the median over
+    ``rounds`` of the two timed one after the other in the same round (so that a shared
+    machine's drift, which moves the rates of :func:`gemm_rates` by a quarter, cancels)."""
+    from fastlstm.kernels import gemm_cpu
+    ratios = {}
+    for name, (m, k, n, transposed) in shapes.items():
+        if transposed:
+            continue
+        a, b = operands(m, k, n, transposed)
+        out = np.empty((m, n), np.float32)
+        panels = np.empty((gemm_cpu.panel_count(n), k, gemm_cpu.NR), np.float32)
+        gemm_cpu.pack_panels(b, panels)
+        plain, packed = (lambda: gemm_cpu.gemm(a, b, out, False),
+                         lambda: gemm_cpu.gemm_panels(a, panels, out, False))
+        pairs = []
+        for r in range(rounds):
+            order = (plain, packed) if r % 2 else (packed, plain)
+            seconds = {fn: time_call(fn, 1, min_time=0.02)[0] for fn in order}
+            pairs.append(seconds[packed] / seconds[plain])
+        ratios[name] = float(np.median(pairs))
+    return ratios
+
+
 def floor_gflops(hidden=128, batch=128, threads=1):
     """``{"probe", "best_gemm", "floor", "scaling", "floor_all"}`` in GFLOP/s: the peak probe
     and the best one-thread GEMM rate at the training step's shapes, per thread; the larger

@@ -72,6 +72,7 @@ def test_blas_peak_reports_the_inference_ceiling_and_every_row_count():
     assert "peak on fused multiply-adds alone" in text
     assert "the floor of this machine" in text and "of the floor" in text
     assert "with free gate math" in text and "packed 1 thr" in text
+    assert re.search(r"forward step .* [\d.]+x the time", text)
     from fastlstm.kernels import gemm_bf16_cpu
     assert ("bfloat16's peak, vdpbf16ps alone" in text) == gemm_bf16_cpu.available()
     rows = re.findall(r"^ *(\d+) +[\d.]+ +[\d.]+x +[\d.]+$", text, re.M)
