@@ -34,8 +34,9 @@ T, I = 28, 28
 
 
 def chunk(rows, hidden, train, rng):
-    """The arguments of ``forward_layer`` (and, with ``train``, ``backward_layer``) for one
-    chunk of ``rows`` rows with every step, laid out as the CPU backend lays them out."""
+    """The arguments of ``forward_layer`` for one chunk of ``rows`` rows with every step, laid
+    out as the CPU backend lays them out, and with ``train`` a ``run_backward(kernel)`` that
+    runs a ``backward_layer`` on that chunk (else None)."""
     from fastlstm.kernels import gemm_bf16_cpu, gemm_cpu, lstm_cpu
     H, K, G = hidden, I + hidden, 4 * hidden
     f = np.float32
@@ -58,11 +59,19 @@ def chunk(rows, hidden, train, rng):
                active, slot, cslot, True, False, panels, *no_dropout, *float32)
     if not train:
         return forward, None
+    dh_last = rng.standard_normal((rows, H)).astype(f)
+    dh, dc = np.empty((rows, H), f), np.empty((rows, H), f)
     backward = (gates, buffers["c"], zeros, w_hh, np.empty((0, H), f),
-                np.empty((T * rows, G), f), rng.standard_normal((rows, H)).astype(f),
-                np.zeros((rows, H), f), np.zeros(G, f), active, slot, cslot, False,
+                np.empty((T * rows, G), f), dh, dc, np.zeros(G, f), active, slot, cslot, False,
                 hh_panels, False, *no_dropout, *float32)
-    return forward, backward
+
+    def run_backward(backward_layer):
+        # backward returns the initial states' gradients in dh and dc: each call starts anew
+        # from the last step's (fed back, they shrink to denormals within a few calls)
+        dh[...] = dh_last
+        dc[...] = 0
+        backward_layer(*backward)
+    return forward, run_backward
 
 
 def main(argv=None):
@@ -76,14 +85,14 @@ def main(argv=None):
     train_rows, infer_rows = chunk_rows(args.hidden)
     rng = np.random.default_rng(0)
     infer_args, _ = chunk(infer_rows, args.hidden, False, rng)
-    fwd_args, bwd_args = chunk(train_rows, args.hidden, True, rng)
+    fwd_args, run_backward = chunk(train_rows, args.hidden, True, rng)
     versions = {"default": (lstm_cpu.forward_layer, lstm_cpu.backward_layer),
                 "full width": (lstm_cpu.forward_layer_full_width,
                                lstm_cpu.backward_layer_full_width)}
     work = {
         f"inference chunk, {infer_rows} rows": lambda f, b: f(*infer_args),
         f"training chunk forward + backward, {train_rows} rows":
-            lambda f, b: (f(*fwd_args), b(*bwd_args)),
+            lambda f, b: (f(*fwd_args), run_backward(b)),
     }
     times = {name: {v: [] for v in versions} for name in work}
     with threadpool_limits(1, user_api="blas"):

@@ -128,6 +128,13 @@ def test_gemm_on_the_first_rows_of_packed_panels():
     np.testing.assert_array_equal(out, want)
 
 
+def test_pack_panels_refuses_an_output_of_another_shape():
+    b = np.ones((5, NR + 1), np.float32)
+    for shape in ((1, 5, NR), (3, 5, NR), (2, 4, NR), (2, 5, NR + 1)):
+        with pytest.raises(ValueError, match="panel_count"):
+            gemm_cpu.pack_panels(b, np.empty(shape, np.float32))
+
+
 def test_gemm_panels_refuses_mismatched_operands():
     a = np.ones((4, 3), np.float32)
     panels = packed(np.ones((3, NR + 1), np.float32))
@@ -146,15 +153,14 @@ def test_gemm_keeps_non_finite_values():
     assert np.isposinf(out[0]).all() and np.isnan(out[1]).all()
 
 
-@pytest.mark.parametrize("own_gemm", [False, True], ids=["blas", "own"])
+@pytest.mark.parametrize("gemm", ["blas", "own"])
 @pytest.mark.parametrize("shape", [(128, 28, 28, 128, 1, 10), (5, 6, 3, 40, 3, 4)],
                          ids=["mnist", "3-layers"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_cpu_backend_matches_reference_with_either_gemm(own_gemm, shape, dtype):
+def test_cpu_backend_matches_reference_with_either_gemm(gemm, shape, dtype):
     spec, params, x, y, h0, c0 = make_problem(shape, "cross_entropy", dtype)
     want_backend = ORACLE
     results = []
-    gemm = "own" if own_gemm else "blas"
     choices = dataclasses.replace(builtin_choices(), step_gemm=gemm, grad_gemm=gemm)
     for backend, args in ((CPUBackend(choices=choices), (params, x, h0, c0)),
                           (want_backend, in_float64(params, x, h0, c0))):
@@ -167,3 +173,20 @@ def test_cpu_backend_matches_reference_with_either_gemm(own_gemm, shape, dtype):
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for got, want in zip(*results):
         assert rel_err(got, want) < tol
+
+
+def test_backward_multiplies_by_the_parameters_it_is_given_with_either_gemm():
+    # our GEMM reads W_hh packed; packed at forward, it would be forward's parameters, where
+    # BLAS and the input gradient read backward's: both GEMMs must compute the same thing
+    spec, params, x, y, h0, c0 = make_problem((20, 6, 3, 40, 2, 4), "cross_entropy", np.float32)
+    others = (params * 1.5).astype(np.float32)
+    results = []
+    for gemm in ("own", "blas"):
+        choices = dataclasses.replace(builtin_choices(), step_gemm=gemm, grad_gemm=gemm)
+        backend = CPUBackend(choices=choices)
+        outputs, cache = backend.forward(spec, params, x, h0, c0, train=True)
+        _, doutputs = backend.loss(outputs, y, "cross_entropy")
+        grads = backend.backward(spec, others, cache, doutputs, input_grads=True)
+        results.append([grads.params, grads.x, grads.h0, grads.c0])
+    for own, blas in zip(*results):
+        assert rel_err(own, blas) < 1e-5

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -46,11 +47,26 @@ def test_the_fma_peak_is_a_rate():
     assert 1 < peak_cpu.peak_gflops("fma", samples=3, seconds=0.005) < 1e5
 
 
-def test_the_peak_of_threads_at_once_is_their_sum():
-    # no ratio is asserted (machines share cores), only that every thread ran the probe
-    one = peak_cpu.peak_gflops("fma", samples=3, seconds=0.005)
-    three = peak_cpu.peak_gflops("fma", samples=3, seconds=0.005, threads=3)
-    assert 1 < three < 1e5 and three > 0.5 * one
+def test_threads_at_once_each_run_the_probe_together():
+    # no ratio of rates is asserted (machines share cores): each thread runs it once, and
+    # none finishes before every one has started
+    started, lock = [], threading.Lock()
+    barrier = threading.Barrier(3, timeout=10)
+
+    def run(rounds):
+        with lock:
+            started.append(threading.get_ident())
+        barrier.wait()  # fails unless all three run at the same time
+    assert peak_cpu._seconds(run, 1, threads=3) >= 0
+    assert len(set(started)) == 3
+    assert 1 < peak_cpu.peak_gflops("fma", samples=3, seconds=0.005, threads=3) < 1e5
+
+
+def test_an_error_in_a_thread_of_the_probe_is_raised():
+    def run(rounds):
+        raise RuntimeError("probe failed")
+    with pytest.raises(RuntimeError, match="probe failed"):
+        peak_cpu._seconds(run, 1, threads=2)
 
 
 FULL_WIDTH_ASM = """

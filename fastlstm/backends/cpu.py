@@ -527,6 +527,7 @@ class CPUBackend(Backend):
     def _backward(self, spec, params, cache, doutputs, input_grads):
         views = self._views(spec.layout, params)
         ws, order, lengths = cache["ws"], cache["order"], cache["lengths"]
+        self._pack_backward_weights(spec, views, ws)
         L, H, T = spec.num_layers * spec.num_directions, spec.hidden_size, ws.steps
         doutputs = np.ascontiguousarray(doutputs, dtype=params.dtype)
         if order is not None:
@@ -626,17 +627,29 @@ class CPUBackend(Backend):
                 np.add(b_ih, b_hh, out=ws.bias[n])
                 if self.precision == "bfloat16":
                     gemm_bf16_cpu.pack_panels(ws.w_cat_t[n], ws.w16[n])
-                    if mode != "inference":
-                        gemm_bf16_cpu.pack_panels(w_hh, ws.w_hh16[n])
-                        gemm_bf16_cpu.pack_panels(w_ih, ws.w_ih16[n])
                 elif self.choices.own_step_gemm:
                     gemm_cpu.pack_panels(ws.w_cat_t[n], ws.w_panels[n])
-                    if mode != "inference":
-                        gemm_cpu.pack_panels(w_hh, ws.w_hh_panels[n])
+        if mode != "inference":
+            self._pack_backward_weights(spec, views, ws)
         # every row with every step takes the fixed-length path, bit for bit
         lengths = check_lengths(lengths, *x.shape[:2])
         order = ws.order(lengths)
         return views, x, ws, order, None if order is None else lengths[order]
+
+    def _pack_backward_weights(self, spec, views, ws):
+        """The weights backward multiplies by, packed into ``ws`` for the GEMM that runs them
+        (none for BLAS): from the ``views`` of the parameters backward is given, as BLAS and
+        the input gradient read them, also where a forward of other parameters packed
+        ``ws`` first."""
+        for k in range(spec.num_layers):
+            for d in range(spec.num_directions):
+                w_ih, w_hh = spec.layout.layer(views, k, reverse=d == 1)[:2]
+                n = k * spec.num_directions + d
+                if self.precision == "bfloat16":
+                    gemm_bf16_cpu.pack_panels(w_hh, ws.w_hh16[n])
+                    gemm_bf16_cpu.pack_panels(w_ih, ws.w_ih16[n])
+                elif self.choices.own_step_gemm:
+                    gemm_cpu.pack_panels(w_hh, ws.w_hh_panels[n])
 
     def _sum_gradients(self, spec, ws, doutputs, grads):
         """The head's gradients and the sums of the workers' partial LSTM gradients,

@@ -279,6 +279,8 @@ def pack_panels(b, out):
     out : (panel_count(N), K, NR) array of ``b``'s dtype
     """
     K, N = b.shape
+    if out.shape[0] != -(-N // NR) or out.shape[1] != K or out.shape[2] != NR:
+        raise ValueError("pack_panels: out must be (panel_count(N), K, NR)")
     for p in range(out.shape[0]):
         c0 = p * NR
         width = min(NR, N - c0)

@@ -73,25 +73,32 @@ def _probe(op, lanes):
 
 
 def _seconds(run, rounds, threads):
-    """Seconds of ``run(rounds)`` on ``threads`` threads started together (from their
-    release to the last one's end)."""
+    """Seconds of ``run(rounds)`` on ``threads`` threads started together: from the first
+    one's start to the last one's end (an error in one is raised here)."""
     if threads == 1:
         start = time.perf_counter()
         run(rounds)
         return time.perf_counter() - start
-    barrier = threading.Barrier(threads + 1)
+    barrier = threading.Barrier(threads)
+    spans, errors = [], []
 
     def work():
-        barrier.wait()
-        run(rounds)
+        try:
+            barrier.wait()
+            start = time.perf_counter()
+            run(rounds)
+            spans.append((start, time.perf_counter()))
+        except BaseException as error:  # noqa: B036 (raised again below, in the caller)
+            errors.append(error)
+            barrier.abort()
     pool = [threading.Thread(target=work) for _ in range(threads)]
     for thread in pool:
         thread.start()
-    barrier.wait()
-    start = time.perf_counter()
     for thread in pool:
         thread.join()
-    return time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def peak_gflops(op="fma", samples=7, seconds=0.02, threads=1):
