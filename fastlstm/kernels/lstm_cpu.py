@@ -310,9 +310,8 @@ def backward_layer_full_width(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, ac
 #: hidden sizes from which the LSTM layers run on the ``_full_width`` kernels: with 16
 #: float32 lanes (and LLVM's interleaving) the loops over ``H`` units left most of a small
 #: layer's units to their scalar remainder.  On the Intel Xeon (family 6, model 207) the
-#: full width was slower in training and inference at H=8, slower in inference and faster
-#: in training at H=40, and faster in both from H=64 (``python benchmarks/vector_width.py
-#: --hidden H`` times both at a given size)
+#: full width was slower at H=8 and H=40, and from H=64 faster in inference and about even
+#: in training (``python benchmarks/vector_width.py --hidden H`` times both at a given size)
 FULL_WIDTH_FROM_HIDDEN = 64
 
 
