@@ -26,13 +26,18 @@ def reference(a, b):
     return a.astype(np.float64) @ b.astype(np.float64)
 
 
+def random_operands(shape, dtype, seed):
+    """The generator, and ``a`` (M, K) and ``b`` (K, N) drawn from it."""
+    M, K, N = shape
+    rng = np.random.default_rng(seed)
+    return rng, rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
 def test_gemm_matches_float64_product(shape, dtype):
     M, K, N = shape
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((M, K)).astype(dtype)
-    b = rng.standard_normal((K, N)).astype(dtype)
+    rng, a, b = random_operands(shape, dtype, 0)
     out = np.full((M, N), np.nan, dtype)
     gemm_cpu.gemm(a, b, out, False)
     assert rel_err(out, reference(a, b)) < TOLERANCE[dtype]
@@ -100,9 +105,7 @@ def test_pack_panels_lays_out_every_column_and_pads_with_zeros():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
 def test_gemm_on_packed_panels_is_gemm_bit_for_bit(shape, dtype):
     M, K, N = shape
-    rng = np.random.default_rng(3)
-    a = rng.standard_normal((M, K)).astype(dtype)
-    b = rng.standard_normal((K, N)).astype(dtype)
+    rng, a, b = random_operands(shape, dtype, 3)
     want = np.empty((M, N), dtype)
     gemm_cpu.gemm(a, b, want, False)
     out = np.full((M, N), np.nan, dtype)

@@ -19,7 +19,7 @@ run on our own register-blocked kernel (:mod:`..kernels.gemm_cpu`) or on BLAS, a
 chunks have the size, that :mod:`.cpu_choices` measured to be the fastest on this CPU
 (``python benchmarks/blas_peak.py`` times both GEMMs at these shapes).  Our kernel reads
 the weights of the time loop packed into panels (:func:`..kernels.gemm_cpu.pack_panels`),
-once per call of the backend (:meth:`CPUBackend._prepare`).
+once per call of the backend (:meth:`CPUBackend._prepare`, and backward's own).
 
 ``precision="bfloat16"`` (on CPUs with AVX512-BF16) runs the GEMMs that
 :mod:`fastlstm.precision` names on :mod:`..kernels.gemm_bf16_cpu` instead, through the
@@ -637,10 +637,10 @@ class CPUBackend(Backend):
         return views, x, ws, order, None if order is None else lengths[order]
 
     def _pack_backward_weights(self, spec, views, ws):
-        """The weights backward multiplies by, packed into ``ws`` for the GEMM that runs them
-        (none for BLAS): from the ``views`` of the parameters backward is given, as BLAS and
-        the input gradient read them, also where a forward of other parameters packed
-        ``ws`` first."""
+        """Pack the weights backward multiplies by (``W_hh``; in bfloat16 ``W_ih`` too) into
+        ``ws`` for the GEMM that runs them (nothing for BLAS), from ``views``: backward
+        multiplies by the parameters it is given, as BLAS does, even where a forward of
+        other parameters filled ``ws``."""
         for k in range(spec.num_layers):
             for d in range(spec.num_directions):
                 w_ih, w_hh = spec.layout.layer(views, k, reverse=d == 1)[:2]

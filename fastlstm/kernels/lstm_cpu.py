@@ -16,7 +16,7 @@ out-of-order window to overlap enough iterations: inference ran faster split;
 pass per step gives the gradient of the pre-activations and accumulates the
 bias gradient; the weight gradients are then ONE GEMM over all steps,
 ``xh^T @ dz``, by the caller.  The step GEMMs are :func:`.gemm_cpu.gemm_panels` on
-the weights packed once per batch (``w_panels``), or BLAS, or in bfloat16
+the weights packed once per call (``w_panels``), or BLAS, or in bfloat16
 :func:`.gemm_bf16_cpu.gemm` where the caller passes the weights packed for it
 (:func:`.gemm_bf16_cpu.matmul`: the same call site for all three).
 
