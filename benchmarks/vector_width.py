@@ -1,18 +1,16 @@
-"""The LSTM kernels' loops at LLVM's preferred vector width and at the full width, side by side.
+"""The LSTM kernels' loops in 256-bit and in 512-bit registers, side by side.
 
-LLVM tunes for Intel's server cores to prefer 256-bit vectors even where the
-target has AVX-512, so the gate math of ``lstm_cpu.forward_layer`` and
-``backward_layer`` is vectorised at half the width of the GEMM beside it;
-``forward_layer_full_width`` and ``backward_layer_full_width`` are the same
-kernels with that preference lifted
-(:func:`fastlstm.kernels._cpu_features.full_width_loops`), and the backend runs
-them from ``lstm_cpu.FULL_WIDTH_FROM_HIDDEN`` hidden units on.  This times both
-pairs on one thread, on an inference chunk (its rows, ``T`` steps) and on a
+On a target with AVX-512, ``lstm_cpu.forward_layer`` and ``backward_layer`` vectorise
+their loops (the gate math) in 256-bit registers, and ``forward_layer_full_width``
+and ``backward_layer_full_width``, the same kernels, in 512-bit ones
+(:func:`fastlstm.kernels._cpu_features.prefer_vector_bits`); the backend runs the
+second pair from ``lstm_cpu.FULL_WIDTH_FROM_HIDDEN`` hidden units on.  This times
+both pairs on one thread, on an inference chunk (its rows, ``T`` steps) and on a
 training chunk's forward and backward (the rows the backend cuts for a training
-step), each version in turn, round after round: the figure is the median over
-the rounds of the full-width time over the other's *in the same round*, which a
-shared machine's drift hardly moves.  On a target without AVX-512, or where LLVM
-already prefers 512 bits, the two versions are the same code and the ratio is 1.
+step), each version in turn, round after round: the figure is the median over the
+rounds of the 512-bit time over the 256-bit one *in the same round*, which a shared
+machine's drift hardly moves.  On a target without AVX-512 the two versions are the
+same code and the ratio is 1.
 
     python benchmarks/vector_width.py [--hidden 128] [--rounds 15] [--json out.json]
 """
@@ -86,8 +84,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     infer_args, _ = chunk(infer_rows, args.hidden, False, rng)
     fwd_args, run_backward = chunk(train_rows, args.hidden, True, rng)
-    versions = {"default": (lstm_cpu.forward_layer, lstm_cpu.backward_layer),
-                "full width": (lstm_cpu.forward_layer_full_width,
+    versions = {"256-bit": (lstm_cpu.forward_layer, lstm_cpu.backward_layer),
+                "512-bit": (lstm_cpu.forward_layer_full_width,
                                lstm_cpu.backward_layer_full_width)}
     work = {
         f"inference chunk, {infer_rows} rows": lambda f, b: f(*infer_args),
@@ -108,16 +106,16 @@ def main(argv=None):
                         run(*versions[v])
                     times[name][v].append((time.perf_counter() - start) / 5)
     results = {}
-    chosen = "full width" if lstm_cpu.layer_kernels(args.hidden)[0] is versions["full width"][0] \
-        else "default"
+    chosen = "512-bit" if lstm_cpu.layer_kernels(args.hidden)[0] is versions["512-bit"][0] \
+        else "256-bit"
     print(f"H={args.hidden}, T={T}, one thread, {args.rounds} rounds; median ms, and the paired "
-          f"median of full width / default (< 1: the full width is faster); the backend runs "
+          f"median of 512-bit / 256-bit (< 1: 512 bits are faster); the backend runs "
           f"the {chosen} kernels at this size")
     for name, t in times.items():
-        ratio = float(np.median(np.array(t["full width"]) / np.array(t["default"])))
+        ratio = float(np.median(np.array(t["512-bit"]) / np.array(t["256-bit"])))
         ms = {v: float(np.median(s)) * 1e3 for v, s in t.items()}
-        results[name] = dict(ms=ms, full_over_default=ratio)
-        print(f"  {name:42s} default {ms['default']:7.3f}  full width {ms['full width']:7.3f}"
+        results[name] = dict(ms=ms, ratio_512_over_256=ratio)
+        print(f"  {name:42s} 256-bit {ms['256-bit']:7.3f}  512-bit {ms['512-bit']:7.3f}"
               f"  ratio {ratio:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -85,7 +85,7 @@ def test_vector_width_times_both_versions_and_writes_json(tmp_path):
     results = json.loads(out.read_text())
     assert len(results) == 2 and "inference chunk" in text
     for figures in results.values():
-        assert set(figures["ms"]) == {"default", "full width"} and figures["full_over_default"] > 0
+        assert set(figures["ms"]) == {"256-bit", "512-bit"} and figures["ratio_512_over_256"] > 0
 
 
 def test_ragged_compares_every_contender_and_writes_json(tmp_path):

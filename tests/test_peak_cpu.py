@@ -69,22 +69,23 @@ def test_an_error_in_a_thread_of_the_probe_is_raised():
         peak_cpu._seconds(run, 1, threads=2)
 
 
-FULL_WIDTH_ASM = """
+VECTOR_BITS_ASM = """
 from numba import njit, types
-from fastlstm.kernels._cpu_features import full_width_loops
+from fastlstm.kernels._cpu_features import prefer_vector_bits
 from fastlstm.kernels._fastmath import NO_REASSOC
 from fastlstm.kernels.activations_cpu import sigmoid
 
-def gates(z, out):
+def narrow(z, out):
+    prefer_vector_bits(256)
     for j in range(z.shape[0]):
         out[j] = sigmoid(z[j])
 
-def gates_at_full_width(z, out):
-    full_width_loops()
+def wide(z, out):
+    prefer_vector_bits(512)
     for j in range(z.shape[0]):
         out[j] = sigmoid(z[j])
 
-for fn in (gates, gates_at_full_width):
+for fn in (narrow, wide):
     kernel = njit(fastmath=NO_REASSOC, error_model="numpy")(fn)  # as the kernels are
     kernel.compile((types.float32[::1], types.float32[::1]))
     divisions = [line for line in "\\n".join(kernel.inspect_asm().values()).splitlines()
@@ -93,21 +94,22 @@ for fn in (gates, gates_at_full_width):
 """
 
 
-def test_full_width_loops_vectorise_the_gate_math_in_whole_registers():
-    """Built for an Intel server core, a loop of sigmoids is vectorised in 256-bit registers,
-    and in 512-bit ones in a function that calls ``full_width_loops`` (what the LSTM's
-    ``_full_width`` kernels do).  Compiled only, never run."""
+@pytest.mark.parametrize("cpu", ["sapphirerapids", "znver4"])
+def test_prefer_vector_bits_sets_the_width_of_the_gate_math(cpu):
+    """A loop of sigmoids (the LSTM kernels' gate math) in 256-bit registers with
+    ``prefer_vector_bits(256)``, in 512-bit ones with 512, on an Intel server core (whose
+    tuning LLVM has prefer 256) and on AMD's Zen 4 (512).  Compiled only, never run."""
     import llvmlite.binding as llvm
     features = llvm.get_host_cpu_features()
     for name in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
         features[name] = True
-    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
-    done = subprocess.run([sys.executable, "-c", FULL_WIDTH_ASM], capture_output=True,
+    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", VECTOR_BITS_ASM], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
-    (zmm, ymm), (full_zmm, full_ymm) = (map(int, line.split())
-                                        for line in done.stdout.split("\n")[:2])
-    assert zmm == 0 < ymm and full_ymm == 0 < full_zmm
+    (narrow_zmm, narrow_ymm), (wide_zmm, wide_ymm) = (map(int, line.split())
+                                                      for line in done.stdout.split("\n")[:2])
+    assert narrow_zmm == 0 < narrow_ymm and wide_ymm == 0 < wide_zmm
 
 
 @needs_bf16

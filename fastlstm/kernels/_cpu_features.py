@@ -37,22 +37,28 @@ def has_fma():
     return "fma" in target_features()
 
 
-@intrinsic
-def full_width_loops(typingctx):
-    """Let LLVM's loop vectoriser use the target's full vector width in the function
-    being compiled (a call to this is the first statement of a kernel).
+@intrinsic(prefer_literal=True)
+def prefer_vector_bits(typingctx, bits):
+    """Let LLVM's loop vectoriser use vectors of ``bits`` bits (a constant: 256 or 512) in
+    the function being compiled (a call to this is the first statement of a kernel).
 
     LLVM tunes for Intel's server cores with AVX-512 (Skylake-X to Emerald Rapids) to
     *prefer* 256-bit vectors, against the frequency drop of heavy 512-bit code on the
-    oldest of them: the LSTM's gate math then ran in 256-bit registers beside the
-    GEMM's 512-bit ones.  The function attribute ``prefer-vector-width`` overrides that
-    tuning for one function, and the loops inlined into it; set only where the target
-    has AVX-512 (elsewhere, and where LLVM prefers 512 bits anyway, it changes nothing).
-    ``python benchmarks/vector_width.py`` times the LSTM kernels with and without it.
+    oldest of them, and for AMD's Zen 4 and 5 to prefer 512: the LSTM's gate math ran in
+    256-bit registers beside the GEMM's 512-bit ones on the one, and small layers left
+    most of their units to the loops' scalar remainder on the other.  The function
+    attribute ``prefer-vector-width`` overrides the tuning for one function, and the
+    loops inlined into it; set only where the target has AVX-512 (with at most 256 bits
+    there is no choice).  ``python benchmarks/vector_width.py`` times the LSTM kernels
+    at both widths; ``tests/test_peak_cpu.py`` checks the registers each width compiles to.
     """
+    if not isinstance(bits, types.IntegerLiteral) or bits.literal_value not in (256, 512):
+        return None  # a typing error: only the constants 256 and 512
+    width = bits.literal_value
+
     def codegen(context, builder, sig, args):
         if vector_bits() >= 512:
             # a string attribute, which llvmlite's checked ``add`` does not know
-            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            set.add(builder.function.attributes, f'"prefer-vector-width"="{width}"')
         return context.get_dummy_value()
-    return types.void(), codegen
+    return types.void(bits), codegen

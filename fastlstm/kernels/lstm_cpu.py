@@ -21,9 +21,10 @@ the weights packed once per call (``w_panels``), or BLAS, or in bfloat16
 (:func:`.gemm_bf16_cpu.matmul`: the same call site for all three).
 
 Each layer kernel comes twice, the same code: ``forward_layer`` and
-``forward_layer_full_width`` (``backward_layer`` likewise), the second with its loops
-vectorised at the target's full width where LLVM's tuning would take half of it
-(:func:`._cpu_features.full_width_loops`); :func:`layer_kernels` picks by hidden size.
+``forward_layer_full_width`` (``backward_layer`` likewise), the first with its loops
+vectorised in 256-bit registers, the second at 512 bits, on targets with AVX-512
+(:func:`._cpu_features.prefer_vector_bits`; elsewhere both are the same);
+:func:`layer_kernels` picks by hidden size.
 
 Shapes: ``R`` rows in the chunk, ``T`` steps, ``I`` inputs, ``H`` hidden units,
 ``G = 4H`` gates (order i, f, g, o), ``K = I + H``.
@@ -38,7 +39,7 @@ from ._fastmath import NO_REASSOC
 from .activations_cpu import sigmoid, tanh
 from .dropout_cpu import unit_scale
 from .gemm_bf16_cpu import matmul
-from ._cpu_features import full_width_loops
+from ._cpu_features import prefer_vector_bits
 
 _ONE = np.float32(1.0)
 
@@ -182,7 +183,11 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
         bfloat16 step GEMMs: ``w_cat_t`` packed by :func:`.gemm_bf16_cpu.pack_panels`, and
         a scratch of ``(R, pairs(K))`` for ``xh``'s rows packed; both without rows (as
         :data:`.gemm_bf16_cpu.FLOAT32`): float32.
+
+    Its loops are vectorised in 256-bit registers even where the target has 512-bit ones
+    (:func:`forward_layer_full_width` uses those; :func:`layer_kernels` picks).
     """
+    prefer_vector_bits(256)
     _forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active,
                    slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16)
 
@@ -191,9 +196,9 @@ def forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_ini
 def forward_layer_full_width(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init,
                              active, slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys,
                              out_drop, w16, a16):
-    """:func:`forward_layer` with its loops at the target's full vector width
-    (:func:`._cpu_features.full_width_loops`): the same results, bit for bit."""
-    full_width_loops()
+    """:func:`forward_layer` with its loops in 512-bit registers where the target has them
+    (:func:`._cpu_features.prefer_vector_bits`): the same results, bit for bit."""
+    prefer_vector_bits(512)
     _forward_layer(x, w_cat_t, bias, xh, c, gates, hseq, h_last, z, h_init, c_init, active,
                    slot, cslot, h0_zero, reverse, w_panels, h_mask, out_keys, out_drop, w16, a16)
 
@@ -291,7 +296,11 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
         output, ``dz @ W_hh`` the one w.r.t. the masked ``h_{t-1}``.
     w_hh16, a16 : uint32 arrays
         As ``w16`` and ``a16`` of :func:`forward_layer`, for ``w_hh`` and ``(R, pairs(G))``.
+
+    Its loops are vectorised in 256-bit registers, as :func:`forward_layer`'s
+    (:func:`backward_layer_full_width`: 512-bit ones).
     """
+    prefer_vector_bits(256)
     _backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
                     need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16)
 
@@ -300,18 +309,20 @@ def backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
 def backward_layer_full_width(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot,
                               cslot, need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop,
                               w_hh16, a16):
-    """:func:`backward_layer` with its loops at the target's full vector width
-    (:func:`._cpu_features.full_width_loops`): the same results, bit for bit."""
-    full_width_loops()
+    """:func:`backward_layer` with its loops in 512-bit registers where the target has them
+    (:func:`._cpu_features.prefer_vector_bits`): the same results, bit for bit."""
+    prefer_vector_bits(512)
     _backward_layer(gates, c, c_init, w_hh, dh_seq, dz, dh, dc, db, active, slot, cslot,
                     need_dh0, w_hh_panels, reverse, h_mask, out_keys, out_drop, w_hh16, a16)
 
 
-#: hidden sizes from which the LSTM layers run on the ``_full_width`` kernels: with 16
-#: float32 lanes (and LLVM's interleaving) the loops over ``H`` units left most of a small
-#: layer's units to their scalar remainder.  On the Intel Xeon (family 6, model 207) the
-#: full width was slower at H=8 and H=40, and from H=64 faster in inference and about even
-#: in training (``python benchmarks/vector_width.py --hidden H`` times both at a given size)
+#: hidden sizes from which the LSTM layers run on the ``_full_width`` kernels (512-bit
+#: loops), below which on the others (256-bit): with 16 float32 lanes (and LLVM's
+#: interleaving) the loops over ``H`` units left most of a small layer's units to their
+#: scalar remainder.  On the Intel Xeon (family 6, model 207) 512 bits were slower at H=8
+#: and H=40, and from H=64 faster in inference and about even in training (``python
+#: benchmarks/vector_width.py --hidden H`` times both at a given size); not measured on an
+#: AMD Zen, where LLVM's own choice had been 512 bits at every size
 FULL_WIDTH_FROM_HIDDEN = 64
 
 
