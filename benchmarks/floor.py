@@ -61,10 +61,25 @@ def step_shapes(hidden=128, steps=28, inputs=28, batch=128, infer_batch=1000):
     }
 
 
-def operands(m, k, n, transposed):
+def our_gemms(m, k, n, transposed):
+    """``(blas, plain, packed)``: calls of one product of that shape, by BLAS, by our GEMM on
+    ``B`` as it is and on ``B`` packed beforehand (:func:`fastlstm.kernels.gemm_cpu.gemm_panels`,
+    as the backend runs the step GEMMs on weights it packs once per batch; None for a weight
+    gradient, ``transposed``, whose ``B`` the backend does not pack).  Compiled before
+    returning."""
+    from fastlstm.kernels import gemm_cpu
     rng = np.random.default_rng(0)
     a = rng.random((k, m) if transposed else (m, k), dtype=np.float32)
-    return (a.T if transposed else a), rng.random((k, n), dtype=np.float32)
+    a, b = (a.T if transposed else a), rng.random((k, n), dtype=np.float32)
+    out = np.empty((m, n), np.float32)
+    panels = np.empty((gemm_cpu.panel_count(n), k, gemm_cpu.NR), np.float32)
+    gemm_cpu.pack_panels(b, panels)
+    calls = (lambda: np.matmul(a, b, out=out), lambda: gemm_cpu.gemm(a, b, out, False),
+             None if transposed else lambda: gemm_cpu.gemm_panels(a, panels, out, False))
+    for call in calls[1:]:
+        if call is not None:
+            call()
+    return calls
 
 
 def gflops(fn, m, k, n, repeat=7):
@@ -74,25 +89,16 @@ def gflops(fn, m, k, n, repeat=7):
 
 def gemm_rates(shapes, threads=(1,)):
     """``{name: {"BLAS <n> thr": GFLOP/s, ..., "ours 1 thr": GFLOP/s, "packed 1 thr": GFLOP/s
-    or None}}`` for ``shapes``: "packed" is our GEMM on ``B`` packed beforehand
-    (:func:`fastlstm.kernels.gemm_cpu.gemm_panels`), as the backend runs the step GEMMs on
-    weights it packs once per batch; None for a weight gradient, whose ``B`` is not packed."""
-    from fastlstm.kernels import gemm_cpu
+    or None}}`` for ``shapes``, by the calls of :func:`our_gemms` (None: not packed)."""
     rates = {}
     for name, (m, k, n, transposed) in shapes.items():
-        a, b = operands(m, k, n, transposed)
-        out = np.empty((m, n), np.float32)
-        panels = np.empty((gemm_cpu.panel_count(n), k, gemm_cpu.NR), np.float32)
-        gemm_cpu.pack_panels(b, panels)
-        gemm_cpu.gemm(a, b, out, False)  # compile or load before timing
-        gemm_cpu.gemm_panels(a, panels, out, False)
+        blas, plain, packed = our_gemms(m, k, n, transposed)
         rates[name] = {}
         for t in threads:
             with threadpool_limits(t, user_api="blas"):
-                rates[name][f"BLAS {t} thr"] = gflops(lambda: np.matmul(a, b, out=out), m, k, n)
-        rates[name]["ours 1 thr"] = gflops(lambda: gemm_cpu.gemm(a, b, out, False), m, k, n)
-        rates[name]["packed 1 thr"] = None if transposed else gflops(
-            lambda: gemm_cpu.gemm_panels(a, panels, out, False), m, k, n)
+                rates[name][f"BLAS {t} thr"] = gflops(blas, m, k, n)
+        rates[name]["ours 1 thr"] = gflops(plain, m, k, n)
+        rates[name]["packed 1 thr"] = None if packed is None else gflops(packed, m, k, n)
     return rates
 
 
@@ -100,18 +106,13 @@ def packed_over_unpacked(shapes, rounds=9):
     """``{name: time ratio}``: our GEMM on ``B`` packed over our GEMM on ``B`` as it is, for
     the shapes whose ``B`` the backend packs (not the weight gradients), each the median over
     ``rounds`` of the two timed one after the other in the same round (so that a shared
-    machine's drift, which moves the rates of :func:`gemm_rates` by a quarter, cancels)."""
-    from fastlstm.kernels import gemm_cpu
+    machine's drift, which moves the rates of :func:`gemm_rates` from one shape and kernel to
+    the next, cancels)."""
     ratios = {}
     for name, (m, k, n, transposed) in shapes.items():
-        if transposed:
+        _, plain, packed = our_gemms(m, k, n, transposed)
+        if packed is None:
             continue
-        a, b = operands(m, k, n, transposed)
-        out = np.empty((m, n), np.float32)
-        panels = np.empty((gemm_cpu.panel_count(n), k, gemm_cpu.NR), np.float32)
-        gemm_cpu.pack_panels(b, panels)
-        plain, packed = (lambda: gemm_cpu.gemm(a, b, out, False),
-                         lambda: gemm_cpu.gemm_panels(a, panels, out, False))
         pairs = []
         for r in range(rounds):
             order = (plain, packed) if r % 2 else (packed, plain)
@@ -136,15 +137,14 @@ def floor_gflops(hidden=128, batch=128, threads=1):
                 floor_all=threads * floor * scaling)
 
 
-def thread_scaling(threads, probe=None):
-    """The share of ``threads`` times one core's peak (``probe``, else measured) that the peak
+def thread_scaling(threads, probe):
+    """The share of ``threads`` times one core's peak (``probe``, measured) that the peak
     probe reaches on ``threads`` threads at once, at most 1: below 1 where the threads share
     a physical core, or a host with other guests (then the floor of ``threads`` threads is
     lower than ``threads`` times one core's)."""
     from fastlstm.kernels.peak_cpu import peak_gflops
     if threads == 1:
         return 1.0
-    probe = fma_peak_gflops() if probe is None else probe
     return min(1.0, peak_gflops("fma", threads=threads) / (threads * probe))
 
 

@@ -629,7 +629,7 @@ class CPUBackend(Backend):
                     gemm_bf16_cpu.pack_panels(ws.w_cat_t[n], ws.w16[n])
                 elif self.choices.own_step_gemm:
                     gemm_cpu.pack_panels(ws.w_cat_t[n], ws.w_panels[n])
-        if mode != "inference":
+        if mode == "step":  # train_step's backward (a separate backward packs its own)
             self._pack_backward_weights(spec, views, ws)
         # every row with every step takes the fixed-length path, bit for bit
         lengths = check_lengths(lengths, *x.shape[:2])

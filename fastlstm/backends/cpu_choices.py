@@ -5,10 +5,12 @@ the choices that only speed depends on are made by timing them on the CPU at han
 once (``benchmarks/RESULTS.md`` has what they chose where):
 
 ``step_gemm``
-    ``"own"`` (:func:`..kernels.gemm_cpu.gemm`, register-blocked) or ``"blas"``, for
-    the GEMMs inside the time loop: a chunk's rows times the weights, at every step.
+    ``"own"`` (:func:`..kernels.gemm_cpu.gemm_panels`, register-blocked, on the weights
+    packed once per call) or ``"blas"``, for the GEMMs inside the time loop: a chunk's rows
+    times the weights, at every step.
 ``grad_gemm``
-    the same for the weight gradient: one GEMM over all the steps of a chunk.
+    the same for the weight gradient: one GEMM over all the steps of a chunk
+    (:func:`..kernels.gemm_cpu.gemm`, on ``dz`` as it lies).
 ``train_chunk_bytes``
     the saved state one training chunk may hold, so that what backward reads is still
     in cache (0: training chunks as large as inference's).  Only while the weights
