@@ -145,7 +145,7 @@ def main():
                  for key, g in r.items()]
         print(f"{name:48s} " + " ".join(f"{c:>13s}" for c in cells))
 
-    print("our GEMM on B packed, over on B as it is, timed in turn (paired median of 9 rounds):")
+    print("our GEMM on B packed, over on B as it is, timed in turn (paired median of 25 rounds):")
     for name, ratio in packed_over_unpacked(shapes).items():
         print(f"  {name:46s} {ratio:.2f}x the time")
 

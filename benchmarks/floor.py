@@ -102,7 +102,7 @@ def gemm_rates(shapes, threads=(1,)):
     return rates
 
 
-def packed_over_unpacked(shapes, rounds=9):
+def packed_over_unpacked(shapes, rounds=25):
     """``{name: time ratio}``: our GEMM on ``B`` packed over our GEMM on ``B`` as it is, for
     the shapes whose ``B`` the backend packs (not the weight gradients), each the median over
     ``rounds`` of the two timed one after the other in the same round (so that a shared
