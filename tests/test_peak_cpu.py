@@ -43,6 +43,39 @@ def test_the_probes_use_whole_registers_where_llvm_prefers_halves(op, mnemonic, 
     assert count == full_width >= chains
 
 
+PROBE_STACK = """
+from numba import types
+from fastlstm.kernels.peak_cpu import CHAINS, _probe
+run = _probe("fma", {lanes})
+run.compile((types.int64,))
+asm = "\\n".join(run.inspect_asm().values()).splitlines()
+print(sum("vfmadd" in line for line in asm),
+      sum("(%rsp)" in line and ("ymm" in line or "zmm" in line) for line in asm), CHAINS)
+"""
+
+
+@pytest.mark.parametrize("cpu, avx512, lanes", [("haswell", False, 8), ("znver3", False, 8),
+                                                ("sapphirerapids", True, 16)])
+def test_the_fma_probe_keeps_its_chains_in_registers(cpu, avx512, lanes):
+    """Built for AVX2 (16 vector registers) and for AVX-512 (32), the probe's accumulators
+    are never moved to or from the stack: a spilled probe times the stores, and read half
+    of a Zen 3 core's peak.  Compiled only, never run."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    for name in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        features[name] = avx512
+    if not avx512:
+        for name in [name for name in features if name.startswith("avx512")]:
+            features[name] = False
+    features["avx2"] = features["fma"] = features["avx"] = True
+    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", PROBE_STACK.format(lanes=lanes)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    fmas, stack_moves, chains = map(int, done.stdout.split())
+    assert fmas >= chains and stack_moves == 0
+
+
 def test_the_fma_peak_is_a_rate():
     assert 1 < peak_cpu.peak_gflops("fma", samples=3, seconds=0.005) < 1e5
 

@@ -25,9 +25,13 @@ from numba.extending import intrinsic
 
 from ._cpu_features import has_fma, vector_bits
 
-#: independent accumulators: a core with two FMA units of 4 cycles' latency needs 8 to keep
-#: both busy; 16 leave room and still fit 32 AVX-512 registers
-CHAINS = 16
+#: independent accumulators: a core with two FMA units of 4 or 5 cycles' latency needs 8 or
+#: 10 to keep both busy.  They must fit in the vector registers beside the two constants, or
+#: LLVM spills them to the stack and the probe times the stores: 16 in AVX2's 16 registers
+#: read half of a Zen 3 core's peak, less than its GEMMs ran at (``benchmarks/RESULTS.md``,
+#: 2026-12-02 night).  ``tests/test_peak_cpu.py`` checks that they stay in registers, on
+#: AVX2 and AVX-512 (32 registers).
+CHAINS = 16 if vector_bits() >= 512 else 12
 #: multiply-adds per lane and update, by instruction (``vdpbf16ps``: a pair)
 _PRODUCTS = {"fma": 1, "mul_add": 1, "dpbf16": 2}
 
