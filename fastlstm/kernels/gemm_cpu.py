@@ -50,10 +50,11 @@ from ._fastmath import REASSOC
 MR, NR = {512: (8, 32), 256: (6, 16)}.get(vector_bits(), (4, 8))
 #: the builtin rule (:func:`fastlstm.backends.cpu_choices.builtin_choices`): whether
 #: :func:`gemm` beats BLAS at the LSTM's step shapes on this target.  It does with
-#: AVX-512, and with AVX2 and FMA as measured by building for AVX2 on the same machine,
-#: OpenBLAS on its Haswell kernels (slower than BLAS at a chunk's weight gradient, but
-#: faster at its step GEMMs, over a training step and in inference; no AVX2-only CPU was
-#: at hand).  ``python benchmarks/blas_peak.py`` compares the two.
+#: AVX-512, and with AVX2 and FMA: built for AVX2 on an AVX-512 machine, and on an
+#: AVX2-only AMD EPYC (Zen 3), OpenBLAS on its Haswell kernels there, it was slower than
+#: BLAS at a chunk's weight gradient timed alone, but faster at the step GEMMs, over a
+#: training step and in inference (the calibration chose it on both).
+#: ``python benchmarks/blas_peak.py`` compares the two.
 PAYS_OFF = vector_bits() >= 256 and has_fma()
 #: rows of ``b`` per pass: a longer inner dimension is cut into slices, so that the
 #: ``KC x NR`` panel of ``b`` stays in L1/L2 while every row block of ``a`` passes (it
