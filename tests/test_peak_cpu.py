@@ -14,6 +14,24 @@ from fastlstm.kernels import gemm_bf16_cpu, peak_cpu
 needs_bf16 = pytest.mark.skipif(not gemm_bf16_cpu.available(),
                                 reason="this CPU (Numba's target) lacks AVX512-BF16 (vdpbf16ps)")
 
+
+def _built_for(cpu, script, on, avx512=True):
+    """What ``script`` prints, run by a Python whose Numba builds for ``cpu`` with the
+    host's features, those in ``on`` added (``avx512=False``: every AVX-512 one removed
+    first).  Compiled only: this machine need not be that CPU."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    if not avx512:
+        for name in [name for name in features if name.startswith("avx512")]:
+            features[name] = False
+    for name in on:
+        features[name] = True
+    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features.flatten()}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
 PROBE_ASM = """
 from numba import types
 from fastlstm.kernels.peak_cpu import CHAINS, _probe
@@ -31,15 +49,9 @@ def test_the_probes_use_whole_registers_where_llvm_prefers_halves(op, mnemonic, 
     """Built for an Intel server core (LLVM's vectoriser prefers 256-bit vectors there), each
     probe still computes in 512-bit registers only, at least one instruction per chain (LLVM
     unrolls the rounds).  Compiled only, never run: this machine need not be that CPU."""
-    import llvmlite.binding as llvm
-    features = llvm.get_host_cpu_features()
-    for name in ("avx512f", "avx512bw", "avx512vl", feature):
-        features[name] = True  # the target's features: the host's, with these
-    env = {"NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": features.flatten()}
-    done = subprocess.run([sys.executable, "-c", PROBE_ASM.format(op=op, mnemonic=mnemonic)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-    assert done.returncode == 0, done.stderr
-    count, full_width, chains = map(int, done.stdout.split())
+    out = _built_for("sapphirerapids", PROBE_ASM.format(op=op, mnemonic=mnemonic),
+                     on=("avx512f", "avx512bw", "avx512vl", feature))
+    count, full_width, chains = map(int, out.split())
     assert count == full_width >= chains
 
 
@@ -60,19 +72,10 @@ def test_the_fma_probe_keeps_its_chains_in_registers(cpu, avx512, lanes):
     """Built for AVX2 (16 vector registers) and for AVX-512 (32), the probe's accumulators
     are never moved to or from the stack: a spilled probe times the stores, and read half
     of a Zen 3 core's peak.  Compiled only, never run."""
-    import llvmlite.binding as llvm
-    features = llvm.get_host_cpu_features()
-    for name in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
-        features[name] = avx512
-    if not avx512:
-        for name in [name for name in features if name.startswith("avx512")]:
-            features[name] = False
-    features["avx2"] = features["fma"] = features["avx"] = True
-    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features.flatten()}
-    done = subprocess.run([sys.executable, "-c", PROBE_STACK.format(lanes=lanes)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-    assert done.returncode == 0, done.stderr
-    fmas, stack_moves, chains = map(int, done.stdout.split())
+    on = ("avx", "avx2", "fma") + (("avx512f", "avx512bw", "avx512vl", "avx512dq") if avx512
+                                   else ())
+    out = _built_for(cpu, PROBE_STACK.format(lanes=lanes), on=on, avx512=avx512)
+    fmas, stack_moves, chains = map(int, out.split())
     assert fmas >= chains and stack_moves == 0
 
 
@@ -132,16 +135,9 @@ def test_prefer_vector_bits_sets_the_width_of_the_gate_math(cpu):
     """A loop of sigmoids (the LSTM kernels' gate math) in 256-bit registers with
     ``prefer_vector_bits(256)``, in 512-bit ones with 512, on an Intel server core (whose
     tuning LLVM has prefer 256) and on AMD's Zen 4 (512).  Compiled only, never run."""
-    import llvmlite.binding as llvm
-    features = llvm.get_host_cpu_features()
-    for name in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
-        features[name] = True
-    env = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features.flatten()}
-    done = subprocess.run([sys.executable, "-c", VECTOR_BITS_ASM], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **env})
-    assert done.returncode == 0, done.stderr
+    out = _built_for(cpu, VECTOR_BITS_ASM, on=("avx512f", "avx512bw", "avx512vl", "avx512dq"))
     (narrow_zmm, narrow_ymm), (wide_zmm, wide_ymm) = (map(int, line.split())
-                                                      for line in done.stdout.split("\n")[:2])
+                                                      for line in out.split("\n")[:2])
     assert narrow_zmm == 0 < narrow_ymm and wide_ymm == 0 < wide_zmm
 
 
